@@ -1,0 +1,83 @@
+"""`shardgen`: run a job, run the demo, build the built-in models. Parses, then calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from pipeline.errors import EXIT_FAILED, ShardgenError
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.job import exit_code, load_spec, run_job, summary_line
+
+    spec = load_spec(args.spec, manifest=args.manifest, output=args.output)
+    stats = run_job(spec, overwrite=args.overwrite)
+    print(summary_line(spec, stats))
+    return exit_code(stats)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import demo_spec
+    from pipeline.job import exit_code, run_job, summary_line
+    from pipeline.models.resolve import resolve
+
+    start = time.perf_counter()
+    spec = demo_spec(Path(args.output).absolute(), args.rows)
+    for stage in spec.stages:
+        resolve(stage.model)
+    stats = run_job(spec, overwrite=True)
+    print(summary_line(spec, stats))
+    print(f"shardgen demo: manifest {spec.manifest}; dataset {spec.output} "
+          f"(inspect: python -m pipeline.inspect {spec.output}); wall time {time.perf_counter() - start:.1f} s")
+    return exit_code(stats)
+
+
+def _models_build(args: argparse.Namespace) -> int:
+    from pipeline.models.resolve import build_builtin, builtin_names
+
+    for name in args.names or builtin_names():
+        print(f"builtin:{name} -> {build_builtin(name)}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shardgen", description="Dataset-scale image generation on Ray Data.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a job spec (YAML or JSON, local path or s3:// URI)")
+    run.add_argument("--spec", required=True)
+    run.add_argument("--manifest", help="override the spec's manifest URI")
+    run.add_argument("--output", help="override the spec's output URI")
+    run.add_argument("--overwrite", action="store_true", help="delete the output first and start again")
+    run.set_defaults(fn=_run)
+
+    demo = sub.add_parser("demo", help="run the embedded default job (local Ray, built-in models)")
+    demo.add_argument("--output", default="demo-output", help="folder for the manifest and the dataset")
+    demo.add_argument("--rows", type=int, default=32)
+    demo.set_defaults(fn=_demo)
+
+    models = sub.add_parser("models", help="built-in models")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    build = models_sub.add_parser("build", help="build the built-in models into the cache")
+    build.add_argument("names", nargs="*", help="built-in names (default: all)")
+    build.set_defaults(fn=_models_build)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ShardgenError as err:
+        print(f"shardgen: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("shardgen: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Errors a user can act on, each with the exit code the CLI and jobs/ return for it."""
+
+from __future__ import annotations
+
+
+class ShardgenError(Exception):
+    exit_code = 1
+
+
+class SpecError(ShardgenError):
+    """The job spec is invalid (a wrong field name or value)."""
+
+    exit_code = 2
+
+
+class ManifestError(ShardgenError):
+    """The manifest cannot run at all (a missing column, a wrong type, null or duplicate ids)."""
+
+    exit_code = 2
+
+
+class ModelError(ShardgenError):
+    """A model source cannot be resolved (an unknown built-in, a missing folder, no safetensors)."""
+
+    exit_code = 2
+
+
+# Exit codes, documented in the README.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+EXIT_ROWS_FAILED = 3

@@ -1,0 +1,86 @@
+"""Manifest checks that run on the driver before any model loads.
+
+Job-level problems (a missing or mistyped column, null or duplicate ids) stop the job: nothing
+useful could come out of it. Row-level problems (an empty prompt, a bad size) are left to the
+prepare step, which turns each such row into an error row while the others go on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from pipeline import storage
+from pipeline.errors import ManifestError
+from pipeline.spec import JobSpec
+
+# The columns each first stage needs from the manifest (later stages take the previous output).
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "text_to_image": ("prompt",),
+    "super_resolution": ("image",),
+    "inpainting": ("prompt", "image", "mask"),
+    "image_to_image": ("prompt", "image"),
+}
+
+
+def _is_image_type(t: pa.DataType) -> bool:
+    if pa.types.is_struct(t):
+        return t.get_field_index("bytes") >= 0
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+COLUMN_TYPES: dict[str, tuple[str, Callable[[pa.DataType], bool]]] = {
+    "id": ("string", _is_text),
+    "prompt": ("string", _is_text),
+    "negative_prompt": ("string", _is_text),
+    "seed": ("integer", pa.types.is_integer),
+    "steps": ("integer", pa.types.is_integer),
+    "width": ("integer", pa.types.is_integer),
+    "height": ("integer", pa.types.is_integer),
+    "guidance_scale": ("number", lambda t: pa.types.is_floating(t) or pa.types.is_integer(t)),
+    "strength": ("number", lambda t: pa.types.is_floating(t) or pa.types.is_integer(t)),
+    "image": ("bytes, struct{bytes, path} or URI string", _is_image_type),
+    "mask": ("bytes, struct{bytes, path} or URI string", _is_image_type),
+}
+
+
+def open_manifest(spec: JobSpec) -> pads.Dataset:
+    fs, path = storage.arrow_filesystem(spec.manifest, spec.storage)
+    try:
+        return pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=False)
+    except (FileNotFoundError, OSError, pa.ArrowInvalid) as err:
+        raise ManifestError(f"cannot read manifest {spec.manifest}: {err}") from None
+
+
+def check(spec: JobSpec) -> int:
+    """Check the manifest's columns and ids; return its row count or raise ManifestError."""
+    dataset = open_manifest(spec)
+    schema = dataset.schema
+    required = ("id", *REQUIRED_COLUMNS[spec.stages[0].kind])
+    missing = [c for c in required if c not in schema.names]
+    if missing:
+        raise ManifestError(
+            f"manifest {spec.manifest} lacks required column(s) {missing} "
+            f"(stage {spec.stages[0].kind!r} needs {list(required)}); it has {schema.names}"
+        )
+    for name, (expected, ok) in COLUMN_TYPES.items():
+        if name in schema.names and not ok(schema.field(name).type):
+            raise ManifestError(f"manifest column {name!r} must be {expected}, got {schema.field(name).type}")
+    ids = dataset.to_table(columns=["id"]).column("id")
+    if len(ids) == 0:
+        raise ManifestError(f"manifest {spec.manifest} has no rows")
+    if ids.null_count:
+        raise ManifestError(f"manifest column 'id' has {ids.null_count} null value(s)")
+    if pc.count_distinct(ids).as_py() != len(ids):
+        counts = pc.value_counts(ids)
+        dup = [v["values"] for v in counts.to_pylist() if v["counts"] > 1]
+        shown = ", ".join(repr(d) for d in dup[:10]) + (" ..." if len(dup) > 10 else "")
+        raise ManifestError(f"manifest column 'id' has {len(dup)} duplicate id(s): {shown}")
+    return len(ids)

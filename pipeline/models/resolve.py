@@ -1,0 +1,85 @@
+"""Turn a model source into a local folder that ``from_pretrained`` loads.
+
+Sources: ``builtin:NAME`` (built once into the cache), a local folder, a remote folder such as
+``s3://bucket/models/sd`` (copied once per node into the cache), or a hub id already in the local
+Hugging Face cache (nothing is downloaded at run time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from filelock import FileLock
+
+from pipeline import storage
+from pipeline.errors import ModelError
+from pipeline.spec import StorageSpec
+
+BUILTIN_PREFIX = "builtin:"
+COMPLETE_MARKER = ".shardgen-complete"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SHARDGEN_CACHE", Path.home() / ".cache" / "shardgen"))
+
+
+def _fill_once(dest: Path, fill) -> Path:
+    """Run ``fill(tmp)`` once per machine, even with many actors racing, and publish it at ``dest``."""
+    if (dest / COMPLETE_MARKER).exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):
+        if not (dest / COMPLETE_MARKER).exists():
+            tmp = dest.with_name(dest.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            fill(tmp)
+            (tmp / COMPLETE_MARKER).touch()
+            shutil.rmtree(dest, ignore_errors=True)
+            tmp.rename(dest)
+    return dest
+
+
+def builtin_names() -> list[str]:
+    from pipeline.models.builtin import BUILDERS
+
+    return sorted(BUILDERS)
+
+
+def build_builtin(name: str) -> Path:
+    from pipeline.models import builtin
+
+    if name not in builtin.BUILDERS:
+        raise ModelError(f"model: unknown built-in {BUILTIN_PREFIX}{name}; built-in models: {builtin_names()}")
+    return _fill_once(cache_root() / "builtin" / name, lambda tmp: builtin.build(name, tmp))
+
+
+def resolve(source: str, storage_spec: StorageSpec | None = None) -> Path:
+    if source.startswith(BUILTIN_PREFIX):
+        return build_builtin(source[len(BUILTIN_PREFIX):])
+    if storage.is_remote(source):
+        digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+        try:
+            return _fill_once(
+                cache_root() / "remote" / digest,
+                lambda tmp: storage.download_folder(source, tmp, storage_spec),
+            )
+        except FileNotFoundError as err:
+            raise ModelError(f"model: {err}") from None
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return local
+    if local.is_absolute() or source.startswith("."):
+        raise ModelError(f"model: no folder at {source}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(source, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError) as err:
+        raise ModelError(
+            f"model: {source!r} is not a built-in, a folder or a hub id in the local cache "
+            f"(nothing is downloaded at run time): {err}"
+        ) from None

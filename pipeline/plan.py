@@ -1,0 +1,86 @@
+"""The plan builder: the only module that knows Ray Data.
+
+read manifest -> prepare (CPU) -> one actor pool per diffusion stage -> encode (CPU) -> write.
+Stages chain in one streaming job; images pass between them in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pyarrow as pa
+import ray
+from ray.data import ActorPoolStrategy
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource import Datasink
+
+from pipeline import storage
+from pipeline.encode import encode_batch
+from pipeline.prepare import prepare_batch
+from pipeline.sink import ShardReport, ShardWriter
+from pipeline.spec import JobSpec, StageSpec
+from pipeline.stages import stage_class
+
+# prepare and encode are light next to diffusion: a quarter CPU each lets them run beside actor
+# pools that reserve every CPU of a small node.
+CPU_STEP_CPUS = 0.25
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS (or the one this job was submitted to), else start
+    a local Ray."""
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+class ShardDatasink(Datasink[ShardReport]):
+    def __init__(self, writer: ShardWriter):
+        self.writer = writer
+        self.reports: list[ShardReport] = []
+
+    @property
+    def min_rows_per_write(self) -> int:
+        # Bundle rows so that shards come out near rows_per_shard rows, not one per batch.
+        return self.writer.rows_per_shard
+
+    def write(self, blocks: Iterable[Block], ctx) -> ShardReport:
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        table = pa.concat_tables([t for t in tables if t.num_rows], promote_options="permissive")
+        return self.writer.write(table, ctx.task_idx)
+
+    def on_write_complete(self, write_result) -> None:
+        self.reports = list(write_result.write_returns)
+
+
+def _gpus(stage: StageSpec) -> float:
+    if stage.gpus_per_actor is not None:
+        return stage.gpus_per_actor
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def build(spec: JobSpec) -> ray.data.Dataset:
+    fs, path = storage.arrow_filesystem(spec.manifest, spec.storage)
+    ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
+    ds = ds.map_batches(
+        prepare_batch, fn_kwargs={"first_stage": spec.stages[0]}, batch_format="numpy", num_cpus=CPU_STEP_CPUS
+    )
+    for stage in spec.stages:
+        low, high = stage.actors
+        ds = ds.map_batches(
+            stage_class(stage.kind),
+            fn_constructor_kwargs={"spec": stage, "storage": spec.storage},
+            batch_size=stage.batch_size,
+            batch_format="numpy",
+            compute=ActorPoolStrategy(min_size=low, max_size=high),
+            num_gpus=_gpus(stage),
+            num_cpus=stage.cpus_per_actor,
+        )
+    return ds.map_batches(encode_batch, fn_kwargs={"fmt": spec.format}, batch_format="numpy", num_cpus=CPU_STEP_CPUS)
+
+
+def execute(spec: JobSpec, run_id: str) -> list[ShardReport]:
+    """Run the whole job; return what each write task wrote."""
+    ensure_ray()
+    sink = ShardDatasink(ShardWriter(spec.output, spec.storage, run_id, spec.format.rows_per_shard))
+    build(spec).write_datasink(sink)
+    return sink.reports

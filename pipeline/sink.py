@@ -1,0 +1,213 @@
+"""Write the output dataset: Parquet shards, then _stats.json, _job.json, a dataset card and
+_SUCCESS (written last: its absence means the run did not finish).
+
+This module knows pyarrow and the storage layer, not Ray: the plan builder hands it tables.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import columns, storage
+from pipeline.spec import JobSpec, StorageSpec
+
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+# The fixed output columns, in order (design.md); pass-through columns follow them.
+OUTPUT_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("image", IMAGE_TYPE),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("prompt", pa.string()),
+    ("negative_prompt", pa.string()),
+    ("seed", pa.int64()),
+    ("width", pa.int64()),
+    ("height", pa.int64()),
+    ("steps", pa.int64()),
+    ("guidance_scale", pa.float64()),
+    ("model", pa.string()),
+    ("scheduler", pa.string()),
+    ("stages", pa.list_(pa.string())),
+    ("image_sha256", pa.string()),
+    ("elapsed_s", pa.float64()),
+    ("created_at", pa.timestamp("us")),
+])
+# Input columns that the generated image replaces.
+CONSUMED_INPUTS = ("image", "mask")
+# Lets `datasets.load_dataset("parquet", ...)` decode `image` as PIL images without a cast.
+HF_METADATA = {b"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}}).encode()}
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def to_output_table(table: pa.Table) -> pa.Table:
+    """Shape a table that the pipeline produced into the output schema of design.md."""
+    n = table.num_rows
+    image = pa.StructArray.from_arrays(
+        [table.column(columns.IMAGE_BYTES).combine_chunks().cast(pa.binary()),
+         table.column(columns.IMAGE_PATH).combine_chunks().cast(pa.string())],
+        fields=list(IMAGE_TYPE),
+    )
+    stages = pc.split_pattern(table.column(columns.STAGES).cast(pa.string()), ",")
+    status = table.column("status").to_pylist()
+    # Messages of error rows only: an all-null column may have reached here as NaN floats.
+    error = pa.array([str(m) if s == "error" else None for s, m in zip(status, table.column("error").to_pylist())],
+                     pa.string())
+    computed = {"image": image, "stages": stages, "error": error}
+    arrays, fields = [], []
+    for f in OUTPUT_SCHEMA:
+        col = computed.get(f.name, table.column(f.name) if f.name in table.column_names else pa.nulls(n))
+        arrays.append(col.cast(f.type))
+        fields.append(f)
+    for name in table.column_names:
+        if name in OUTPUT_SCHEMA.names or name in CONSUMED_INPUTS or name.startswith(columns.INTERNAL_PREFIX):
+            continue
+        arrays.append(table.column(name))
+        fields.append(table.schema.field(name))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=HF_METADATA))
+
+
+@dataclass
+class ShardReport:
+    """What one write task wrote; the reports of all tasks add up to the run's stats."""
+
+    rows: int = 0
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    stage_busy_s: dict[str, float] = field(default_factory=dict)
+
+
+def _error_kind(message: str) -> str:
+    return message.split(":", 1)[0] if message else "unknown"
+
+
+class ShardWriter:
+    """Writes tables under OUTPUT/data/ as shards of at most ``rows_per_shard`` rows, each under a
+    name that no other task or run uses, each published whole."""
+
+    def __init__(self, output: str, storage_spec: StorageSpec, run_id: str, rows_per_shard: int):
+        self.output = output
+        self.storage = storage_spec
+        self.run_id = run_id
+        self.rows_per_shard = rows_per_shard
+
+    def write(self, table: pa.Table, task_index: int) -> ShardReport:
+        report = ShardReport(rows=table.num_rows)
+        for name in table.column_names:
+            if name.startswith(columns.ELAPSED_PREFIX):
+                report.stage_busy_s[name[len(columns.ELAPSED_PREFIX):]] = float(pc.sum(table.column(name)).as_py() or 0)
+        out = to_output_table(table)
+        report.ok = int(pc.sum(pc.equal(out.column("status"), "ok")).as_py() or 0)
+        report.errors = dict(Counter(_error_kind(m) for m in out.column("error").to_pylist() if m is not None))
+        for chunk, start in enumerate(range(0, out.num_rows, self.rows_per_shard)):
+            name = f"data/part-{self.run_id}-{task_index:05d}-{chunk:04d}.parquet"
+            buf = pa.BufferOutputStream()
+            pq.write_table(out.slice(start, self.rows_per_shard), buf)
+            storage.write_bytes(storage.join(self.output, name), buf.getvalue().to_pybytes(), self.storage)
+            report.files.append(name)
+        return report
+
+
+def combine(reports: list[ShardReport]) -> ShardReport:
+    total = ShardReport()
+    for r in reports:
+        total.rows += r.rows
+        total.ok += r.ok
+        total.files += r.files
+        for k, v in r.errors.items():
+            total.errors[k] = total.errors.get(k, 0) + v
+        for k, v in r.stage_busy_s.items():
+            total.stage_busy_s[k] = total.stage_busy_s.get(k, 0.0) + v
+    return total
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("shardgen", "ray", "torch", "diffusers", "transformers", "pyarrow", "fsspec", "s3fs"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def dataset_card(spec: JobSpec, stats: dict) -> str:
+    features = "\n".join(
+        f"    - name: {f.name}\n      dtype: {'image' if f.name == 'image' else _card_dtype(f.type)}"
+        for f in OUTPUT_SCHEMA
+    )
+    stages = " -> ".join(f"{s.kind} ({s.model})" for s in spec.stages)
+    return f"""---
+configs:
+  - config_name: default
+    data_files: data/*.parquet
+dataset_info:
+  features:
+{features}
+---
+# Generated images
+
+Generated by shardgen, run `{stats['run_id']}`: {stats['ok']} images ({stats['error']} error rows) with
+{stages}. Rows with `status: error` keep their id and say why in `error`.
+
+```python
+import datasets
+ds = datasets.load_dataset("parquet", data_files="data/*.parquet")  # `image` decodes to PIL images
+```
+"""
+
+
+def _card_dtype(t: pa.DataType) -> str:
+    if pa.types.is_list(t):
+        return "list"
+    if pa.types.is_timestamp(t):
+        return "timestamp[us]"
+    return {"string": "string", "int64": "int64", "double": "float64"}[str(t)]
+
+
+def finalize(spec: JobSpec, run_id: str, reports: list[ShardReport], started: datetime, ended: datetime) -> dict:
+    """Write _stats.json, _job.json and README.md, then _SUCCESS; return the stats."""
+    total = combine(reports)
+    wall = (ended - started).total_seconds()
+    errors = sum(total.errors.values())
+    stats = {
+        "run_id": run_id,
+        "rows": total.rows,
+        "ok": total.ok,
+        "error": errors,
+        "errors_by_kind": total.errors,
+        "shards": len(total.files),
+        "elapsed_s": round(wall, 3),
+        "images_per_s": round(total.ok / wall, 3) if wall > 0 else None,
+        "stages": [
+            {"kind": s.kind, "model": s.model, "busy_s": round(total.stage_busy_s.get(s.kind, 0.0), 3)}
+            for s in spec.stages
+        ],
+    }
+    job = {
+        "run_id": run_id,
+        "spec": spec.public_dict(),
+        "versions": _versions(),
+        "started_at": started.isoformat(),
+        "ended_at": ended.isoformat(),
+    }
+    put = lambda name, text: storage.write_bytes(storage.join(spec.output, name), text.encode(), spec.storage)  # noqa: E731
+    put("_stats.json", json.dumps(stats, indent=2) + "\n")
+    put("_job.json", json.dumps(job, indent=2) + "\n")
+    put("README.md", dataset_card(spec, stats))
+    put("_SUCCESS", json.dumps({"run_id": run_id, "rows": total.rows}) + "\n")
+    return stats

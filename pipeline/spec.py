@@ -1,0 +1,136 @@
+"""The job spec: what to read, which stages to run, where and how to write (see design.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from pipeline.errors import SpecError
+
+StageKind = Literal["text_to_image", "super_resolution", "inpainting", "image_to_image"]
+SchedulerName = Literal["ddpm", "ddim", "pndm", "euler", "euler_a", "dpm++", "unipc"]
+
+DEFAULT_MODELS: dict[str, str] = {
+    "text_to_image": "builtin:tiny-sd",
+    "super_resolution": "builtin:tiny-upscaler",
+    "inpainting": "builtin:tiny-inpaint",
+    "image_to_image": "builtin:tiny-sd",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StorageSpec(_Strict):
+    """Object storage options. Unset fields fall back to the usual AWS_* variables."""
+
+    endpoint_url: str | None = None
+    key: SecretStr | None = None
+    secret: SecretStr | None = None
+    token: SecretStr | None = None
+    region: str | None = None
+    anon: bool = False
+
+
+class StageSpec(_Strict):
+    kind: StageKind
+    model: str = Field(default="", description="builtin:NAME, a local folder, an s3:// folder or a cached hub id")
+    scheduler: SchedulerName | None = Field(default=None, description="None keeps the model's own scheduler")
+    steps: Annotated[int, Field(ge=1, le=1000)] = 20
+    guidance_scale: Annotated[float, Field(ge=0, le=50)] = 7.5
+    width: Annotated[int, Field(ge=8, le=4096, multiple_of=8)] = 64
+    height: Annotated[int, Field(ge=8, le=4096, multiple_of=8)] = 64
+    strength: Annotated[float, Field(gt=0, le=1)] = 0.75
+    noise_level: Annotated[int, Field(ge=0, le=1000)] = 20
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 8
+    actors: tuple[int, int] = (1, 1)
+    gpus_per_actor: Annotated[float, Field(ge=0)] | None = Field(
+        default=None, description="None: 1 when the cluster has GPUs, else 0"
+    )
+    cpus_per_actor: Annotated[float, Field(gt=0)] = 1
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    batch_invariant: bool | None = Field(
+        default=None,
+        description="run the denoiser one row at a time so images never depend on batch size; "
+        "None: on for CPUs, off for GPUs (where batching is what makes them fast)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_model(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("model") and data.get("kind") in DEFAULT_MODELS:
+            data = {**data, "model": DEFAULT_MODELS[data["kind"]]}
+        return data
+
+    @field_validator("actors", mode="before")
+    @classmethod
+    def _actors(cls, value: Any) -> Any:
+        if isinstance(value, int):
+            return (value, value)
+        return value
+
+    @field_validator("actors")
+    @classmethod
+    def _actors_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        low, high = value
+        if low < 1 or high < low:
+            raise ValueError(f"needs 1 <= min <= max, got [{low}, {high}]")
+        return value
+
+
+class FormatSpec(_Strict):
+    image: Literal["png", "webp", "jpeg"] = "png"
+    quality: Annotated[int, Field(ge=1, le=100)] = 95
+    rows_per_shard: Annotated[int, Field(ge=1)] = 1000
+
+
+class JobSpec(_Strict):
+    manifest: str
+    output: str
+    storage: StorageSpec = StorageSpec()
+    stages: Annotated[list[StageSpec], Field(min_length=1)] = [StageSpec(kind="text_to_image")]
+    format: FormatSpec = FormatSpec()
+
+    def public_dict(self) -> dict[str, Any]:
+        """The spec as run, with secrets left out (for _job.json and logs)."""
+        data = self.model_dump(mode="json")
+        for name in ("key", "secret", "token"):
+            data["storage"].pop(name, None)
+        return data
+
+
+def _error_text(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(spec)"
+        lines.append(f"  {where}: {item['msg']}")
+    return "invalid job spec:\n" + "\n".join(lines)
+
+
+def parse_spec(data: Any, **overrides: Any) -> JobSpec:
+    """Validate a spec from a mapping; ``overrides`` (command-line flags) win when not None."""
+    if not isinstance(data, dict):
+        raise SpecError("invalid job spec: expected a mapping of fields at the top level")
+    data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_error_text(err)) from None
+
+
+def parse_spec_text(text: str, source: str, **overrides: Any) -> JobSpec:
+    try:
+        data = json.loads(text) if source.endswith(".json") else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise SpecError(f"cannot parse job spec {source}: {err}") from None
+    return parse_spec(data or {}, **overrides)
+
+
+def load_spec_file(path: str | Path, **overrides: Any) -> JobSpec:
+    path = Path(path)
+    return parse_spec_text(path.read_text(), str(path), **overrides)
