@@ -1,4 +1,4 @@
-"""CPU step after the GPU stages: image arrays to encoded bytes, their sha256 and size."""
+"""CPU step after the GPU stages: image arrays to encoded bytes and their sha256."""
 
 from __future__ import annotations
 
@@ -8,21 +8,26 @@ import re
 from datetime import datetime, timezone
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from pipeline import columns
 from pipeline.spec import FormatSpec
+from pipeline.tables import pixels, values, with_column
 
 EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 PIL_FORMATS = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
 
 
-def encode_image(pixels: np.ndarray, fmt: FormatSpec) -> bytes:
+def encode_image(image: np.ndarray, fmt: FormatSpec) -> bytes:
     buf = io.BytesIO()
-    options = {} if fmt.image == "png" else {"quality": fmt.quality}
-    if fmt.image == "webp" and fmt.quality == 100:
+    if fmt.image == "png":
+        options = {}
+    elif fmt.image == "webp" and fmt.quality == 100:
         options = {"lossless": True}
-    Image.fromarray(pixels).save(buf, format=PIL_FORMATS[fmt.image], **options)
+    else:
+        options = {"quality": fmt.quality}
+    Image.fromarray(image).save(buf, format=PIL_FORMATS[fmt.image], **options)
     return buf.getvalue()
 
 
@@ -31,25 +36,17 @@ def image_name(row_id: str, fmt: FormatSpec) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", row_id) + "." + EXTENSIONS[fmt.image]
 
 
-def encode_batch(batch: dict[str, np.ndarray], fmt: FormatSpec) -> dict[str, np.ndarray]:
-    n = len(batch["id"])
-    data, names, digests = [None] * n, [None] * n, [None] * n
-    width, height = batch["width"].copy(), batch["height"].copy()
-    for i in range(n):
-        pixels = batch[columns.PIXELS][i]
-        if batch["status"][i] != "ok" or pixels.size == 0:
-            continue
-        data[i] = encode_image(pixels, fmt)
-        names[i] = image_name(str(batch["id"][i]), fmt)
-        digests[i] = hashlib.sha256(data[i]).hexdigest()
-        height[i], width[i] = pixels.shape[:2]
-    del batch[columns.PIXELS]
-    batch.update({
-        columns.IMAGE_BYTES: np.array(data, dtype=object),
-        columns.IMAGE_PATH: np.array(names, dtype=object),
-        "image_sha256": np.array(digests, dtype=object),
-        "width": width,
-        "height": height,
-        "created_at": np.array([datetime.now(timezone.utc).replace(tzinfo=None)] * n, dtype="datetime64[us]"),
-    })
-    return batch
+def encode_batch(table: pa.Table, fmt: FormatSpec) -> pa.Table:
+    data = [None if img is None else encode_image(img, fmt) for img in pixels(table)]
+    names = [None if d is None else image_name(i, fmt) for d, i in zip(data, values(table, "id"))]
+    digests = [None if d is None else hashlib.sha256(d).hexdigest() for d in data]
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    table = table.drop_columns([columns.PIXELS])
+    for name, vals, type_ in [
+        (columns.IMAGE_BYTES, data, pa.binary()),
+        (columns.IMAGE_PATH, names, pa.string()),
+        ("image_sha256", digests, pa.string()),
+        ("created_at", [now] * table.num_rows, pa.timestamp("us")),
+    ]:
+        table = with_column(table, name, vals, type_)
+    return table

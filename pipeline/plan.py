@@ -61,8 +61,11 @@ def _gpus(stage: StageSpec) -> float:
 def build(spec: JobSpec) -> ray.data.Dataset:
     fs, path = storage.arrow_filesystem(spec.manifest, spec.storage)
     ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
+    # A manifest of prompts is small: one file can arrive as one block, which one actor would
+    # take whole. Blocks of one batch let every actor of the pool take a share.
+    ds = ds.repartition(target_num_rows_per_block=spec.stages[0].batch_size)
     ds = ds.map_batches(
-        prepare_batch, fn_kwargs={"first_stage": spec.stages[0]}, batch_format="numpy", num_cpus=CPU_STEP_CPUS
+        prepare_batch, fn_kwargs={"first_stage": spec.stages[0]}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS
     )
     for stage in spec.stages:
         low, high = stage.actors
@@ -70,12 +73,12 @@ def build(spec: JobSpec) -> ray.data.Dataset:
             stage_class(stage.kind),
             fn_constructor_kwargs={"spec": stage, "storage": spec.storage},
             batch_size=stage.batch_size,
-            batch_format="numpy",
+            batch_format="pyarrow",
             compute=ActorPoolStrategy(min_size=low, max_size=high),
             num_gpus=_gpus(stage),
             num_cpus=stage.cpus_per_actor,
         )
-    return ds.map_batches(encode_batch, fn_kwargs={"fmt": spec.format}, batch_format="numpy", num_cpus=CPU_STEP_CPUS)
+    return ds.map_batches(encode_batch, fn_kwargs={"fmt": spec.format}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
 
 
 def execute(spec: JobSpec, run_id: str) -> list[ShardReport]:

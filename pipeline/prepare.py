@@ -4,13 +4,12 @@ into error rows (``status='error'`` with a message naming the field) while the r
 from __future__ import annotations
 
 import hashlib
-import math
-from typing import Any
 
-import numpy as np
+import pyarrow as pa
 
 from pipeline import columns
 from pipeline.spec import StageSpec
+from pipeline.tables import values, with_column
 
 PROMPTED_KINDS = {"text_to_image", "inpainting", "image_to_image"}
 
@@ -18,15 +17,6 @@ PROMPTED_KINDS = {"text_to_image", "inpainting", "image_to_image"}
 def derive_seed(row_id: str) -> int:
     """A row's default seed: a function of its id alone, stable across runs and machines."""
     return int.from_bytes(hashlib.sha256(row_id.encode("utf-8")).digest()[:8], "big") >> 1
-
-
-def _value(batch: dict[str, np.ndarray], name: str, i: int) -> Any:
-    if name not in batch:
-        return None
-    v = batch[name][i]
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return None
-    return v.item() if isinstance(v, np.generic) else v
 
 
 def _row_problem(prompt: str, steps: int, width: int, height: int, needs_prompt: bool) -> str | None:
@@ -40,41 +30,29 @@ def _row_problem(prompt: str, steps: int, width: int, height: int, needs_prompt:
     return None
 
 
-def prepare_batch(batch: dict[str, np.ndarray], first_stage: StageSpec) -> dict[str, np.ndarray]:
-    n = len(batch["id"])
-    out: dict[str, list] = {k: [] for k in (
-        "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "status", "error"
-    )}
+def prepare_batch(table: pa.Table, first_stage: StageSpec) -> pa.Table:
+    n = table.num_rows
+    ids = values(table, "id")
+    prompts = [p or "" for p in values(table, "prompt")]
+    seeds = [derive_seed(i) if s is None else s for i, s in zip(ids, values(table, "seed"))]
+    steps = [s or first_stage.steps for s in values(table, "steps")]
+    guidance = [first_stage.guidance_scale if g is None else float(g) for g in values(table, "guidance_scale")]
+    widths = [w or first_stage.width for w in values(table, "width")]
+    heights = [h or first_stage.height for h in values(table, "height")]
     needs_prompt = first_stage.kind in PROMPTED_KINDS
-    for i in range(n):
-        row_id = str(batch["id"][i])
-        prompt = _value(batch, "prompt", i) or ""
-        seed = _value(batch, "seed", i)
-        steps = int(_value(batch, "steps", i) or first_stage.steps)
-        guidance = _value(batch, "guidance_scale", i)
-        width = int(_value(batch, "width", i) or first_stage.width)
-        height = int(_value(batch, "height", i) or first_stage.height)
-        problem = _row_problem(prompt, steps, width, height, needs_prompt)
-        out["prompt"].append(prompt)
-        out["negative_prompt"].append(_value(batch, "negative_prompt", i) or "")
-        out["seed"].append(derive_seed(row_id) if seed is None else int(seed))
-        out["steps"].append(steps)
-        out["guidance_scale"].append(first_stage.guidance_scale if guidance is None else float(guidance))
-        out["width"].append(width)
-        out["height"].append(height)
-        out["status"].append("error" if problem else "ok")
-        out["error"].append(problem)
-    batch.update({
-        "prompt": np.array(out["prompt"], dtype=object),
-        "negative_prompt": np.array(out["negative_prompt"], dtype=object),
-        "seed": np.array(out["seed"], dtype=np.int64),
-        "steps": np.array(out["steps"], dtype=np.int64),
-        "guidance_scale": np.array(out["guidance_scale"], dtype=np.float64),
-        "width": np.array(out["width"], dtype=np.int64),
-        "height": np.array(out["height"], dtype=np.int64),
-        "status": np.array(out["status"], dtype=object),
-        "error": np.array(out["error"], dtype=object),
-        "elapsed_s": np.zeros(n, dtype=np.float64),
-        columns.STAGES: np.array([""] * n, dtype=object),
-    })
-    return batch
+    errors = [_row_problem(*args, needs_prompt) for args in zip(prompts, steps, widths, heights)]
+    for name, vals, type_ in [
+        ("prompt", prompts, pa.string()),
+        ("negative_prompt", [p or "" for p in values(table, "negative_prompt")], pa.string()),
+        ("seed", seeds, pa.int64()),
+        ("steps", steps, pa.int64()),
+        ("guidance_scale", guidance, pa.float64()),
+        ("width", widths, pa.int64()),
+        ("height", heights, pa.int64()),
+        ("status", ["error" if e else "ok" for e in errors], pa.string()),
+        ("error", errors, pa.string()),
+        ("elapsed_s", [0.0] * n, pa.float64()),
+        (columns.STAGES, [""] * n, pa.string()),
+    ]:
+        table = with_column(table, name, vals, type_)
+    return table

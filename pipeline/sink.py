@@ -60,11 +60,7 @@ def to_output_table(table: pa.Table) -> pa.Table:
         fields=list(IMAGE_TYPE),
     )
     stages = pc.split_pattern(table.column(columns.STAGES).cast(pa.string()), ",")
-    status = table.column("status").to_pylist()
-    # Messages of error rows only: an all-null column may have reached here as NaN floats.
-    error = pa.array([str(m) if s == "error" else None for s, m in zip(status, table.column("error").to_pylist())],
-                     pa.string())
-    computed = {"image": image, "stages": stages, "error": error}
+    computed = {"image": image, "stages": stages}
     arrays, fields = [], []
     for f in OUTPUT_SCHEMA:
         col = computed.get(f.name, table.column(f.name) if f.name in table.column_names else pa.nulls(n))

@@ -2,7 +2,7 @@
 the pipeline can take, one torch.Generator per row, and per-row errors.
 
 A stage is a callable class that Ray Data runs on an actor pool; it knows diffusers and torch,
-not Ray. It takes and returns batches as dicts of numpy arrays.
+not Ray. It takes and returns batches as pyarrow tables.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections import defaultdict
 from typing import ClassVar
 
 import numpy as np
+import pyarrow as pa
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -27,6 +28,7 @@ from diffusers import (
 from pipeline.models.resolve import resolve
 from pipeline import columns
 from pipeline.spec import StageSpec, StorageSpec
+from pipeline.tables import pixels, values, with_column, with_pixels
 
 SCHEDULERS = {
     "ddpm": DDPMScheduler,
@@ -37,9 +39,6 @@ SCHEDULERS = {
     "dpm++": DPMSolverMultistepScheduler,
     "unipc": UniPCMultistepScheduler,
 }
-
-EMPTY_IMAGE = np.zeros((0, 0, 3), dtype=np.uint8)
-
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """A diffusers float image in [0, 1] to uint8, rounded as diffusers' own PIL conversion does."""
@@ -78,27 +77,33 @@ class DiffusionStage:
 
     # -- what each stage defines -------------------------------------------------------------
 
+    # The row columns generate() reads, as Python lists in ``batch``; "pixels" adds the rows'
+    # current images (decoded from the previous step) as uint8 arrays.
+    inputs: ClassVar[tuple[str, ...]] = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height")
+
     def load(self, path, dtype: torch.dtype) -> DiffusionPipeline:
         raise NotImplementedError
 
-    def group_key(self, batch: dict[str, np.ndarray], i: int) -> tuple:
+    def group_key(self, batch: dict[str, list], i: int) -> tuple:
         """Rows with equal keys can share one pipeline call."""
         raise NotImplementedError
 
-    def generate(self, batch: dict[str, np.ndarray], rows: list[int]) -> list[np.ndarray]:
+    def generate(self, batch: dict[str, list], rows: list[int]) -> list[np.ndarray]:
         """Run the pipeline on ``rows`` (one group): one float HxWx3 array in [0, 1] per row."""
         raise NotImplementedError
 
     # -- shared batch handling ---------------------------------------------------------------
 
     @torch.inference_mode()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["id"])
-        status = batch["status"].astype(object)
-        # An all-null column can arrive as float NaN; messages need an object array.
-        error = np.array([m if s == "error" else None for s, m in zip(status, batch["error"])], dtype=object)
-        elapsed = np.zeros(n, dtype=np.float64)
-        pixels = list(batch[columns.PIXELS]) if columns.PIXELS in batch else [EMPTY_IMAGE] * n
+    def __call__(self, table: pa.Table) -> pa.Table:
+        n = table.num_rows
+        status = values(table, "status")
+        error = values(table, "error")
+        batch = {name: values(table, name) for name in self.inputs if name != "pixels"}
+        if "pixels" in self.inputs:
+            batch["pixels"] = pixels(table)
+        images: list[np.ndarray | None] = [None] * n
+        elapsed = [0.0] * n
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i in range(n):
             if status[i] == "ok":
@@ -109,23 +114,21 @@ class DiffusionStage:
                 for i, image, problem, seconds in self._run(batch, call):
                     elapsed[i] += seconds
                     if problem is None:
-                        pixels[i] = image
+                        images[i] = image
                     else:
-                        status[i], error[i], pixels[i] = "error", problem, EMPTY_IMAGE
-        ragged = np.empty(n, dtype=object)
-        for i, image in enumerate(pixels):
-            ragged[i] = image
-        batch.update({
-            columns.PIXELS: ragged,
-            "status": status,
-            "error": error,
-            "elapsed_s": batch["elapsed_s"] + elapsed,
-            columns.ELAPSED_PREFIX + self.kind: elapsed,
-            "model": np.array([self.spec.model] * n, dtype=object),
-            "scheduler": np.array([self.scheduler_name] * n, dtype=object),
-            columns.STAGES: np.array([f"{s},{self.kind}" if s else self.kind for s in batch[columns.STAGES]], dtype=object),
-        })
-        return batch
+                        status[i], error[i] = "error", problem
+        table = with_pixels(table, images)
+        for name, vals, type_ in [
+            ("status", status, pa.string()),
+            ("error", error, pa.string()),
+            ("elapsed_s", [a + b for a, b in zip(values(table, "elapsed_s"), elapsed)], pa.float64()),
+            (columns.ELAPSED_PREFIX + self.kind, elapsed, pa.float64()),
+            ("model", [self.spec.model] * n, pa.string()),
+            ("scheduler", [self.scheduler_name] * n, pa.string()),
+            (columns.STAGES, [f"{s},{self.kind}" if s else self.kind for s in values(table, columns.STAGES)], pa.string()),
+        ]:
+            table = with_column(table, name, vals, type_)
+        return table
 
     def _run(self, batch, rows: list[int]):
         """Yield (row, image, problem, seconds) for one pipeline call; when a call with several rows

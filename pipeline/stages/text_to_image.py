@@ -17,13 +17,13 @@ class TextToImageStage(DiffusionStage):
         )
 
     def group_key(self, batch, i):
-        return (int(batch["steps"][i]), float(batch["guidance_scale"][i]), int(batch["width"][i]), int(batch["height"][i]))
+        return (batch["steps"][i], batch["guidance_scale"][i], batch["width"][i], batch["height"][i])
 
     def generate(self, batch, rows):
         steps, guidance, width, height = self.group_key(batch, rows[0])
         out = self.pipe(
-            prompt=[str(batch["prompt"][i]) for i in rows],
-            negative_prompt=[str(batch["negative_prompt"][i]) for i in rows],
+            prompt=[batch["prompt"][i] for i in rows],
+            negative_prompt=[batch["negative_prompt"][i] for i in rows],
             num_inference_steps=steps,
             guidance_scale=guidance,
             width=width,

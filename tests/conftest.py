@@ -1,0 +1,99 @@
+"""Shared fixtures: a real S3 API (moto's server on 127.0.0.1), a local Ray, a private model cache.
+
+The environment is set up before Ray starts so that Ray's workers inherit it: the S3 endpoint and
+test credentials, and the model cache folder.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from pipeline import storage
+from pipeline.spec import JobSpec, parse_spec
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def environment(tmp_path_factory, s3_endpoint):
+    cache = tmp_path_factory.mktemp("shardgen-cache")
+    values = {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "SHARDGEN_CACHE": str(cache),
+    }
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    yield values
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_local(environment):
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def bucket(s3_endpoint, request):
+    name = "test-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def write_manifest(uri: str, rows: list[dict] | pa.Table) -> str:
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    storage.write_bytes(uri, buf.getvalue().to_pybytes())
+    return uri
+
+
+def read_output(uri: str) -> pa.Table:
+    fs, path = storage.arrow_filesystem(uri)
+    return pq.read_table(f"{path}/data", filesystem=fs)
+
+
+def prompts_manifest(n: int, **extra) -> list[dict]:
+    colours = ["red", "green", "blue", "yellow"]
+    return [{"id": f"row-{i:03d}", "prompt": f"a {colours[i % 4]} circle on a white background", **extra}
+            for i in range(n)]
+
+
+def small_spec(manifest: str, output: str, **stage) -> JobSpec:
+    """A fast text_to_image job: 32x32, 4 steps."""
+    return parse_spec({
+        "manifest": manifest,
+        "output": output,
+        "stages": [{"kind": "text_to_image", "steps": 4, "width": 32, "height": 32, "batch_size": 4, **stage}],
+    })
