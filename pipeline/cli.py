@@ -43,6 +43,13 @@ def _models_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from pipeline import bench
+
+    bench.main(args.rows, args.json)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shardgen", description="Dataset-scale image generation on Ray Data.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -58,6 +65,11 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="demo-output", help="folder for the manifest and the dataset")
     demo.add_argument("--rows", type=int, default=32)
     demo.set_defaults(fn=_demo)
+
+    bench = sub.add_parser("bench", help="steady throughput against a plain diffusers loop (prints figures)")
+    bench.add_argument("--rows", type=int, default=96)
+    bench.add_argument("--json", help="also write the figures to this file")
+    bench.set_defaults(fn=_bench)
 
     models = sub.add_parser("models", help="built-in models")
     models_sub = models.add_subparsers(dest="models_command", required=True)

@@ -21,8 +21,9 @@ from pipeline.sink import ShardReport, ShardWriter
 from pipeline.spec import JobSpec, StageSpec
 from pipeline.stages import stage_class
 
-# prepare and encode are light next to diffusion: a quarter CPU each lets them run beside actor
-# pools that reserve every CPU of a small node.
+# Reading, prepare, encode and writing are light next to diffusion: a quarter CPU each lets them
+# run beside actor pools that reserve most CPUs of a node (a task that asked for a whole CPU
+# could wait forever behind actors that wait for its rows).
 CPU_STEP_CPUS = 0.25
 
 
@@ -60,7 +61,9 @@ def _gpus(stage: StageSpec) -> float:
 
 def build(spec: JobSpec) -> ray.data.Dataset:
     fs, path = storage.arrow_filesystem(spec.manifest, spec.storage)
-    ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
+    ds = ray.data.read_parquet(
+        path, filesystem=fs, file_extensions=["parquet"], ray_remote_args={"num_cpus": CPU_STEP_CPUS}
+    )
     # A manifest of prompts is small: one file can arrive as one block, which one actor would
     # take whole. Blocks of one batch let every actor of the pool take a share.
     ds = ds.repartition(target_num_rows_per_block=spec.stages[0].batch_size)
@@ -85,5 +88,5 @@ def execute(spec: JobSpec, run_id: str) -> list[ShardReport]:
     """Run the whole job; return what each write task wrote."""
     ensure_ray()
     sink = ShardDatasink(ShardWriter(spec.output, spec.storage, run_id, spec.format.rows_per_shard))
-    build(spec).write_datasink(sink)
+    build(spec).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})
     return sink.reports

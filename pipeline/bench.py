@@ -1,0 +1,107 @@
+"""`shardgen bench`: the pipeline's steady throughput against a plain diffusers loop over the
+same rows and model, measured in one run on one machine, so that only ratios are compared.
+
+Steady throughput leaves out start-up (Ray, actors, model loads): it counts the rows finished
+after the first batch, over the time from the end of the first batch to the end of the last.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.demo import demo_spec
+from pipeline.job import run_job
+from pipeline.models.resolve import resolve
+from pipeline.prepare import derive_seed
+from pipeline.spec import JobSpec, StageSpec
+from pipeline.stages.base import row_generator
+
+
+@dataclass
+class Result:
+    name: str
+    rows: int
+    steady_images_per_s: float
+    wall_s: float
+
+
+def plain_loop(spec: JobSpec, prompts: list[str], ids: list[str], threads: int, per_row: bool) -> Result:
+    """What a user writes without shardgen: load the pipeline, loop over batches."""
+    from diffusers import AutoPipelineForText2Image
+
+    stage = spec.stages[0]
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    pipe = AutoPipelineForText2Image.from_pretrained(resolve(stage.model), use_safetensors=True, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    step = 1 if per_row else stage.batch_size
+    first_batch_end, done = None, 0
+    with torch.inference_mode():
+        for lo in range(0, len(prompts), step):
+            hi = min(lo + step, len(prompts))
+            pipe(prompt=prompts[lo:hi], negative_prompt=[""] * (hi - lo), num_inference_steps=stage.steps,
+                 guidance_scale=stage.guidance_scale, width=stage.width, height=stage.height,
+                 generator=[row_generator(derive_seed(i)) for i in ids[lo:hi]], output_type="np")
+            if first_batch_end is None and hi >= stage.batch_size:
+                first_batch_end, done = time.perf_counter(), hi
+    end = time.perf_counter()
+    name = f"plain diffusers loop, {threads} thread(s), {'one row per call' if per_row else f'batch {step}'}"
+    return Result(name, len(prompts), (len(prompts) - done) / (end - first_batch_end), end - start)
+
+
+def pipeline_run(spec: JobSpec, name: str) -> Result:
+    start = time.perf_counter()
+    run_job(spec, overwrite=True, log=lambda _: None)
+    wall = time.perf_counter() - start
+    table = pq.read_table(Path(spec.output) / "data", columns=["created_at"])
+    times = sorted(t.timestamp() for t in table.column("created_at").to_pylist())
+    first = times[0]
+    later = [t for t in times if t > first]
+    return Result(name, table.num_rows, len(later) / (times[-1] - first), wall)
+
+
+def run(rows: int, folder: Path) -> list[Result]:
+    from pipeline.plan import ensure_ray
+
+    base = demo_spec(folder, rows)
+    stage = base.stages[0]
+    prompts = pq.read_table(base.manifest).column("prompt").to_pylist()
+    ids = pq.read_table(base.manifest).column("id").to_pylist()
+    ensure_ray()
+    variants = {
+        "shardgen, 1 actor x 1 CPU, one row per call (batch-invariant, the CPU default)": {},
+        "shardgen, 1 actor x 1 CPU, batched": {"batch_invariant": False},
+        "shardgen, 2 actors x 0.75 CPU, one row per call": {"actors": 2, "cpus_per_actor": 0.75},
+    }
+    results = [
+        plain_loop(base, prompts, ids, threads=1, per_row=True),
+        plain_loop(base, prompts, ids, threads=1, per_row=False),
+        plain_loop(base, prompts, ids, threads=2, per_row=False),
+    ]
+    for name, extra in variants.items():
+        spec = base.model_copy(update={"stages": [StageSpec(**{**stage.model_dump(), **extra})]})
+        results.append(pipeline_run(spec, name))
+    return results
+
+
+def main(rows: int, out: str | None) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        results = run(rows, Path(tmp))
+    width = max(len(r.name) for r in results)
+    print(f"\n{'what':<{width}}  rows  steady img/s  wall s")
+    for r in results:
+        print(f"{r.name:<{width}}  {r.rows:4d}  {r.steady_images_per_s:12.2f}  {r.wall_s:6.1f}")
+    ratio = lambda a, b: results[a].steady_images_per_s / results[b].steady_images_per_s  # noqa: E731
+    print(f"\nratio shardgen / plain loop, one row per call, 1 thread: {ratio(3, 0):.2f}")
+    print(f"ratio shardgen / plain loop, batched, 1 thread:         {ratio(4, 1):.2f}")
+    print(f"ratio shardgen 2 actors / plain loop batched 2 threads: {ratio(5, 2):.2f}")
+    if out:
+        Path(out).write_text(json.dumps([r.__dict__ for r in results], indent=2) + "\n")
