@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipeline import columns
 from pipeline.spec import FormatSpec
-from pipeline.tables import pixels, values, with_column
+from pipeline.tables import raw_images, values, with_column
 
 EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 PIL_FORMATS = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
@@ -37,11 +37,12 @@ def image_name(row_id: str, fmt: FormatSpec) -> str:
 
 
 def encode_batch(table: pa.Table, fmt: FormatSpec) -> pa.Table:
-    data = [None if img is None else encode_image(img, fmt) for img in pixels(table)]
+    data = [None if img is None else encode_image(img, fmt) for img in raw_images(table)]
     names = [None if d is None else image_name(i, fmt) for d, i in zip(data, values(table, "id"))]
     digests = [None if d is None else hashlib.sha256(d).hexdigest() for d in data]
     now = datetime.now(timezone.utc).replace(tzinfo=None)
-    table = table.drop_columns([columns.PIXELS])
+    # What the sink will not need stays behind here.
+    table = table.drop_columns([c for c in (columns.PIXELS, columns.MASK, columns.TEXT_EMBEDS) if c in table.column_names])
     for name, vals, type_ in [
         (columns.IMAGE_BYTES, data, pa.binary()),
         (columns.IMAGE_PATH, names, pa.string()),

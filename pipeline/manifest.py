@@ -38,6 +38,7 @@ def _is_text(t: pa.DataType) -> bool:
 
 COLUMN_TYPES: dict[str, tuple[str, Callable[[pa.DataType], bool]]] = {
     "id": ("string", _is_text),
+    "task": ("string", _is_text),
     "prompt": ("string", _is_text),
     "negative_prompt": ("string", _is_text),
     "seed": ("integer", pa.types.is_integer),
@@ -63,12 +64,14 @@ def check(spec: JobSpec) -> int:
     """Check the manifest's columns and ids; return its row count or raise ManifestError."""
     dataset = open_manifest(spec)
     schema = dataset.schema
-    required = ("id", *REQUIRED_COLUMNS[spec.stages[0].kind])
+    required = ["id", "task"] if spec.flows is not None else ["id"]
+    for flow in spec.flow_map().values():
+        required += [c for c in REQUIRED_COLUMNS[flow[0].kind] if c not in required]
     missing = [c for c in required if c not in schema.names]
     if missing:
         raise ManifestError(
             f"manifest {spec.manifest} lacks required column(s) {missing} "
-            f"(stage {spec.stages[0].kind!r} needs {list(required)}); it has {schema.names}"
+            f"(the job needs {required}); it has {schema.names}"
         )
     for name, (expected, ok) in COLUMN_TYPES.items():
         if name in schema.names and not ok(schema.field(name).type):

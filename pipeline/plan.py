@@ -16,7 +16,7 @@ from ray.data.datasource import Datasink
 
 from pipeline import storage
 from pipeline.encode import encode_batch
-from pipeline.prepare import prepare_batch
+from pipeline.prepare import prepare_batch, unrouted_batch
 from pipeline.sink import ShardReport, ShardWriter
 from pipeline.spec import JobSpec, StageSpec
 from pipeline.stages import stage_class
@@ -59,28 +59,41 @@ def _gpus(stage: StageSpec) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
-def build(spec: JobSpec) -> ray.data.Dataset:
-    fs, path = storage.arrow_filesystem(spec.manifest, spec.storage)
-    ds = ray.data.read_parquet(
-        path, filesystem=fs, file_extensions=["parquet"], ray_remote_args={"num_cpus": CPU_STEP_CPUS}
-    )
-    # A manifest of prompts is small: one file can arrive as one block, which one actor would
-    # take whole. Blocks of one batch let every actor of the pool take a share.
-    ds = ds.repartition(target_num_rows_per_block=spec.stages[0].batch_size)
-    ds = ds.map_batches(
-        prepare_batch, fn_kwargs={"first_stage": spec.stages[0]}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS
-    )
-    for stage in spec.stages:
+def _flow(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec) -> ray.data.Dataset:
+    ds = ds.map_batches(prepare_batch, fn_kwargs={"flow": flow, "storage": spec.storage}, batch_format="pyarrow",
+                        num_cpus=CPU_STEP_CPUS)
+    for position, stage in enumerate(flow):
         low, high = stage.actors
         ds = ds.map_batches(
             stage_class(stage.kind),
-            fn_constructor_kwargs={"spec": stage, "storage": spec.storage},
+            fn_constructor_kwargs={"spec": stage, "storage": spec.storage, "position": position,
+                                   # Prompt embeddings travel on to the next stage, which reuses
+                                   # them when it has the same text encoder.
+                                   "keep_text_embeds": position < len(flow) - 1},
             batch_size=stage.batch_size,
             batch_format="pyarrow",
             compute=ActorPoolStrategy(min_size=low, max_size=high),
             num_gpus=_gpus(stage),
             num_cpus=stage.cpus_per_actor,
         )
+    return ds
+
+
+def build(spec: JobSpec) -> ray.data.Dataset:
+    fs, path = storage.arrow_filesystem(spec.manifest, spec.storage)
+    ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"], num_cpus=CPU_STEP_CPUS)
+    # A manifest of prompts is small: one file can arrive as one block, which one actor would
+    # take whole. Blocks of one batch let every actor of the pool take a share.
+    ds = ds.repartition(target_num_rows_per_block=min(s.batch_size for s in spec.all_stages()))
+    if spec.flows is None:
+        ds = _flow(ds, spec.stages, spec)
+    else:
+        names = sorted(spec.flows)
+        branches = [_flow(ds.filter(lambda row, name=name: row["task"] == name), spec.flows[name], spec)
+                    for name in names]
+        unrouted = ds.filter(lambda row: row["task"] not in names).map_batches(
+            unrouted_batch, fn_kwargs={"flows": names}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
+        ds = branches[0].union(*branches[1:], unrouted)
     return ds.map_batches(encode_batch, fn_kwargs={"fmt": spec.format}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
 
 

@@ -37,6 +37,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("model", pa.string()),
     ("scheduler", pa.string()),
     ("stages", pa.list_(pa.string())),
+    ("stage_params", pa.string()),
     ("image_sha256", pa.string()),
     ("elapsed_s", pa.float64()),
     ("created_at", pa.timestamp("us")),
@@ -60,7 +61,7 @@ def to_output_table(table: pa.Table) -> pa.Table:
         fields=list(IMAGE_TYPE),
     )
     stages = pc.split_pattern(table.column(columns.STAGES).cast(pa.string()), ",")
-    computed = {"image": image, "stages": stages}
+    computed = {"image": image, "stages": stages, "stage_params": table.column(columns.STAGE_PARAMS)}
     arrays, fields = [], []
     for f in OUTPUT_SCHEMA:
         col = computed.get(f.name, table.column(f.name) if f.name in table.column_names else pa.nulls(n))
@@ -146,7 +147,8 @@ def dataset_card(spec: JobSpec, stats: dict) -> str:
         f"    - name: {f.name}\n      dtype: {'image' if f.name == 'image' else _card_dtype(f.type)}"
         for f in OUTPUT_SCHEMA
     )
-    stages = " -> ".join(f"{s.kind} ({s.model})" for s in spec.stages)
+    stages = "; ".join(f"{name}: " + " -> ".join(f"{s.kind} ({s.model})" for s in flow)
+                       for name, flow in spec.flow_map().items())
     return f"""---
 configs:
   - config_name: default
@@ -190,8 +192,8 @@ def finalize(spec: JobSpec, run_id: str, reports: list[ShardReport], started: da
         "elapsed_s": round(wall, 3),
         "images_per_s": round(total.ok / wall, 3) if wall > 0 else None,
         "stages": [
-            {"kind": s.kind, "model": s.model, "busy_s": round(total.stage_busy_s.get(s.kind, 0.0), 3)}
-            for s in spec.stages
+            {"kind": kind, "busy_s": round(total.stage_busy_s.get(kind, 0.0), 3)}
+            for kind in dict.fromkeys(s.kind for s in spec.all_stages())
         ],
     }
     job = {

@@ -94,7 +94,31 @@ class JobSpec(_Strict):
     output: str
     storage: StorageSpec = StorageSpec()
     stages: Annotated[list[StageSpec], Field(min_length=1)] = [StageSpec(kind="text_to_image")]
+    flows: dict[str, Annotated[list[StageSpec], Field(min_length=1)]] | None = Field(
+        default=None,
+        description="named chains of stages; the manifest's `task` column routes each row to one",
+    )
     format: FormatSpec = FormatSpec()
+
+    @model_validator(mode="after")
+    def _stages_or_flows(self) -> "JobSpec":
+        if self.flows is not None:
+            if "stages" in self.model_fields_set:
+                raise ValueError("give either `stages` (one flow for every row) or `flows` (routed by `task`), not both")
+            if not self.flows:
+                raise ValueError("flows: needs at least one flow")
+        for name, flow in self.flow_map().items():
+            # Later stages take the previous stage's image; only the first may make one from text.
+            if any(stage.kind == "text_to_image" for stage in flow[1:]):
+                raise ValueError(f"flow {name!r}: text_to_image can only be the first stage")
+        return self
+
+    def flow_map(self) -> dict[str, list[StageSpec]]:
+        """Every flow by name; a spec with plain `stages` has the one flow "default"."""
+        return self.flows if self.flows is not None else {"default": self.stages}
+
+    def all_stages(self) -> list[StageSpec]:
+        return [stage for flow in self.flow_map().values() for stage in flow]
 
     def public_dict(self) -> dict[str, Any]:
         """The spec as run, with secrets left out (for _job.json and logs)."""

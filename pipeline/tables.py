@@ -29,12 +29,14 @@ def values(table: pa.Table, name: str, default: Any = None) -> list:
     return [default] * table.num_rows
 
 
-def pixels(table: pa.Table) -> list[np.ndarray | None]:
-    """Each row's current image as a HxWx3 uint8 array (None where the row has none)."""
-    out: list[np.ndarray | None] = []
-    for data, h, w in zip(values(table, columns.PIXELS), values(table, "height"), values(table, "width")):
-        out.append(None if data is None else np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3))
-    return out
+def raw_images(table: pa.Table, column: str = columns.PIXELS, channels: int = 3) -> list[np.ndarray | None]:
+    """Each row's image in ``column`` as a uint8 array of the row's height and width (None where the
+    row has none): HxWx3 images by default, HxW masks with ``channels=1``."""
+    shape = (lambda h, w: (h, w, channels)) if channels > 1 else (lambda h, w: (h, w))
+    return [
+        None if data is None else np.frombuffer(data, dtype=np.uint8).reshape(shape(h, w))
+        for data, h, w in zip(values(table, column), values(table, "height"), values(table, "width"))
+    ]
 
 
 def with_pixels(table: pa.Table, images: list[np.ndarray | None]) -> pa.Table:

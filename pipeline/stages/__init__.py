@@ -1,13 +1,19 @@
-"""One module per diffusion stage; STAGES maps a spec's ``kind`` to its class."""
+"""One module per diffusion stage; stage_class maps a spec's ``kind`` to its class."""
 
 from __future__ import annotations
+
+import importlib
+
+_CLASSES = {
+    "text_to_image": ("pipeline.stages.text_to_image", "TextToImageStage"),
+    "super_resolution": ("pipeline.stages.super_resolution", "SuperResolutionStage"),
+    "inpainting": ("pipeline.stages.inpainting", "InpaintingStage"),
+    "image_to_image": ("pipeline.stages.image_to_image", "ImageToImageStage"),
+}
 
 
 def stage_class(kind: str):
     # Imported on demand: a stage module pulls in torch and diffusers, which the driver of a
     # cluster job need not load.
-    if kind == "text_to_image":
-        from pipeline.stages.text_to_image import TextToImageStage
-
-        return TextToImageStage
-    raise NotImplementedError(f"stage kind {kind!r} is not implemented yet")
+    module, name = _CLASSES[kind]
+    return getattr(importlib.import_module(module), name)
