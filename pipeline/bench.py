@@ -13,15 +13,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.compute as pc
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.demo import demo_spec
+from pipeline.demo import sample_prompts
 from pipeline.job import run_job
 from pipeline.models.resolve import resolve
 from pipeline.prepare import derive_seed
-from pipeline.spec import JobSpec, StageSpec
+from pipeline.spec import JobSpec, StageSpec, parse_spec
 from pipeline.stages.base import row_generator
 
 
@@ -71,10 +71,15 @@ def pipeline_run(spec: JobSpec, name: str) -> Result:
 def run(rows: int, folder: Path) -> list[Result]:
     from pipeline.plan import ensure_ray
 
-    base = demo_spec(folder, rows)
+    prompts = sample_prompts(rows)
+    ids = [f"bench-{i:05d}" for i in range(rows)]
+    pq.write_table(pa.table({"id": ids, "prompt": prompts}), folder / "manifest.parquet")
+    base = parse_spec({
+        "manifest": str(folder / "manifest.parquet"),
+        "output": str(folder / "dataset"),
+        "stages": [{"kind": "text_to_image", "steps": 20, "width": 64, "height": 64, "batch_size": 8}],
+    })
     stage = base.stages[0]
-    prompts = pq.read_table(base.manifest).column("prompt").to_pylist()
-    ids = pq.read_table(base.manifest).column("id").to_pylist()
     ensure_ray()
     variants = {
         "shardgen, 1 actor x 1 CPU, one row per call (batch-invariant, the CPU default)": {},

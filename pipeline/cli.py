@@ -26,7 +26,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     spec = demo_spec(Path(args.output).absolute(), args.rows)
-    for stage in spec.stages:
+    for stage in spec.all_stages():
         resolve(stage.model)
     stats = run_job(spec, overwrite=True)
     print(summary_line(spec, stats))

@@ -1,36 +1,80 @@
 """The embedded default: a sample manifest and spec that run on local Ray, local files and the
-built-in models, with no GPU and no network."""
+built-in models, with no GPU and no network.
+
+The manifest mixes two flows: prompts through the text_to_image -> super_resolution cascade, and
+drawn shapes with masks through inpainting.
+"""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
 
 from pipeline.spec import JobSpec, parse_spec
 
-COLOURS = ["red", "green", "blue", "yellow", "orange", "purple", "white", "black"]
-SHAPES = ["circle", "square", "triangle", "star"]
-BACKGROUNDS = ["blue", "white", "black", "gray"]
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (240, 220, 40),
+           "orange": (245, 140, 30), "purple": (140, 50, 180), "white": (245, 245, 245), "black": (15, 15, 15)}
+SHAPES = ["circle", "square", "triangle"]
+BACKGROUNDS = ["blue", "white", "black", "green"]
+IMAGE_SIZE = 64
+
+
+def caption(i: int) -> tuple[str, str, str]:
+    names = list(COLOURS)
+    colour = names[i % len(names)]
+    shape = SHAPES[(i // len(names)) % len(SHAPES)]
+    background = BACKGROUNDS[(i // 3) % len(BACKGROUNDS)]
+    if background == colour:
+        background = "gray"
+    return colour, shape, background
 
 
 def sample_prompts(rows: int) -> list[str]:
-    return [
-        f"a {COLOURS[i % len(COLOURS)]} {SHAPES[(i // len(COLOURS)) % len(SHAPES)]} "
-        f"on a {BACKGROUNDS[(i // 3) % len(BACKGROUNDS)]} background"
-        for i in range(rows)
-    ]
+    return [f"a {c} {s} on a {b} background" for c, s, b in map(caption, range(rows))]
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def drawn_scene(i: int) -> tuple[bytes, bytes]:
+    """A shape to repaint: the scene as PNG bytes, and a mask (white = repaint) over the shape."""
+    colour, shape, background = caption(i)
+    scene = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), COLOURS.get(background, (128, 128, 128)))
+    box = (16, 16, 48, 48)
+    draw = ImageDraw.Draw(scene)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLOURS[colour])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLOURS[colour])
+    else:
+        draw.polygon([(32, 14), (50, 48), (14, 48)], fill=COLOURS[colour])
+    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    mask[12:52, 12:52] = 255
+    return _png(scene), _png(Image.fromarray(mask))
 
 
 def write_manifest(path: Path, rows: int) -> Path:
+    """Three rows in four go through the cascade, one in four is inpainted."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table({
-        "id": [f"demo-{i:05d}" for i in range(rows)],
-        "prompt": sample_prompts(rows),
-        "split": ["train" if i % 10 else "test" for i in range(rows)],
-    })
-    pq.write_table(table, path)
+    records = []
+    for i, prompt in enumerate(sample_prompts(rows)):
+        record = {"id": f"demo-{i:05d}", "task": "cascade", "prompt": prompt, "image": None, "mask": None,
+                  "split": "train" if i % 10 else "test"}
+        if i % 4 == 3:
+            scene, mask = drawn_scene(i)
+            # Repaint the shape in the next colour of the list.
+            colour = list(COLOURS)[(i + 1) % len(COLOURS)]
+            record.update(task="inpaint", prompt=f"a {colour} {caption(i)[1]}", image=scene, mask=mask)
+        records.append(record)
+    pq.write_table(pa.Table.from_pylist(records), path)
     return path
 
 
@@ -39,7 +83,13 @@ def demo_spec(folder: Path, rows: int) -> JobSpec:
     return parse_spec({
         "manifest": str(manifest),
         "output": str(folder / "dataset"),
-        "stages": [{"kind": "text_to_image", "model": "builtin:tiny-sd", "steps": 20, "width": 64, "height": 64,
-                    "batch_size": 8, "actors": 1}],
+        "flows": {
+            "cascade": [
+                {"kind": "text_to_image", "model": "builtin:tiny-sd", "steps": 20, "width": 32, "height": 32,
+                 "batch_size": 8},
+                {"kind": "super_resolution", "model": "builtin:tiny-upscaler", "steps": 10, "batch_size": 8},
+            ],
+            "inpaint": [{"kind": "inpainting", "model": "builtin:tiny-inpaint", "steps": 20, "batch_size": 8}],
+        },
         "format": {"rows_per_shard": 100},
     })

@@ -50,7 +50,7 @@ def run_job(spec: JobSpec, overwrite: bool = False, log=print) -> dict:
     log(f"shardgen: run {run_id}: {rows} rows from {spec.manifest} -> {spec.output}, "
         f"flows: {'; '.join(' -> '.join(s.kind for s in f) for f in spec.flow_map().values())}")
     started = datetime.now(timezone.utc)
-    reports = plan.execute(spec, run_id)
+    reports = plan.execute(spec, rows, run_id)
     return sink.finalize(spec, run_id, reports, started, datetime.now(timezone.utc))
 
 

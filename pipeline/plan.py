@@ -25,6 +25,7 @@ from pipeline.stages import stage_class
 # run beside actor pools that reserve most CPUs of a node (a task that asked for a whole CPU
 # could wait forever behind actors that wait for its rows).
 CPU_STEP_CPUS = 0.25
+MAX_READ_BLOCKS = 4096
 
 
 def ensure_ray() -> None:
@@ -79,27 +80,33 @@ def _flow(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec) -> ray.dat
     return ds
 
 
-def build(spec: JobSpec) -> ray.data.Dataset:
+def build(spec: JobSpec, rows: int) -> ray.data.Dataset:
+    # Ray's newer Parquet reader lists files in a step that asks for a whole CPU and takes no
+    # resource arguments: behind actor pools that hold most CPUs of a small node it can wait
+    # forever. The classic reader runs with the CPU share given below.
+    ray.data.DataContext.get_current().use_datasource_v2 = False
     fs, path = storage.arrow_filesystem(spec.manifest, spec.storage)
-    ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"], num_cpus=CPU_STEP_CPUS)
-    # A manifest of prompts is small: one file can arrive as one block, which one actor would
-    # take whole. Blocks of one batch let every actor of the pool take a share.
-    ds = ds.repartition(target_num_rows_per_block=min(s.batch_size for s in spec.all_stages()))
+    # A manifest of prompts is small: one file would arrive as one block, which one actor would
+    # take whole. Blocks of about a batch each let every actor of a pool take a share.
+    blocks = max(1, min(MAX_READ_BLOCKS, -(-rows // min(s.batch_size for s in spec.all_stages()))))
+    ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"], num_cpus=CPU_STEP_CPUS,
+                               override_num_blocks=blocks)
     if spec.flows is None:
         ds = _flow(ds, spec.stages, spec)
     else:
         names = sorted(spec.flows)
-        branches = [_flow(ds.filter(lambda row, name=name: row["task"] == name), spec.flows[name], spec)
+        branches = [_flow(ds.filter(lambda row, name=name: row["task"] == name, num_cpus=CPU_STEP_CPUS),
+                          spec.flows[name], spec)
                     for name in names]
-        unrouted = ds.filter(lambda row: row["task"] not in names).map_batches(
+        unrouted = ds.filter(lambda row: row["task"] not in names, num_cpus=CPU_STEP_CPUS).map_batches(
             unrouted_batch, fn_kwargs={"flows": names}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
         ds = branches[0].union(*branches[1:], unrouted)
     return ds.map_batches(encode_batch, fn_kwargs={"fmt": spec.format}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
 
 
-def execute(spec: JobSpec, run_id: str) -> list[ShardReport]:
+def execute(spec: JobSpec, rows: int, run_id: str) -> list[ShardReport]:
     """Run the whole job; return what each write task wrote."""
     ensure_ray()
     sink = ShardDatasink(ShardWriter(spec.output, spec.storage, run_id, spec.format.rows_per_shard))
-    build(spec).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})
+    build(spec, rows).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})
     return sink.reports

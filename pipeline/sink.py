@@ -60,7 +60,8 @@ def to_output_table(table: pa.Table) -> pa.Table:
          table.column(columns.IMAGE_PATH).combine_chunks().cast(pa.string())],
         fields=list(IMAGE_TYPE),
     )
-    stages = pc.split_pattern(table.column(columns.STAGES).cast(pa.string()), ",")
+    stages = pa.array([s.split(",") if s else [] for s in table.column(columns.STAGES).to_pylist()],
+                      pa.list_(pa.string()))
     computed = {"image": image, "stages": stages, "stage_params": table.column(columns.STAGE_PARAMS)}
     arrays, fields = [], []
     for f in OUTPUT_SCHEMA:

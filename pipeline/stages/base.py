@@ -129,9 +129,10 @@ class DiffusionStage:
             return batch[name][i]
         return getattr(self.spec, name)
 
-    def record(self, width: int, height: int) -> dict:
+    def record(self, batch: dict[str, list], i: int, width: int, height: int) -> dict:
         return {"kind": self.kind, "model": self.spec.model, "scheduler": self.scheduler_name,
-                **{p: getattr(self.spec, p) for p in self.params}, "width": width, "height": height}
+                **{p: self.param(batch, p, i) for p in self.params}, "width": width, "height": height,
+                "text_embeds": self.text_source.get(i)}
 
     def text_kwargs(self, batch: dict[str, list], rows: list[int]) -> dict:
         """Prompt embeddings for ``rows``: the previous stage's where it used the same text encoder,
@@ -142,13 +143,16 @@ class DiffusionStage:
                                 for i in rows])
             embeds = torch.from_numpy(stacked).to(self.device, self.pipe.text_encoder.dtype)
             negative, positive = embeds[:, 0], embeds[:, 1]
-            self.reused_text_rows += len(rows)
+            source = "reused"
         else:
+            source = "computed"
             positive, negative = self.pipe.encode_prompt(
                 [batch["prompt"][i] for i in rows], self.device, 1, True, [batch["negative_prompt"][i] for i in rows]
             )
         for k, i in enumerate(rows):
-            self.text_embeds[i] = torch.stack([negative[k], positive[k]]).float().cpu().numpy().tobytes()
+            self.text_source[i] = source
+            if self.keep_text_embeds:
+                self.text_embeds[i] = torch.stack([negative[k], positive[k]]).float().cpu().numpy().tobytes()
         return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
 
     def generate(self, batch: dict[str, list], rows: list[int]) -> list[np.ndarray]:
@@ -174,13 +178,15 @@ class DiffusionStage:
             batch["pixels"] = raw_images(table)
         if "mask" in self.inputs:
             batch["mask"] = raw_images(table, columns.MASK, channels=1)
+        # Per row of this batch: the prompt embeddings to pass on, and whether they were reused.
         self.text_embeds: dict[int, bytes] = {}
-        self.reused_text_rows = 0
+        self.text_source: dict[int, str] = {}
         images: list[np.ndarray | None] = [None] * n
         elapsed = [0.0] * n
+        attempted = [s == "ok" for s in status]
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i in range(n):
-            if status[i] == "ok":
+            if attempted[i]:
                 key = (self.param(batch, "steps", i), self.param(batch, "guidance_scale", i), *self.group_extra(batch, i))
                 groups[key].append(i)
         for rows in groups.values():
@@ -193,8 +199,9 @@ class DiffusionStage:
                         status[i], error[i] = "error", problem
         table = with_pixels(table, images)
         records = [
-            json.dumps([*json.loads(p), self.record(w, h)]) if s == "ok" else p
-            for p, s, w, h in zip(values(table, columns.STAGE_PARAMS), status, values(table, "width"), values(table, "height"))
+            json.dumps([*json.loads(p), self.record(batch, i, w, h)]) if s == "ok" else p
+            for i, (p, s, w, h) in enumerate(
+                zip(values(table, columns.STAGE_PARAMS), status, values(table, "width"), values(table, "height")))
         ]
         first = self.position == 0
         updates = [
@@ -202,11 +209,12 @@ class DiffusionStage:
             ("error", error, pa.string()),
             ("elapsed_s", [a + b for a, b in zip(values(table, "elapsed_s"), elapsed)], pa.float64()),
             (columns.ELAPSED_PREFIX + self.kind, elapsed, pa.float64()),
-            (columns.STAGES, [f"{s},{self.kind}" if s else self.kind for s in values(table, columns.STAGES)], pa.string()),
+            (columns.STAGES, [(f"{s},{self.kind}" if s else self.kind) if a else s
+                              for s, a in zip(values(table, columns.STAGES), attempted)], pa.string()),
             (columns.STAGE_PARAMS, records, pa.string()),
-            (columns.TEXT_EMBEDS, [self.text_embeds.get(i) if self.keep_text_embeds else None for i in range(n)], pa.binary()),
-            (columns.TEXT_ENCODER, [self.text_encoder_id if self.keep_text_embeds and i in self.text_embeds else None
-                                    for i in range(n)], pa.string()),
+            (columns.TEXT_EMBEDS, [self.text_embeds.get(i) for i in range(n)], pa.binary()),
+            (columns.TEXT_ENCODER, [self.text_encoder_id if i in self.text_embeds else None for i in range(n)],
+             pa.string()),
         ]
         if first:  # The row's headline model and scheduler are those of the stage that made the image.
             updates += [("model", [self.spec.model] * n, pa.string()), ("scheduler", [self.scheduler_name] * n, pa.string())]

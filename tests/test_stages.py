@@ -1,0 +1,183 @@
+"""Every stage on real Ray with the built-in models, in one mixed job routed by `task`:
+super-resolution, inpainting (9- and 4-channel), image-to-image, the text_to_image ->
+super_resolution cascade, image inputs as bytes, structs and s3:// URIs, and bad inputs."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import boto3
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipeline import storage
+from pipeline.job import run_job
+from pipeline.spec import parse_spec
+from tests.conftest import read_output, write_manifest
+
+
+def png(size: int, seed: int, mode: str = "RGB") -> bytes:
+    rng = np.random.default_rng(seed)
+    shape = (size, size, 3) if mode == "RGB" else (size, size)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def half_mask(size: int) -> bytes:
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[:, size // 2:] = 255  # repaint the right half
+    buf = io.BytesIO()
+    Image.fromarray(mask).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+FAST = {"steps": 3, "cpus_per_actor": 0.25}
+
+
+def mixed_spec(manifest: str, output: str, batch_size: int):
+    stage = lambda kind, **kw: {"kind": kind, **FAST, "batch_size": batch_size, **kw}  # noqa: E731
+    return parse_spec({
+        "manifest": manifest,
+        "output": output,
+        "flows": {
+            "cascade": [stage("text_to_image", width=32, height=32), stage("super_resolution", noise_level=30)],
+            "sr": [stage("super_resolution")],
+            "inpaint": [stage("inpainting")],
+            "inpaint_plain": [stage("inpainting", model="builtin:tiny-sd")],  # a 4-channel UNet
+            "img2img": [stage("image_to_image", strength=0.6)],
+        },
+    })
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, s3_endpoint, ray_local):
+    """The mixed job, run with batch sizes 1 and 3: {batch_size: {id: row}}."""
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="mixed")
+    storage.write_bytes("s3://mixed/inputs/low.png", png(16, 3))
+    struct = lambda data=None, path=None: {"bytes": data, "path": path}  # noqa: E731
+    rows = [
+        ("c1", "cascade", "a red circle on a blue background", None, None),
+        ("c2", "cascade", "a green square on a white background", None, None),
+        ("s1", "sr", "", struct(png(16, 1)), None),
+        ("s2", "sr", "a sharp photo", struct(png(16, 2), "low-2.png"), None),
+        ("s3", "sr", "", struct(None, "s3://mixed/inputs/low.png"), None),
+        ("bad-none", "sr", "", None, None),
+        ("bad-corrupt", "sr", "", struct(b"this is not an image"), None),
+        ("bad-uri", "sr", "", struct(None, "s3://mixed/inputs/missing.png"), None),
+        ("i1", "inpaint", "a yellow star", struct(png(32, 4)), half_mask(32)),
+        ("i2", "inpaint", "a blue circle", struct(png(32, 5)), half_mask(32)),
+        ("bad-mask", "inpaint", "a blue circle", struct(png(32, 6)), half_mask(16)),
+        ("p1", "inpaint_plain", "a red square", struct(png(32, 7)), half_mask(32)),
+        ("m1", "img2img", "a purple triangle", struct(png(32, 8)), None),
+        ("bad-task", "upscale_x8", "x", None, None),
+    ]
+    table = pa.Table.from_pylist(
+        [dict(zip(("id", "task", "prompt", "image", "mask"), r)) for r in rows],
+        schema=pa.schema([("id", pa.string()), ("task", pa.string()), ("prompt", pa.string()),
+                          ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                          ("mask", pa.binary())]),
+    )
+    manifest = write_manifest("s3://mixed/manifest.parquet", table)
+    results = {}
+    for batch_size in (1, 3):
+        output = f"s3://mixed/out-b{batch_size}"
+        stats = run_job(mixed_spec(manifest, output, batch_size))
+        assert (stats["rows"], stats["error"]) == (len(rows), 5)
+        results[batch_size] = {r["id"]: r for r in read_output(output).to_pylist()}
+    results["inputs"] = {r[0]: r for r in rows}
+    return results
+
+
+def test_every_row_comes_back_once(mixed):
+    assert sorted(mixed[1]) == sorted(mixed["inputs"])
+
+
+def test_super_resolution_of_16px_gives_64px(mixed):
+    for row_id in ("s1", "s2", "s3"):
+        row = mixed[1][row_id]
+        assert row["status"] == "ok", row["error"]
+        assert decode(row["image"]["bytes"]).shape == (64, 64, 3)
+        assert (row["width"], row["height"], row["stages"]) == (64, 64, ["super_resolution"])
+
+
+def test_cascade_in_one_job(mixed):
+    fs, path = storage.filesystem("s3://mixed/out-b1")
+    # Nothing but the dataset: no intermediate output between the two stages.
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path)) == ["README.md", "_SUCCESS", "_job.json", "_stats.json", "data"]
+    for row_id in ("c1", "c2"):
+        row = mixed[1][row_id]
+        assert row["status"] == "ok", row["error"]
+        assert decode(row["image"]["bytes"]).shape == (128, 128, 3)
+        assert row["stages"] == ["text_to_image", "super_resolution"]
+        assert row["model"] == "builtin:tiny-sd"
+        records = json.loads(row["stage_params"])
+        assert [(r["kind"], r["model"], r["width"]) for r in records] == [
+            ("text_to_image", "builtin:tiny-sd", 32), ("super_resolution", "builtin:tiny-upscaler", 128)]
+        assert records[1]["noise_level"] == 30 and records[1]["steps"] == 3
+        # Both built-in models share one text encoder: the second stage reuses the embeddings.
+        assert [r["text_embeds"] for r in records] == ["computed", "reused"]
+
+
+def test_inpainting_keeps_unmasked_pixels(mixed):
+    for row_id in ("i1", "i2", "p1"):
+        row = mixed[1][row_id]
+        assert row["status"] == "ok", row["error"]
+        out = decode(row["image"]["bytes"])
+        original = decode(mixed["inputs"][row_id][3]["bytes"])
+        assert out.shape == (32, 32, 3)
+        assert np.array_equal(out[:, :16], original[:, :16])  # black half kept
+        assert not np.array_equal(out[:, 16:], original[:, 16:])  # white half repainted
+    assert json.loads(mixed[1]["p1"]["stage_params"])[0]["model"] == "builtin:tiny-sd"
+
+
+def test_image_to_image(mixed):
+    row = mixed[1]["m1"]
+    assert row["status"] == "ok", row["error"]
+    assert decode(row["image"]["bytes"]).shape == (32, 32, 3)
+    assert json.loads(row["stage_params"])[0]["strength"] == 0.6
+
+
+@pytest.mark.parametrize("row_id, message", [
+    ("bad-none", "image: missing"),
+    ("bad-corrupt", "image: not a readable image"),
+    ("bad-uri", "image: no file at s3://mixed/inputs/missing.png"),
+    ("bad-mask", "mask: size 16x16 differs from the image's 32x32"),
+    ("bad-task", "task: 'upscale_x8' is not a flow of this job"),
+])
+def test_bad_inputs_are_error_rows(mixed, row_id, message):
+    row = mixed[1][row_id]
+    assert row["status"] == "error" and row["image"]["bytes"] is None
+    assert row["error"].startswith(message), row["error"]
+
+
+def test_same_images_across_batch_sizes(mixed):
+    ok = [i for i, r in mixed[1].items() if r["status"] == "ok"]
+    assert len(ok) == 9
+    for row_id in ok:
+        assert mixed[1][row_id]["image_sha256"] == mixed[3][row_id]["image_sha256"], row_id
+
+
+@pytest.mark.parametrize("form", ["bytes", "uri"])
+def test_image_column_as_bytes_or_uri(form, bucket, tmp_path, ray_local):
+    storage.write_bytes(f"{bucket}/in/a.png", png(16, 11))
+    local = tmp_path / "b.png"
+    local.write_bytes(png(16, 12))
+    if form == "bytes":
+        images = [png(16, 11), png(16, 12)]
+    else:
+        images = [f"{bucket}/in/a.png", str(local)]
+    manifest = write_manifest(f"{bucket}/m.parquet", [{"id": "a", "image": images[0]}, {"id": "b", "image": images[1]}])
+    spec = parse_spec({"manifest": manifest, "output": f"{bucket}/out",
+                       "stages": [{"kind": "super_resolution", **FAST}]})
+    stats = run_job(spec)
+    assert stats["ok"] == 2, stats
+    assert {r["id"]: decode(r["image"]["bytes"]).shape for r in read_output(f"{bucket}/out").to_pylist()} == {
+        "a": (64, 64, 3), "b": (64, 64, 3)}
