@@ -7,6 +7,7 @@ test credentials, and the model cache folder.
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 import boto3
@@ -66,7 +67,7 @@ def ray_local(environment):
 
 @pytest.fixture
 def bucket(s3_endpoint, request):
-    name = "test-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    name = "test-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return f"s3://{name}"
 
