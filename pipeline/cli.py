@@ -31,7 +31,7 @@ def _demo(args: argparse.Namespace) -> int:
     stats = run_job(spec, overwrite=True)
     print(summary_line(spec, stats))
     print(f"shardgen demo: manifest {spec.manifest}; dataset {spec.output} "
-          f"(inspect: python -m pipeline.inspect {spec.output}); wall time {time.perf_counter() - start:.1f} s")
+          f"(look: shardgen inspect {spec.output}); wall time {time.perf_counter() - start:.1f} s")
     return exit_code(stats)
 
 
@@ -40,6 +40,13 @@ def _models_build(args: argparse.Namespace) -> int:
 
     for name in args.names or builtin_names():
         print(f"builtin:{name} -> {build_builtin(name)}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from pipeline.inspect_output import inspect
+
+    print(inspect(args.output, args.rows, args.save))
     return 0
 
 
@@ -65,6 +72,12 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="demo-output", help="folder for the manifest and the dataset")
     demo.add_argument("--rows", type=int, default=32)
     demo.set_defaults(fn=_demo)
+
+    look = sub.add_parser("inspect", help="summarise an output dataset: stats, columns, errors, first rows")
+    look.add_argument("output")
+    look.add_argument("--rows", type=int, default=5)
+    look.add_argument("--save", help="also save the first rows' images into this folder")
+    look.set_defaults(fn=_inspect)
 
     bench = sub.add_parser("bench", help="steady throughput against a plain diffusers loop (prints figures)")
     bench.add_argument("--rows", type=int, default=96)

@@ -22,6 +22,8 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), 
 SHAPES = ["circle", "square", "triangle"]
 BACKGROUNDS = ["blue", "white", "black", "green"]
 IMAGE_SIZE = 64
+# Three actor pools and the CPU steps share a laptop-sized machine (2 CPUs here).
+SMALL_NODE = {"actors": 1, "cpus_per_actor": 0.5}
 
 
 def caption(i: int) -> tuple[str, str, str]:
@@ -86,10 +88,12 @@ def demo_spec(folder: Path, rows: int) -> JobSpec:
         "flows": {
             "cascade": [
                 {"kind": "text_to_image", "model": "builtin:tiny-sd", "steps": 20, "width": 32, "height": 32,
-                 "batch_size": 8},
-                {"kind": "super_resolution", "model": "builtin:tiny-upscaler", "steps": 10, "batch_size": 8},
+                 "batch_size": 8, **SMALL_NODE},
+                {"kind": "super_resolution", "model": "builtin:tiny-upscaler", "steps": 10, "batch_size": 8,
+                 **SMALL_NODE},
             ],
-            "inpaint": [{"kind": "inpainting", "model": "builtin:tiny-inpaint", "steps": 20, "batch_size": 8}],
+            "inpaint": [{"kind": "inpainting", "model": "builtin:tiny-inpaint", "steps": 20, "batch_size": 8,
+                         **SMALL_NODE}],
         },
         "format": {"rows_per_shard": 100},
     })

@@ -6,6 +6,7 @@ Stages chain in one streaming job; images pass between them in memory.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import pyarrow as pa
@@ -15,6 +16,7 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 
 from pipeline import storage
+from pipeline.errors import SpecError
 from pipeline.encode import encode_batch
 from pipeline.prepare import prepare_batch, unrouted_batch
 from pipeline.sink import ShardReport, ShardWriter
@@ -33,6 +35,26 @@ def ensure_ray() -> None:
     a local Ray."""
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def check_fits(spec: JobSpec, log=print) -> None:
+    """Every pool starts its minimum actors at once; if they cannot all fit beside the light CPU
+    steps, the job would wait forever. Refuse such a job on a fixed cluster; on one that may
+    grow (an autoscaler), say so and go on."""
+    stages = spec.all_stages()
+    need_cpu = sum(s.actors[0] * s.cpus_per_actor for s in stages) + CPU_STEP_CPUS
+    need_gpu = sum(s.actors[0] * _gpus(s) for s in stages)
+    have = ray.cluster_resources()
+    have_cpu, have_gpu = have.get("CPU", 0), have.get("GPU", 0)
+    if need_cpu <= have_cpu and need_gpu <= have_gpu:
+        return
+    message = (f"the stages' minimum actors need {need_cpu:g} CPUs and {need_gpu:g} GPUs (with "
+               f"{CPU_STEP_CPUS} CPU for reading and encoding), the cluster has {have_cpu:g} CPUs and "
+               f"{have_gpu:g} GPUs: lower actors, cpus_per_actor or gpus_per_actor")
+    if os.environ.get("SHARDGEN_AUTOSCALING"):
+        log(f"shardgen: warning: {message}; waiting for the autoscaler")
+    else:
+        raise SpecError(f"{message} (set SHARDGEN_AUTOSCALING=1 where the cluster grows on demand)")
 
 
 class ShardDatasink(Datasink[ShardReport]):
@@ -107,6 +129,7 @@ def build(spec: JobSpec, rows: int) -> ray.data.Dataset:
 def execute(spec: JobSpec, rows: int, run_id: str) -> list[ShardReport]:
     """Run the whole job; return what each write task wrote."""
     ensure_ray()
+    check_fits(spec)
     sink = ShardDatasink(ShardWriter(spec.output, spec.storage, run_id, spec.format.rows_per_shard))
     build(spec, rows).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})
     return sink.reports

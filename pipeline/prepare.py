@@ -16,6 +16,7 @@ from pipeline.tables import values, with_column, with_pixels
 
 PROMPTED_KINDS = {"text_to_image", "inpainting", "image_to_image"}
 IMAGE_INPUT_KINDS = {"super_resolution", "inpainting", "image_to_image"}
+STRENGTH_KINDS = {"inpainting", "image_to_image"}
 MAX_SIDE = 4096
 
 
@@ -82,7 +83,8 @@ def prepare_batch(table: pa.Table, flow: list[StageSpec], storage: StorageSpec) 
         ("steps", [r.steps if r else s for r, s in zip(rows, cols["steps"])], pa.int64()),
         ("guidance_scale", [first.guidance_scale if g is None else float(g) for g in cols["guidance_scale"]],
          pa.float64()),
-        ("strength", [first.strength if s is None else float(s) for s in cols["strength"]], pa.float64()),
+        ("strength", [first.strength if s is None and first.kind in STRENGTH_KINDS else s for s in cols["strength"]],
+         pa.float64()),
         ("width", [r.width if r else w for r, w in zip(rows, cols["width"])], pa.int64()),
         ("height", [r.height if r else h for r, h in zip(rows, cols["height"])], pa.int64()),
         ("status", ["error" if e else "ok" for e in errors], pa.string()),

@@ -34,6 +34,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("height", pa.int64()),
     ("steps", pa.int64()),
     ("guidance_scale", pa.float64()),
+    ("strength", pa.float64()),
     ("model", pa.string()),
     ("scheduler", pa.string()),
     ("stages", pa.list_(pa.string())),
