@@ -1,6 +1,7 @@
 """Turn a model source into a local folder that ``from_pretrained`` loads.
 
-Sources: ``builtin:NAME`` (built once into the cache), a local folder, a remote folder such as
+Sources: ``builtin:NAME`` (a trained model shipped in pipeline/models/trained/, or a tiny
+random-weight model built once into the cache), a local folder, a remote folder such as
 ``s3://bucket/models/sd`` (copied once per node into the cache), or a hub id already in the local
 Hugging Face cache (nothing is downloaded at run time).
 """
@@ -19,6 +20,7 @@ from pipeline.errors import ModelError
 from pipeline.spec import StorageSpec
 
 BUILTIN_PREFIX = "builtin:"
+TRAINED_DIR = Path(__file__).parent / "trained"
 COMPLETE_MARKER = ".shardgen-complete"
 
 
@@ -42,15 +44,22 @@ def _fill_once(dest: Path, fill) -> Path:
     return dest
 
 
+def shipped_names() -> list[str]:
+    """Trained pipelines that ship with the package (folders holding a model_index.json)."""
+    return sorted(p.parent.name for p in TRAINED_DIR.glob("*/model_index.json"))
+
+
 def builtin_names() -> list[str]:
     from pipeline.models.builtin import BUILDERS
 
-    return sorted(BUILDERS)
+    return sorted([*BUILDERS, *shipped_names()])
 
 
 def build_builtin(name: str) -> Path:
     from pipeline.models import builtin
 
+    if name in shipped_names():
+        return TRAINED_DIR / name
     if name not in builtin.BUILDERS:
         raise ModelError(f"model: unknown built-in {BUILTIN_PREFIX}{name}; built-in models: {builtin_names()}")
     return _fill_once(cache_root() / "builtin" / name, lambda tmp: builtin.build(name, tmp))
