@@ -79,33 +79,27 @@ def _unet(in_channels: int, **extra) -> UNet2DConditionModel:
     )
 
 
-def tiny_sd() -> DiffusionPipeline:
+def _stable_diffusion(pipeline_class, unet_in_channels: int) -> DiffusionPipeline:
     text_encoder, tokenizer = _text_encoder_and_tokenizer()
-    return StableDiffusionPipeline(
+    return pipeline_class(
         vae=_vae((32, 32, 64)),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=_unet(4),
+        unet=_unet(unet_in_channels),
         scheduler=DPMSolverMultistepScheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def tiny_sd() -> DiffusionPipeline:
+    return _stable_diffusion(StableDiffusionPipeline, 4)
 
 
 def tiny_inpaint() -> DiffusionPipeline:
-    text_encoder, tokenizer = _text_encoder_and_tokenizer()
     # 9 input channels: latents, the mask, and the masked image's latents.
-    return StableDiffusionInpaintPipeline(
-        vae=_vae((32, 32, 64)),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=_unet(9),
-        scheduler=DPMSolverMultistepScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return _stable_diffusion(StableDiffusionInpaintPipeline, 9)
 
 
 def tiny_upscaler() -> DiffusionPipeline:
