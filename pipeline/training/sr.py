@@ -4,6 +4,10 @@ level as a class label; saved as a StableDiffusionUpscalePipeline.
 
 Training uses aligned 16x16 crops of latents and low-res image (the task is local, and small crops
 are cheap); the model runs on any size, 32x32 latents at evaluation.
+
+The pipeline's VAE decoder is first fine-tuned on 128x128 renders (the encoder, and so the latent
+space, stays the shared VAE's): the upscaler can be no sharper than its decoder, and the shared
+VAE is mostly trained at 32x32.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionUpscalePipeline
 from transformers import CLIPTextModel
 
@@ -32,6 +37,48 @@ class SRConfig:
     uncond_share: float = 0.1
     # Half the steps see noise levels up to this (the stages' default is 20), half the full range.
     low_noise_level: int = 100
+    decoder: Schedule = field(default_factory=lambda: Schedule(steps=600, batch_size=16, lr=5e-4, warmup=20, ema_decay=0.99, log_every=100))
+    decoder_crop: int = 64  # in high-res pixels
+
+
+class _Decode(torch.nn.Module):
+    """The decoding half of the VAE, as one module for DDP."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.post_quant_conv, self.decoder = vae.post_quant_conv, vae.decoder
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+
+def _aligned_crops(latents: torch.Tensor, images: torch.Tensor, idx: torch.Tensor, crop: int, worker: Worker):
+    """The same random window of latents and of images ``scale`` times their size."""
+    scale = images.shape[-1] // latents.shape[-1]
+    corners = torch.randint(latents.shape[-1] - crop + 1, (len(idx), 2), generator=worker.generator).tolist()
+    z = torch.stack([latents[i, :, y : y + crop, x : x + crop] for i, (y, x) in zip(idx.tolist(), corners)])
+    x = torch.stack([images[i, :, y * scale : (y + crop) * scale, x * scale : (x + crop) * scale] for i, (y, x) in zip(idx.tolist(), corners)])
+    return z, x, corners
+
+
+def _decoder_loop(config: dict) -> None:
+    worker = Worker(config)
+    scenes = worker.shard(data.sample_scenes(config["scenes"], worker.schedule.seed + 2))
+    high = torch.from_numpy(data.to_tensor_range(data.render_all(scenes, data.HIGH_RES)))
+    vae = vae_from_payload(config["vae"])
+    mean, std = posterior(vae, high, chunk=32)
+    model = _Decode(vae).requires_grad_(True)
+    crop = config["decoder_crop"] // (data.HIGH_RES // data.LOW_RES)
+
+    def loss_fn(ddp):
+        idx = worker.batch_indices(len(mean))
+        z_mean, x, corners = _aligned_crops(mean, high, idx, crop, worker)
+        z_std = torch.stack([std[i, :, y : y + crop, x_ : x_ + crop] for i, (y, x_) in zip(idx.tolist(), corners)])
+        recon = ddp((z_mean + z_std * worker.randn(*z_mean.shape)).to(worker.device))
+        target = x.to(worker.device)
+        return F.mse_loss(recon, target) + F.l1_loss(recon, target)
+
+    worker.finish(worker.train(model, loss_fn))
 
 
 def _noise_levels(n: int, low: int, worker: Worker) -> torch.Tensor:
@@ -53,11 +100,11 @@ def _loop(config: dict) -> None:
 
     def loss_fn(ddp):
         idx = worker.batch_indices(len(mean))
-        corners = torch.randint(data.LOW_RES - crop + 1, (len(idx), 2), generator=worker.generator).tolist()
-        window = lambda t: torch.stack([t[i, :, y : y + crop, x : x + crop] for i, (y, x) in zip(idx.tolist(), corners)])  # noqa: E731
-        z0 = sample_latents(window(mean), window(std), worker)
+        z_mean, low_crop, corners = _aligned_crops(mean, low, idx, crop, worker)
+        z_std = torch.stack([std[i, :, y : y + crop, x : x + crop] for i, (y, x) in zip(idx.tolist(), corners)])
+        z0 = sample_latents(z_mean, z_std, worker)
         levels = _noise_levels(len(idx), config["low_noise_level"], worker)
-        noisy_low = low_res_scheduler.add_noise(window(low), torch.randn(len(idx), 3, crop, crop, generator=worker.generator), levels)
+        noisy_low = low_res_scheduler.add_noise(low_crop, torch.randn(len(idx), 3, crop, crop, generator=worker.generator), levels)
         return ddpm_loss(
             ddp, scheduler, z0, drop_captions(ids[idx], empty, config["uncond_share"], worker), worker,
             condition=noisy_low.to(worker.device), class_labels=levels.to(worker.device),
@@ -83,10 +130,14 @@ def assemble(vae: AutoencoderKL, state: dict) -> StableDiffusionUpscalePipeline:
 
 def train(out: Path, cluster: Cluster, config: SRConfig = SRConfig()) -> Path:
     vae = AutoencoderKL.from_pretrained(out / VAE_NAME)
+    shared = {**config.__dict__, "vae": vae_payload(vae)}
+    print(f"{NAME}: fine-tuning the VAE decoder at {data.HIGH_RES}x{data.HIGH_RES}", flush=True)
+    decoder = fit(_decoder_loop, {**shared, "schedule": config.decoder.to_dict()}, cluster, NAME + "-decoder")
     # The caption encoder starts from the text-to-image model's (it already tells captions apart).
     text_encoder = CLIPTextModel.from_pretrained(out / T2I_NAME / "text_encoder")
-    config_dict = {**config.__dict__, "schedule": config.schedule.to_dict(), "vae": vae_payload(vae), "text_encoder": text_encoder.state_dict()}
-    payload = fit(_loop, config_dict, cluster, NAME)
+    print(f"{NAME}: training the U-Net", flush=True)
+    payload = fit(_loop, {**shared, "schedule": config.schedule.to_dict(), "text_encoder": text_encoder.state_dict()}, cluster, NAME)
+    _Decode(vae).load_state_dict(decoder["ema"])
     dest = out / NAME
     assemble(vae, payload["ema"]).save_pretrained(dest, safe_serialization=True)
     return dest
