@@ -65,7 +65,7 @@ def test_ray_train_ddpm_loss_falls_and_saves_a_loadable_pipeline(tmp_path):
     config = t2i.T2IConfig(schedule=schedule, scenes=256)
     payload = fit(
         t2i._loop,
-        {**config.__dict__, "schedule": schedule.to_dict(), "vae": vae_payload(random_vae)},
+        {**config.__dict__, "schedule": schedule.to_dict(), "vae": vae_payload(random_vae), "init": None},
         Cluster(workers=2, threads_per_worker=1),
         "test-t2i",
     )

@@ -22,7 +22,7 @@ def _with_steps(config, steps: int | None):
     return dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, steps=steps, log_every=min(config.schedule.log_every, steps)))
 
 
-def _train(name: str, out: Path, cluster: Cluster, steps: int | None) -> Path:
+def _train(name: str, out: Path, cluster: Cluster, steps: int | None, resume: bool) -> Path:
     if name == "classifier":
         from pipeline.training import classifier
 
@@ -34,7 +34,7 @@ def _train(name: str, out: Path, cluster: Cluster, steps: int | None) -> Path:
     if name == "t2i":
         from pipeline.training import t2i
 
-        return t2i.train(out, cluster, _with_steps(t2i.T2IConfig(), steps))
+        return t2i.train(out, cluster, _with_steps(t2i.T2IConfig(), steps), resume=resume)
     if name == "sr":
         from pipeline.training import sr
 
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (and Ray CPUs) per worker")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
     parser.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    parser.add_argument("--resume", action="store_true", help="t2i: continue from the model saved in --out")
     parser.add_argument("--images", type=int, default=None, help="eval: images per figure (default: the acceptance counts)")
     args = parser.parse_args(argv)
     if args.what == "eval":
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     cluster = Cluster(workers=args.workers, threads_per_worker=args.threads, use_gpu=args.gpu)
     for name in ORDER if args.what == "all" else (args.what,):
         start = time.time()
-        dest = _train(name, args.out, cluster, args.steps)
+        dest = _train(name, args.out, cluster, args.steps, args.resume)
         print(f"{name}: saved {dest} in {time.time() - start:.0f}s", flush=True)
 
 

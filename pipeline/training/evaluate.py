@@ -148,18 +148,21 @@ def inpainting(folder: Path, classifier: ShapeClassifier, n: int, steps: int, gu
         )
         results.append((np.asarray(out.images) * 255).round().astype(np.uint8))
     generated = np.concatenate(results)
-    outside_raw, outside_pasted, colour_ok = [], [], []
+    outside_raw, outside_pasted, colour_ok, pasted_all = [], [], [], []
     for (scene, mask, colour), original, image in zip(cases, originals, generated):
         keep = mask < 0.5
         pasted = paste_unmasked(original, image, mask)
+        pasted_all.append(pasted)
         outside_raw.append(np.abs(image.astype(np.int16) - original)[keep].mean())
         outside_pasted.append(np.abs(pasted.astype(np.int16) - original)[keep].mean())
         reading = measure.read(pasted, region=~keep, background=np.array(data.PALETTE[scene.background], np.float32))
         colour_ok.append(reading.colour == colour)
+    shapes = classifier.predict(np.stack(pasted_all))
     return {
         "outside_change_raw_255": float(np.mean(outside_raw)),
         "outside_change_pasted_255": float(np.mean(outside_pasted)),
         "colour_accuracy": float(np.mean(colour_ok)),
+        "shape_accuracy": float(np.mean([p == s.shape for p, (s, _, _) in zip(shapes, cases)])),
         "n": n,
     }
 

@@ -31,6 +31,8 @@ def _loop(config: dict) -> None:
     tokenizer = architectures.tokenizer()
     ids, empty = token_ids(tokenizer, [s.caption for s in scenes]), token_ids(tokenizer, [""])
     model = Denoiser(architectures.t2i_unet(), architectures.text_encoder(tokenizer))
+    if config["init"] is not None:
+        model.load_state_dict(config["init"])
     scheduler = architectures.noise_scheduler()
 
     def loss_fn(ddp):
@@ -59,9 +61,16 @@ def assemble(vae: AutoencoderKL, state: dict) -> StableDiffusionPipeline:
     )
 
 
-def train(out: Path, cluster: Cluster, config: T2IConfig = T2IConfig()) -> Path:
+def train(out: Path, cluster: Cluster, config: T2IConfig = T2IConfig(), resume: bool = False) -> Path:
+    """Train into ``out``/shapes-t2i; ``resume`` starts from the model saved there (another
+    warm-up and cosine decay) instead of from random weights."""
     vae = AutoencoderKL.from_pretrained(out / VAE_NAME)
-    payload = fit(_loop, {**config.__dict__, "schedule": config.schedule.to_dict(), "vae": vae_payload(vae)}, cluster, NAME)
+    init = None
+    if resume:
+        saved = StableDiffusionPipeline.from_pretrained(out / NAME, use_safetensors=True, local_files_only=True)
+        init = Denoiser(saved.unet, saved.text_encoder).state_dict()
+    config_dict = {**config.__dict__, "schedule": config.schedule.to_dict(), "vae": vae_payload(vae), "init": init}
+    payload = fit(_loop, config_dict, cluster, NAME)
     dest = out / NAME
     assemble(vae, payload["ema"]).save_pretrained(dest, safe_serialization=True)
     return dest
