@@ -28,7 +28,7 @@ LATENT_SIZE = data.LOW_RES // 4
 
 @dataclass(frozen=True)
 class InpaintConfig:
-    schedule: Schedule = field(default_factory=lambda: Schedule(steps=1500, batch_size=64, lr=5e-4, warmup=50, ema_decay=0.999, log_every=100))
+    schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=64, lr=5e-4, warmup=50, ema_decay=0.999, log_every=100))
     scenes: int = 16000
     shape_box_share: float = 0.75
     uncond_share: float = 0.1
