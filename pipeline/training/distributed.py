@@ -1,0 +1,181 @@
+"""Data-parallel training on Ray Train: the driver side (``fit``) and the worker side (``Worker``).
+
+Every trainer is a loop function that Ray Train runs on each worker. The workers build the same
+model from the same seed, DDP (``prepare_model``) averages their gradients, and each worker draws
+its own batches and noise from a generator seeded with its rank, so a run depends only on the
+seed and the number of workers. Rank 0 returns the final (EMA) weights through a Ray Train
+checkpoint; the driver turns them into a diffusers pipeline. CPU workers here; ``use_gpu`` moves
+the same code onto GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    workers: int = 2
+    threads_per_worker: int = 1
+    use_gpu: bool = False
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How one model is optimised. ``batch_size`` is per worker."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int = 100
+    ema_decay: float = 0.999
+    log_every: int = 50
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fit(loop: Callable[[dict], None], config: dict[str, Any], cluster: Cluster, name: str) -> dict[str, Any]:
+    """Run ``loop`` on ``cluster.workers`` Ray Train workers; return what rank 0 passed to ``finish``."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        # A private in-process cluster: never attach to (or stop) a Ray that someone else runs.
+        ray.init(
+            address="local",
+            num_cpus=cluster.workers * cluster.threads_per_worker,
+            include_dashboard=False,
+            log_to_driver=True,
+        )
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"shardgen-train-{name}-") as storage:
+            trainer = TorchTrainer(
+                loop,
+                train_loop_config={**config, "threads_per_worker": cluster.threads_per_worker},
+                scaling_config=ScalingConfig(
+                    num_workers=cluster.workers,
+                    use_gpu=cluster.use_gpu,
+                    resources_per_worker={"CPU": cluster.threads_per_worker},
+                ),
+                run_config=RunConfig(name=name, storage_path=storage),
+            )
+            result = trainer.fit()
+            with result.checkpoint.as_directory() as folder:
+                return torch.load(Path(folder) / STATE_FILE, weights_only=False)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+class EMA:
+    """An exponential moving average of the weights, with warm-up (short runs need it most)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for key, value in module.state_dict().items():
+            if value.dtype.is_floating_point:
+                self.shadow[key].lerp_(value.detach(), 1.0 - decay)
+            else:
+                self.shadow[key].copy_(value)
+
+
+class Worker:
+    """What a loop function needs on its worker: rank, seeded generators, device, the step loop."""
+
+    def __init__(self, config: dict[str, Any]):
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.schedule = Schedule(**config["schedule"])
+        torch.set_num_threads(int(config["threads_per_worker"]))
+        self.device = ray.train.torch.get_device()
+        # Data order and noise differ per rank (otherwise the workers would repeat each other).
+        self.generator = torch.Generator().manual_seed(self.schedule.seed * 1_000 + self.rank)
+        torch.manual_seed(self.schedule.seed)
+
+    def shard(self, items):
+        """This worker's share of a list or array (every world-th item, from its rank)."""
+        return items[self.rank :: self.world]
+
+    def batch_indices(self, n: int) -> torch.Tensor:
+        return torch.randint(n, (self.schedule.batch_size,), generator=self.generator)
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.generator).to(self.device)
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.generator).to(self.device)
+
+    def train(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.Tensor]) -> dict[str, Any]:
+        """Optimise ``model`` (already seeded) for the scheduled steps and return its EMA weights and
+        the logged losses. ``loss_fn(ddp_model)`` draws a batch and returns this worker's loss."""
+        import ray.train
+        import ray.train.torch
+
+        s = self.schedule
+        ddp = ray.train.torch.prepare_model(model)
+        params = [p for p in ddp.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+
+        # Linear warm-up, then cosine decay to zero: short runs end on small, careful steps.
+        def lr_factor(step: int) -> float:
+            if step < s.warmup:
+                return (step + 1) / s.warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - s.warmup) / max(1, s.steps - s.warmup)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+        ema = EMA(model, s.ema_decay)
+        losses, window, start = [], [], time.time()
+        for step in range(1, s.steps + 1):
+            loss = loss_fn(ddp)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            ema.update(model)
+            window.append(loss.item())
+            if step % s.log_every == 0 or step == s.steps:
+                mean = sum(window) / len(window)
+                losses.append((step, mean))
+                window = []
+                if self.rank == 0:
+                    print(f"step {step}/{s.steps}  loss {mean:.4f}  {time.time() - start:.0f}s", flush=True)
+                # A barrier on every worker (all of them must report equally often).
+                ray.train.report({"step": step, "loss": mean})
+        return {"ema": {k: v.cpu() for k, v in ema.shadow.items()}, "losses": losses}
+
+    def finish(self, payload: dict[str, Any]) -> None:
+        """Hand ``payload`` (rank 0's) back to the driver as a checkpoint; all ranks must call it."""
+        import ray.train
+        from ray.train import Checkpoint
+
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if self.rank == 0:
+                torch.save(payload, Path(folder) / STATE_FILE)
+                checkpoint = Checkpoint.from_directory(folder)
+            ray.train.report({"done": 1}, checkpoint=checkpoint)

@@ -1,0 +1,191 @@
+"""Prompt adherence and fidelity of the shapes models, measured from pixels (no downloads).
+
+- text-to-image: colour accuracy (nearest palette colour of the foreground) and shape accuracy
+  (classifier.py on the foreground's alpha map) against the prompt's colour and shape;
+- super-resolution: PSNR against the true 128x128 render, next to bicubic upsampling's;
+- inpainting: mean change of the pixels outside the mask (in 1/255 units), and whether the
+  repainted region has the prompted colour.
+
+``python -m pipeline.training eval`` prints all of them; ``score_images`` measures any batch of
+generated images against their scenes, ``paste_unmasked`` is the inpainting post-step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from PIL import Image
+
+from pipeline.training import data, measure
+from pipeline.training.classifier import NAME as CLASSIFIER_NAME
+from pipeline.training.classifier import ShapeClassifier
+from pipeline.training.vae import psnr
+
+HELD_OUT_SEED = 50_000  # training scenes use seeds < 50_000
+SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm-solver": DPMSolverMultistepScheduler}
+
+
+def paste_unmasked(original: np.ndarray, generated: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Keep the original pixels where the mask says keep (mask < 0.5, black), the generated ones
+    where it says repaint. The inpainting pipeline decodes the whole image from latents, so
+    without this the kept pixels drift by the VAE's reconstruction error.
+    original, generated: H x W x 3 uint8; mask: H x W in [0, 1] or uint8 in [0, 255] (white = repaint)."""
+    mask = np.asarray(mask, np.float32)
+    repaint = (mask / 255.0 if mask.max() > 1.0 else mask) >= 0.5
+    return np.where(repaint[..., None], generated, original).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Scores:
+    colour: float
+    shape: float
+    background: float
+    n: int
+
+
+def score_images(images: np.ndarray, scenes: list[data.Scene], classifier: ShapeClassifier) -> Scores:
+    """The share of images whose measured colour, shape and background match their scene's."""
+    readings = [measure.read(image) for image in images]
+    shapes = classifier.predict(images)
+    return Scores(
+        colour=float(np.mean([r.colour == s.colour for r, s in zip(readings, scenes)])),
+        shape=float(np.mean([p == s.shape for p, s in zip(shapes, scenes)])),
+        background=float(np.mean([r.background == s.background for r, s in zip(readings, scenes)])),
+        n=len(scenes),
+    )
+
+
+def _load(folder: Path, sampler: str) -> DiffusionPipeline:
+    pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    pipe.scheduler = SAMPLERS[sampler].from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generators(seed: int, n: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def text_to_image(folder: Path, classifier: ShapeClassifier, n: int, sampler: str, steps: int, guidance: float) -> Scores:
+    pipe = _load(folder, sampler)
+    scenes = data.sample_scenes(n, HELD_OUT_SEED)
+    images = []
+    for part in _chunks(n, 50):
+        out = pipe(
+            prompt=[s.caption for s in scenes[part]],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=_generators(HELD_OUT_SEED + part.start, part.stop - part.start),
+            output_type="np",
+        )
+        images.append((np.asarray(out.images) * 255).round().astype(np.uint8))
+    return score_images(np.concatenate(images), scenes, classifier)
+
+
+def super_resolution(folder: Path, n: int, steps: int, noise_level: int, guidance: float) -> dict[str, float]:
+    pipe = _load(folder, "dpm-solver")
+    scenes = data.sample_scenes(n, HELD_OUT_SEED + 1)
+    low, high = data.render_all(scenes, data.LOW_RES), data.render_all(scenes, data.HIGH_RES)
+    bicubic = np.stack([np.asarray(Image.fromarray(im).resize((data.HIGH_RES,) * 2, Image.BICUBIC)) for im in low])
+    upscaled = []
+    for part in _chunks(n, 25):
+        out = pipe(
+            prompt=[s.caption for s in scenes[part]],
+            image=[Image.fromarray(im) for im in low[part]],
+            num_inference_steps=steps,
+            noise_level=noise_level,
+            guidance_scale=guidance,
+            generator=_generators(HELD_OUT_SEED + part.start, part.stop - part.start),
+            output_type="np",
+        )
+        upscaled.append((np.asarray(out.images) * 255).round().astype(np.uint8))
+    upscaled = np.concatenate(upscaled)
+    model_psnr = float(np.mean([psnr(u, h) for u, h in zip(upscaled, high)]))
+    bicubic_psnr = float(np.mean([psnr(b, h) for b, h in zip(bicubic, high)]))
+    return {"psnr": model_psnr, "bicubic_psnr": bicubic_psnr, "gain_db": model_psnr - bicubic_psnr, "n": n}
+
+
+def inpaint_cases(n: int, seed: int = HELD_OUT_SEED + 2):
+    """Scenes, a box mask around each shape (whole 4-pixel latent cells), and a prompt asking for
+    the same shape in another colour (neither the old colour nor the background's)."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for scene in data.sample_scenes(n, seed):
+        others = [c for c in data.COLOURS if c not in (scene.colour, scene.background)]
+        colour = others[rng.integers(len(others))]
+        mask = data.box_mask(data.shape_box(scene, data.LOW_RES, align=4), data.LOW_RES)
+        cases.append((scene, mask, colour))
+    return cases
+
+
+def inpainting(folder: Path, classifier: ShapeClassifier, n: int, steps: int, guidance: float) -> dict[str, float]:
+    pipe = _load(folder, "dpm-solver")
+    cases = inpaint_cases(n)
+    originals = data.render_all([c[0] for c in cases], data.LOW_RES)
+    results = []
+    for part in _chunks(n, 50):
+        out = pipe(
+            prompt=[data.caption(s.shape, colour, s.background) for s, _, colour in cases[part]],
+            image=[Image.fromarray(im) for im in originals[part]],
+            mask_image=[Image.fromarray((m * 255).astype(np.uint8)) for _, m, _ in cases[part]],
+            height=data.LOW_RES,
+            width=data.LOW_RES,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=_generators(HELD_OUT_SEED + part.start, part.stop - part.start),
+            output_type="np",
+        )
+        results.append((np.asarray(out.images) * 255).round().astype(np.uint8))
+    generated = np.concatenate(results)
+    outside_raw, outside_pasted, colour_ok, pasted_all = [], [], [], []
+    for (scene, mask, colour), original, image in zip(cases, originals, generated):
+        keep = mask < 0.5
+        pasted = paste_unmasked(original, image, mask)
+        pasted_all.append(pasted)
+        outside_raw.append(np.abs(image.astype(np.int16) - original)[keep].mean())
+        outside_pasted.append(np.abs(pasted.astype(np.int16) - original)[keep].mean())
+        reading = measure.read(pasted, region=~keep, background=np.array(data.PALETTE[scene.background], np.float32))
+        colour_ok.append(reading.colour == colour)
+    shapes = classifier.predict(np.stack(pasted_all))
+    return {
+        "outside_change_raw_255": float(np.mean(outside_raw)),
+        "outside_change_pasted_255": float(np.mean(outside_pasted)),
+        "colour_accuracy": float(np.mean(colour_ok)),
+        "shape_accuracy": float(np.mean([p == s.shape for p, (s, _, _) in zip(shapes, cases)])),
+        "n": n,
+    }
+
+
+def main(models: Path, images: int | None = None) -> dict:
+    """Print and return every figure of the acceptance criteria (``images`` shrinks the counts)."""
+    classifier = ShapeClassifier(models / CLASSIFIER_NAME)
+    figures: dict = {}
+
+    def run(name: str, fn, *args):
+        start = time.time()
+        figures[name] = fn(*args)
+        value = figures[name].__dict__ if isinstance(figures[name], Scores) else figures[name]
+        print(f"{name}: {json.dumps(value)}  ({time.time() - start:.0f}s)", flush=True)
+
+    t2i = models / "shapes-t2i"
+    if t2i.exists():
+        n = images or 200
+        run("t2i dpm-solver 20 steps, guidance 4", text_to_image, t2i, classifier, n, "dpm-solver", 20, 4.0)
+        run("t2i ddim 50 steps, guidance 4", text_to_image, t2i, classifier, n, "ddim", 50, 4.0)
+        run("t2i ddpm 1000 steps, guidance 4", text_to_image, t2i, classifier, images or 100, "ddpm", 1000, 4.0)
+    if (models / "shapes-sr").exists():
+        run("sr dpm-solver 20 steps, noise level 20", super_resolution, models / "shapes-sr", images or 100, 20, 20, 1.0)
+    if (models / "shapes-inpaint").exists():
+        run("inpaint dpm-solver 20 steps, guidance 4", inpainting, models / "shapes-inpaint", classifier, images or 100, 20, 4.0)
+    return figures

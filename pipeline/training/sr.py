@@ -1,0 +1,143 @@
+"""x4 super-resolution: a latent DDPM whose latents (the 128x128 render's, 32x32x4) sit at the
+low-res size, conditioned on the noised 32x32 render concatenated as 3 channels and on the noise
+level as a class label; saved as a StableDiffusionUpscalePipeline.
+
+Training uses aligned 16x16 crops of latents and low-res image (the task is local, and small crops
+are cheap); the model runs on any size, 32x32 latents at evaluation.
+
+The pipeline's VAE decoder is first fine-tuned on 128x128 renders (the encoder, and so the latent
+space, stays the shared VAE's): the upscaler can be no sharper than its decoder, and the shared
+VAE is mostly trained at 32x32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionUpscalePipeline
+from transformers import CLIPTextModel
+
+from pipeline.training import architectures, data
+from pipeline.training.distributed import Cluster, Schedule, Worker, fit
+from pipeline.training.latents import Denoiser, ddpm_loss, drop_captions, posterior, sample_latents, split_denoiser, token_ids, vae_from_payload, vae_payload
+from pipeline.training.t2i import NAME as T2I_NAME
+from pipeline.training.vae import NAME as VAE_NAME
+
+NAME = "shapes-sr"
+
+
+@dataclass(frozen=True)
+class SRConfig:
+    schedule: Schedule = field(default_factory=lambda: Schedule(steps=1500, batch_size=32, lr=1e-3, warmup=100, ema_decay=0.999, log_every=100))
+    scenes: int = 3000
+    crop: int = 16  # in low-res (= latent) pixels
+    uncond_share: float = 0.1
+    # Half the steps see noise levels up to this (the stages' default is 20), half the full range.
+    low_noise_level: int = 100
+    decoder: Schedule = field(default_factory=lambda: Schedule(steps=600, batch_size=16, lr=5e-4, warmup=20, ema_decay=0.99, log_every=100))
+    decoder_crop: int = 64  # in high-res pixels
+
+
+class _Decode(torch.nn.Module):
+    """The decoding half of the VAE, as one module for DDP."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.post_quant_conv, self.decoder = vae.post_quant_conv, vae.decoder
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+
+def _aligned_crops(latents: torch.Tensor, images: torch.Tensor, idx: torch.Tensor, crop: int, worker: Worker):
+    """The same random window of latents and of images ``scale`` times their size."""
+    scale = images.shape[-1] // latents.shape[-1]
+    corners = torch.randint(latents.shape[-1] - crop + 1, (len(idx), 2), generator=worker.generator).tolist()
+    z = torch.stack([latents[i, :, y : y + crop, x : x + crop] for i, (y, x) in zip(idx.tolist(), corners)])
+    x = torch.stack([images[i, :, y * scale : (y + crop) * scale, x * scale : (x + crop) * scale] for i, (y, x) in zip(idx.tolist(), corners)])
+    return z, x, corners
+
+
+def _decoder_loop(config: dict) -> None:
+    worker = Worker(config)
+    scenes = worker.shard(data.sample_scenes(config["scenes"], worker.schedule.seed + 2))
+    high = torch.from_numpy(data.to_tensor_range(data.render_all(scenes, data.HIGH_RES)))
+    vae = vae_from_payload(config["vae"])
+    mean, std = posterior(vae, high, chunk=32)
+    model = _Decode(vae).requires_grad_(True)
+    crop = config["decoder_crop"] // (data.HIGH_RES // data.LOW_RES)
+
+    def loss_fn(ddp):
+        idx = worker.batch_indices(len(mean))
+        z_mean, x, corners = _aligned_crops(mean, high, idx, crop, worker)
+        z_std = torch.stack([std[i, :, y : y + crop, x_ : x_ + crop] for i, (y, x_) in zip(idx.tolist(), corners)])
+        recon = ddp((z_mean + z_std * worker.randn(*z_mean.shape)).to(worker.device))
+        target = x.to(worker.device)
+        return F.mse_loss(recon, target) + F.l1_loss(recon, target)
+
+    worker.finish(worker.train(model, loss_fn))
+
+
+def _noise_levels(n: int, low: int, worker: Worker) -> torch.Tensor:
+    cap = torch.where(torch.rand(n, generator=worker.generator) < 0.5, low, architectures.MAX_NOISE_LEVEL)
+    return (torch.rand(n, generator=worker.generator) * (cap + 1)).long()
+
+
+def _loop(config: dict) -> None:
+    worker = Worker(config)
+    scenes = worker.shard(data.sample_scenes(config["scenes"], worker.schedule.seed + 2))
+    mean, std = posterior(vae_from_payload(config["vae"]), data.render_all(scenes, data.HIGH_RES), chunk=32)
+    low = torch.from_numpy(data.to_tensor_range(data.render_all(scenes, data.LOW_RES)))
+    tokenizer = architectures.tokenizer()
+    ids, empty = token_ids(tokenizer, [s.caption for s in scenes]), token_ids(tokenizer, [""])
+    model = Denoiser(architectures.sr_unet(), architectures.text_encoder(tokenizer))
+    model.text_encoder.load_state_dict(config["text_encoder"])
+    scheduler, low_res_scheduler = architectures.noise_scheduler(), architectures.low_res_scheduler()
+    crop = config["crop"]
+
+    def loss_fn(ddp):
+        idx = worker.batch_indices(len(mean))
+        z_mean, low_crop, corners = _aligned_crops(mean, low, idx, crop, worker)
+        z_std = torch.stack([std[i, :, y : y + crop, x : x + crop] for i, (y, x) in zip(idx.tolist(), corners)])
+        z0 = sample_latents(z_mean, z_std, worker)
+        levels = _noise_levels(len(idx), config["low_noise_level"], worker)
+        noisy_low = low_res_scheduler.add_noise(low_crop, torch.randn(len(idx), 3, crop, crop, generator=worker.generator), levels)
+        return ddpm_loss(
+            ddp, scheduler, z0, drop_captions(ids[idx], empty, config["uncond_share"], worker), worker,
+            condition=noisy_low.to(worker.device), class_labels=levels.to(worker.device),
+        )
+
+    worker.finish(worker.train(model, loss_fn))
+
+
+def assemble(vae: AutoencoderKL, state: dict) -> StableDiffusionUpscalePipeline:
+    tokenizer = architectures.tokenizer()
+    unet, text_encoder = architectures.sr_unet(), architectures.text_encoder(tokenizer)
+    split_denoiser(state, unet, text_encoder)
+    return StableDiffusionUpscalePipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        low_res_scheduler=architectures.low_res_scheduler(),
+        scheduler=DPMSolverMultistepScheduler.from_config(architectures.noise_scheduler().config),
+        max_noise_level=architectures.MAX_NOISE_LEVEL,
+    )
+
+
+def train(out: Path, cluster: Cluster, config: SRConfig = SRConfig()) -> Path:
+    vae = AutoencoderKL.from_pretrained(out / VAE_NAME)
+    shared = {**config.__dict__, "vae": vae_payload(vae)}
+    print(f"{NAME}: fine-tuning the VAE decoder at {data.HIGH_RES}x{data.HIGH_RES}", flush=True)
+    decoder = fit(_decoder_loop, {**shared, "schedule": config.decoder.to_dict()}, cluster, NAME + "-decoder")
+    # The caption encoder starts from the text-to-image model's (it already tells captions apart).
+    text_encoder = CLIPTextModel.from_pretrained(out / T2I_NAME / "text_encoder")
+    print(f"{NAME}: training the U-Net", flush=True)
+    payload = fit(_loop, {**shared, "schedule": config.schedule.to_dict(), "text_encoder": text_encoder.state_dict()}, cluster, NAME)
+    _Decode(vae).load_state_dict(decoder["ema"])
+    dest = out / NAME
+    assemble(vae, payload["ema"]).save_pretrained(dest, safe_serialization=True)
+    return dest

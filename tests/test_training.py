@@ -1,0 +1,79 @@
+"""Training the shapes models: the procedural set, the pixel measurements, and a real Ray Train run
+(2 CPU workers, data parallel) in which the DDPM loss falls."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import AutoPipelineForText2Image
+
+from pipeline.training import architectures, data, measure, t2i, vae
+from pipeline.training.distributed import Cluster, Schedule, fit
+from pipeline.training.evaluate import paste_unmasked
+from pipeline.training.latents import vae_payload
+
+
+def test_scenes_are_a_function_of_the_seed():
+    assert data.sample_scenes(50, seed=3) == data.sample_scenes(50, seed=3)
+    assert data.sample_scenes(50, seed=3) != data.sample_scenes(50, seed=4)
+    scene = data.sample_scenes(1, seed=0)[0]
+    assert scene.caption.split()[1:3] == [scene.colour, scene.shape]
+    assert data.caption("circle", "orange", "blue") == "an orange circle on a blue background"
+
+
+def test_low_and_high_res_renders_are_the_same_scene():
+    scene = data.Scene("triangle", "red", "blue", 0.5, 0.5, 0.3)
+    low, high = data.render(scene, 32), data.render(scene, 128)
+    pooled = high.astype(np.float32).reshape(32, 4, 32, 4, 3).mean(axis=(1, 3))
+    assert np.abs(pooled - low).mean() < 3.0
+
+
+def test_measuring_a_render_recovers_its_colours():
+    for scene in data.sample_scenes(40, seed=7):
+        reading = measure.read(data.render(scene))
+        assert (reading.colour, reading.background) == (scene.colour, scene.background)
+    flat = np.full((32, 32, 3), data.PALETTE["green"], np.uint8)
+    assert measure.read(flat).colour is None
+
+
+def test_paste_unmasked_keeps_every_pixel_outside_the_mask():
+    rng = np.random.default_rng(0)
+    original, generated = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    mask = data.box_mask((8, 8, 20, 24), 32)
+    out = paste_unmasked(original, generated, (mask * 255).astype(np.uint8))
+    assert np.array_equal(out[mask < 0.5], original[mask < 0.5])
+    assert np.array_equal(out[mask >= 0.5], generated[mask >= 0.5])
+
+
+def test_standardising_the_latents_leaves_decoded_images_unchanged():
+    torch.manual_seed(0)
+    model = architectures.vae().eval()
+    images = torch.from_numpy(data.to_tensor_range(data.render_all(data.sample_scenes(16, seed=1))))
+    with torch.no_grad():
+        before = model.decode(model.encode(images).latent_dist.mean).sample
+        vae.standardise(model, images)
+        latents = model.encode(images).latent_dist.mean
+        after = model.decode(latents).sample
+    assert torch.allclose(before, after, atol=1e-4)
+    assert torch.allclose(latents.std(dim=(0, 2, 3)) * architectures.SCALING_FACTOR, torch.ones(4), atol=1e-3)
+
+
+def test_ray_train_ddpm_loss_falls_and_saves_a_loadable_pipeline(tmp_path):
+    torch.manual_seed(0)
+    random_vae = architectures.vae().eval()
+    schedule = Schedule(steps=40, batch_size=16, lr=2e-3, warmup=5, log_every=10)
+    config = t2i.T2IConfig(schedule=schedule, scenes=256)
+    payload = fit(
+        t2i._loop,
+        {**config.__dict__, "schedule": schedule.to_dict(), "vae": vae_payload(random_vae), "init": None},
+        Cluster(workers=2, threads_per_worker=1),
+        "test-t2i",
+    )
+    losses = [loss for _, loss in payload["losses"]]
+    assert len(losses) == 4
+    assert losses[-1] < 0.8 * losses[0], losses
+
+    t2i.assemble(random_vae, payload["ema"]).save_pretrained(tmp_path, safe_serialization=True)
+    pipe = AutoPipelineForText2Image.from_pretrained(tmp_path, dtype=torch.float32, use_safetensors=True, local_files_only=True)
+    image = pipe("a red circle on a blue background", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (32, 32, 3)
