@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench eval clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ test: setup
 
 bench: setup
 	$(BIN)/shardgen bench
+
+# Prompt adherence, super-resolution PSNR and inpainting figures of the trained shape models.
+eval: setup
+	$(BIN)/shardgen train eval
 
 clean:
 	rm -rf demo-output .pytest_cache

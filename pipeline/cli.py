@@ -50,6 +50,13 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from pipeline.training.__main__ import main as training_main
+
+    training_main(args.args)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from pipeline import bench
 
@@ -83,6 +90,11 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--rows", type=int, default=96)
     bench.add_argument("--json", help="also write the figures to this file")
     bench.set_defaults(fn=_bench)
+
+    train = sub.add_parser("train", add_help=False,
+                           help="train or evaluate the shape models: shardgen train {vae,t2i,sr,inpaint,all,eval} …")
+    train.add_argument("args", nargs=argparse.REMAINDER)
+    train.set_defaults(fn=_train)
 
     models = sub.add_parser("models", help="built-in models")
     models_sub = models.add_subparsers(dest="models_command", required=True)

@@ -20,8 +20,8 @@ from pipeline.spec import JobSpec, parse_spec
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (240, 220, 40),
            "orange": (245, 140, 30), "purple": (140, 50, 180), "white": (245, 245, 245), "black": (15, 15, 15)}
 SHAPES = ["circle", "square", "triangle"]
-BACKGROUNDS = ["blue", "white", "black", "green"]
-IMAGE_SIZE = 64
+BACKGROUNDS = ["blue", "white", "black", "green"]  # the trained models know the 8 colours above
+IMAGE_SIZE = 32  # the size the trained shape models know
 # Three actor pools and the CPU steps share a laptop-sized machine (2 CPUs here).
 SMALL_NODE = {"actors": 1, "cpus_per_actor": 0.5}
 
@@ -32,12 +32,16 @@ def caption(i: int) -> tuple[str, str, str]:
     shape = SHAPES[(i // len(names)) % len(SHAPES)]
     background = BACKGROUNDS[(i // 3) % len(BACKGROUNDS)]
     if background == colour:
-        background = "gray"
+        background = "yellow"
     return colour, shape, background
 
 
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
 def sample_prompts(rows: int) -> list[str]:
-    return [f"a {c} {s} on a {b} background" for c, s, b in map(caption, range(rows))]
+    return [f"{_a(c)} {s} on {_a(b)} background" for c, s, b in map(caption, range(rows))]
 
 
 def _png(image: Image.Image) -> bytes:
@@ -49,17 +53,17 @@ def _png(image: Image.Image) -> bytes:
 def drawn_scene(i: int) -> tuple[bytes, bytes]:
     """A shape to repaint: the scene as PNG bytes, and a mask (white = repaint) over the shape."""
     colour, shape, background = caption(i)
-    scene = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), COLOURS.get(background, (128, 128, 128)))
-    box = (16, 16, 48, 48)
+    scene = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), COLOURS[background])
+    box = (8, 8, 24, 24)
     draw = ImageDraw.Draw(scene)
     if shape == "circle":
         draw.ellipse(box, fill=COLOURS[colour])
     elif shape == "square":
         draw.rectangle(box, fill=COLOURS[colour])
     else:
-        draw.polygon([(32, 14), (50, 48), (14, 48)], fill=COLOURS[colour])
+        draw.polygon([(16, 7), (25, 24), (7, 24)], fill=COLOURS[colour])
     mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
-    mask[12:52, 12:52] = 255
+    mask[4:28, 4:28] = 255
     return _png(scene), _png(Image.fromarray(mask))
 
 
@@ -74,7 +78,7 @@ def write_manifest(path: Path, rows: int) -> Path:
             scene, mask = drawn_scene(i)
             # Repaint the shape in the next colour of the list.
             colour = list(COLOURS)[(i + 1) % len(COLOURS)]
-            record.update(task="inpaint", prompt=f"a {colour} {caption(i)[1]}", image=scene, mask=mask)
+            record.update(task="inpaint", prompt=f"{_a(colour)} {caption(i)[1]}", image=scene, mask=mask)
         records.append(record)
     pq.write_table(pa.Table.from_pylist(records), path)
     return path
@@ -87,13 +91,13 @@ def demo_spec(folder: Path, rows: int) -> JobSpec:
         "output": str(folder / "dataset"),
         "flows": {
             "cascade": [
-                {"kind": "text_to_image", "model": "builtin:tiny-sd", "steps": 20, "width": 32, "height": 32,
-                 "batch_size": 8, **SMALL_NODE},
+                {"kind": "text_to_image", "model": "builtin:shapes-t2i", "steps": 20, "guidance_scale": 4.0,
+                 "width": 32, "height": 32, "batch_size": 8, **SMALL_NODE},
                 {"kind": "super_resolution", "model": "builtin:tiny-upscaler", "steps": 10, "batch_size": 8,
                  **SMALL_NODE},
             ],
-            "inpaint": [{"kind": "inpainting", "model": "builtin:tiny-inpaint", "steps": 20, "batch_size": 8,
-                         **SMALL_NODE}],
+            "inpaint": [{"kind": "inpainting", "model": "builtin:shapes-inpaint", "steps": 20, "guidance_scale": 4.0,
+                         "batch_size": 8, **SMALL_NODE}],
         },
         "format": {"rows_per_shard": 100},
     })
