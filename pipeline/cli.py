@@ -50,13 +50,6 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    from pipeline.training.__main__ import main as training_main
-
-    training_main(args.args)
-    return 0
-
-
 def _bench(args: argparse.Namespace) -> int:
     from pipeline import bench
 
@@ -91,10 +84,8 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="also write the figures to this file")
     bench.set_defaults(fn=_bench)
 
-    train = sub.add_parser("train", add_help=False,
-                           help="train or evaluate the shape models: shardgen train {vae,t2i,sr,inpaint,all,eval} …")
-    train.add_argument("args", nargs=argparse.REMAINDER)
-    train.set_defaults(fn=_train)
+    # Listed for --help only: main() hands `train …` whole to the training entry point.
+    sub.add_parser("train", help="train or evaluate the shape models: shardgen train {vae,t2i,sr,inpaint,all,eval} …")
 
     models = sub.add_parser("models", help="built-in models")
     models_sub = models.add_subparsers(dest="models_command", required=True)
@@ -105,6 +96,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from pipeline.training.__main__ import main as training_main
+
+        training_main(argv[1:])
+        return 0
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
