@@ -13,13 +13,15 @@ from pipeline.training.distributed import Cluster
 TRAINED = Path(__file__).resolve().parent.parent / "models" / "trained"
 # Dependency order: the UNets are trained in the VAE's latent space, and the super-resolution and
 # inpainting models reuse the text-to-image model's text encoder.
-ORDER = ("classifier", "vae", "t2i", "sr", "inpaint")
+ORDER = ("classifier", "vae", "t2i", "sr-vae", "sr", "inpaint")
 
 
-def _with_steps(config, steps: int | None):
+def _with_steps(config, steps: int | None, field: str = "schedule"):
+    """``config`` with the step count of its schedule ``field`` replaced (when given)."""
     if steps is None:
         return config
-    return dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, steps=steps, log_every=min(config.schedule.log_every, steps)))
+    schedule = getattr(config, field)
+    return dataclasses.replace(config, **{field: dataclasses.replace(schedule, steps=steps, log_every=min(schedule.log_every, steps))})
 
 
 def _train(name: str, out: Path, cluster: Cluster, steps: int | None, resume: bool) -> Path:
@@ -35,10 +37,14 @@ def _train(name: str, out: Path, cluster: Cluster, steps: int | None, resume: bo
         from pipeline.training import t2i
 
         return t2i.train(out, cluster, _with_steps(t2i.T2IConfig(), steps), resume=resume)
+    if name == "sr-vae":
+        from pipeline.training import sr
+
+        return sr.train_decoder(out, cluster, _with_steps(sr.SRConfig(), steps, "decoder"))
     if name == "sr":
         from pipeline.training import sr
 
-        return sr.train(out, cluster, _with_steps(sr.SRConfig(), steps))
+        return sr.train(out, cluster, _with_steps(sr.SRConfig(), steps), resume=resume)
     from pipeline.training import inpaint
 
     return inpaint.train(out, cluster, _with_steps(inpaint.InpaintConfig(), steps))
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (and Ray CPUs) per worker")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
     parser.add_argument("--steps", type=int, default=None, help="override the number of training steps")
-    parser.add_argument("--resume", action="store_true", help="t2i: continue from the model saved in --out")
+    parser.add_argument("--resume", action="store_true", help="t2i, sr: continue from the model saved in --out")
     parser.add_argument("--images", type=int, default=None, help="eval: images per figure (default: the acceptance counts)")
     args = parser.parse_args(argv)
     if args.what == "eval":

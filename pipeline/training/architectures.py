@@ -62,14 +62,15 @@ def vae() -> AutoencoderKL:
     )
 
 
-def noise_scheduler() -> DDPMScheduler:
-    """DDPM as in the paper: T = 1000, betas linear from 1e-4 to 0.02 (the signal is gone at T)."""
+def noise_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+    """DDPM as in the paper: T = 1000, betas linear from 1e-4 to 0.02 (the signal is gone at T).
+    The U-Nets predict the noise ("epsilon"), except the upscaler's (see sr.py)."""
     return DDPMScheduler(
         num_train_timesteps=TRAIN_TIMESTEPS,
         beta_schedule="linear",
         beta_start=1e-4,
         beta_end=0.02,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         clip_sample=False,
         # Few-step samplers then start from t = T - 1, pure noise, as training ends there.
         timestep_spacing="trailing",

@@ -86,12 +86,13 @@ def ddpm_loss(
     condition: torch.Tensor | None = None,
     class_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DDPM training (the notes): noise x_0 to x_t at a uniform random t, predict the noise, MSE.
-    ``condition`` channels (mask, masked image, low-res image) are concatenated after x_t, in the
+    """DDPM training (the notes): noise x_0 to x_t at a uniform random t, predict the noise, MSE
+    (or the velocity, when the scheduler's prediction_type says "v_prediction"). ``condition`` channels (mask, masked image, low-res image) are concatenated after x_t, in the
     order the pipelines concatenate them."""
     noise = worker.randn(*z0.shape)
     t = torch.randint(scheduler.config.num_train_timesteps, (z0.shape[0],), generator=worker.generator).to(worker.device)
     x = scheduler.add_noise(z0, noise, t)
     if condition is not None:
         x = torch.cat([x, condition], dim=1)
-    return F.mse_loss(model(x, t, ids.to(worker.device), class_labels), noise)
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(z0, noise, t)
+    return F.mse_loss(model(x, t, ids.to(worker.device), class_labels), target)
