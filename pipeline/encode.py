@@ -47,7 +47,8 @@ def encode_batch(table: pa.Table, fmt: FormatSpec) -> pa.Table:
         (columns.IMAGE_BYTES, data, pa.binary()),
         (columns.IMAGE_PATH, names, pa.string()),
         ("image_sha256", digests, pa.string()),
-        ("created_at", [now] * table.num_rows, pa.timestamp("us")),
+        # Rows no stage made an image for (error rows) are dated here.
+        ("created_at", [c or now for c in values(table, "created_at")], pa.timestamp("us")),
     ]:
         table = with_column(table, name, vals, type_)
     return table

@@ -12,6 +12,7 @@ import hashlib
 import json
 import time
 from collections import defaultdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import ClassVar
 
@@ -204,7 +205,11 @@ class DiffusionStage:
                 zip(values(table, columns.STAGE_PARAMS), status, values(table, "width"), values(table, "height")))
         ]
         first = self.position == 0
+        now = datetime.now(timezone.utc).replace(tzinfo=None)
         updates = [
+            # When the row's image was made: the last stage's time wins.
+            ("created_at", [now if a else c for a, c in zip(attempted, values(table, "created_at"))],
+             pa.timestamp("us")),
             ("status", status, pa.string()),
             ("error", error, pa.string()),
             ("elapsed_s", [a + b for a, b in zip(values(table, "elapsed_s"), elapsed)], pa.float64()),
