@@ -126,9 +126,6 @@ class Worker:
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=self.generator).to(self.device)
 
-    def rand(self, *shape: int) -> torch.Tensor:
-        return torch.rand(*shape, generator=self.generator).to(self.device)
-
     def train(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.Tensor]) -> dict[str, Any]:
         """Optimise ``model`` (already seeded) for the scheduled steps and return its EMA weights and
         the logged losses. ``loss_fn(ddp_model)`` draws a batch and returns this worker's loss."""
