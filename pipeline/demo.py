@@ -93,8 +93,8 @@ def demo_spec(folder: Path, rows: int) -> JobSpec:
             "cascade": [
                 {"kind": "text_to_image", "model": "builtin:shapes-t2i", "steps": 20, "guidance_scale": 4.0,
                  "width": 32, "height": 32, "batch_size": 8, **SMALL_NODE},
-                {"kind": "super_resolution", "model": "builtin:tiny-upscaler", "steps": 10, "batch_size": 8,
-                 **SMALL_NODE},
+                {"kind": "super_resolution", "model": "builtin:shapes-sr", "steps": 20, "guidance_scale": 1.0,
+                 "noise_level": 20, "batch_size": 8, **SMALL_NODE},
             ],
             "inpaint": [{"kind": "inpainting", "model": "builtin:shapes-inpaint", "steps": 20, "guidance_scale": 4.0,
                          "batch_size": 8, **SMALL_NODE}],
