@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from typing import Any
 
 from pipeline import manifest, storage
-from pipeline.errors import EXIT_OK, EXIT_ROWS_FAILED, ShardgenError, SpecError
+from pipeline.errors import EXIT_OK, EXIT_ROWS_FAILED, SpecError
 from pipeline.spec import JobSpec, StorageSpec, parse_spec_text
 
 
@@ -19,39 +20,45 @@ def load_spec(uri: str, **overrides: Any) -> JobSpec:
     return parse_spec_text(text, uri, **overrides)
 
 
-def _prepare_output(spec: JobSpec, overwrite: bool) -> dict | None:
-    """Return the stats of an already finished output (nothing to do), else make room for a run."""
+def _finished(spec: JobSpec, overwrite: bool) -> dict | None:
+    """Return the stats of an already finished output (nothing to do); with ``overwrite`` delete
+    the output first."""
     fs, path = storage.filesystem(spec.output, spec.storage)
     if overwrite and fs.exists(path):
         fs.rm(path, recursive=True)
         return None
     if fs.exists(f"{path}/_SUCCESS"):
-        import json
-
         return json.loads(fs.cat_file(f"{path}/_stats.json"))
-    if fs.exists(f"{path}/data"):
-        raise ShardgenError(
-            f"output {spec.output} holds shards of a run that did not finish; pass --overwrite to start again"
-        )
     return None
 
 
 def run_job(spec: JobSpec, overwrite: bool = False, log=print) -> dict:
-    """Run ``spec`` to completion and return its stats (see _stats.json)."""
-    rows = manifest.check(spec)
-    finished = _prepare_output(spec, overwrite)
+    """Run ``spec`` to completion and return its stats (see _stats.json). An output left by a run
+    that did not finish is resumed: only the ids that no published shard holds are generated."""
+    ids = manifest.check(spec)
+    finished = _finished(spec, overwrite)
     if finished is not None:
         log(f"shardgen: {spec.output} is already complete (run {finished['run_id']}); nothing to do "
             "(--overwrite starts again)")
         return {**finished, "skipped": True}
-    from pipeline import plan, sink
+    from pipeline import plan, resume, sink
 
+    written = resume.scan(spec, log)
+    if written.files:
+        resume.check_same_job(spec)
+        resume.check_ids(written, ids, spec)
+    todo = len(ids) - len(written.ids)
     run_id = sink.new_run_id()
-    log(f"shardgen: run {run_id}: {rows} rows from {spec.manifest} -> {spec.output}, "
+    if written.files:
+        log(f"shardgen: resuming {spec.output}: {len(written.ids)} of {len(ids)} ids are in "
+            f"{len(written.files)} published shard(s); {todo} to go")
+    log(f"shardgen: run {run_id}: {todo} rows from {spec.manifest} -> {spec.output}, "
         f"flows: {'; '.join(' -> '.join(s.kind for s in f) for f in spec.flow_map().values())}")
     started = datetime.now(timezone.utc)
-    reports = plan.execute(spec, rows, run_id)
-    return sink.finalize(spec, run_id, reports, started, datetime.now(timezone.utc))
+    sink.write_job_file(spec, run_id, started)
+    reports = plan.execute(spec, todo, run_id, written.done()) if todo else []
+    files, table = resume.settle(spec, written, [f for r in reports for f in r.files], len(ids), log)
+    return sink.finalize(spec, run_id, reports, files, table, started, datetime.now(timezone.utc))
 
 
 def exit_code(stats: dict) -> int:

@@ -60,8 +60,8 @@ def open_manifest(spec: JobSpec) -> pads.Dataset:
         raise ManifestError(f"cannot read manifest {spec.manifest}: {err}") from None
 
 
-def check(spec: JobSpec) -> int:
-    """Check the manifest's columns and ids; return its row count or raise ManifestError."""
+def check(spec: JobSpec) -> pa.Array:
+    """Check the manifest's columns and ids; return the ids or raise ManifestError."""
     dataset = open_manifest(spec)
     schema = dataset.schema
     required = ["id", "task"] if spec.flows is not None else ["id"]
@@ -86,4 +86,4 @@ def check(spec: JobSpec) -> int:
         dup = [v["values"] for v in counts.to_pylist() if v["counts"] > 1]
         shown = ", ".join(repr(d) for d in dup[:10]) + (" ..." if len(dup) > 10 else "")
         raise ManifestError(f"manifest column 'id' has {len(dup)} duplicate id(s): {shown}")
-    return len(ids)
+    return ids.combine_chunks()

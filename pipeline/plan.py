@@ -19,6 +19,7 @@ from pipeline import storage
 from pipeline.errors import SpecError
 from pipeline.encode import encode_batch
 from pipeline.prepare import prepare_batch, unrouted_batch
+from pipeline.resume import drop_done
 from pipeline.sink import ShardReport, ShardWriter
 from pipeline.spec import JobSpec, StageSpec
 from pipeline.stages import stage_class
@@ -68,9 +69,10 @@ class ShardDatasink(Datasink[ShardReport]):
         return self.writer.rows_per_shard
 
     def write(self, blocks: Iterable[Block], ctx) -> ShardReport:
-        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-        table = pa.concat_tables([t for t in tables if t.num_rows], promote_options="permissive")
-        return self.writer.write(table, ctx.task_idx)
+        tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
+        if not tables:  # every row of these blocks was done by an earlier run
+            return ShardReport()
+        return self.writer.write(pa.concat_tables(tables, promote_options="permissive"), ctx.task_idx)
 
     def on_write_complete(self, write_result) -> None:
         self.reports = list(write_result.write_returns)
@@ -102,7 +104,8 @@ def _flow(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec) -> ray.dat
     return ds
 
 
-def build(spec: JobSpec, rows: int) -> ray.data.Dataset:
+def build(spec: JobSpec, rows: int, done: pa.Array) -> ray.data.Dataset:
+    """The whole job as one dataset; ``rows`` are to be generated, the ids in ``done`` skipped."""
     # Ray's newer Parquet reader lists files in a step that asks for a whole CPU and takes no
     # resource arguments: behind actor pools that hold most CPUs of a small node it can wait
     # forever. The classic reader runs with the CPU share given below.
@@ -113,6 +116,8 @@ def build(spec: JobSpec, rows: int) -> ray.data.Dataset:
     blocks = max(1, min(MAX_READ_BLOCKS, -(-rows // min(s.batch_size for s in spec.all_stages()))))
     ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"], num_cpus=CPU_STEP_CPUS,
                                override_num_blocks=blocks)
+    if len(done):
+        ds = ds.map_batches(drop_done, fn_kwargs={"done": done}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
     if spec.flows is None:
         ds = _flow(ds, spec.stages, spec)
     else:
@@ -126,10 +131,10 @@ def build(spec: JobSpec, rows: int) -> ray.data.Dataset:
     return ds.map_batches(encode_batch, fn_kwargs={"fmt": spec.format}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
 
 
-def execute(spec: JobSpec, rows: int, run_id: str) -> list[ShardReport]:
-    """Run the whole job; return what each write task wrote."""
+def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array) -> list[ShardReport]:
+    """Run the whole job, skipping the ids in ``done``; return what each write task wrote."""
     ensure_ray()
     check_fits(spec)
     sink = ShardDatasink(ShardWriter(spec.output, spec.storage, run_id, spec.format.rows_per_shard))
-    build(spec, rows).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})
+    build(spec, rows, done).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})
     return sink.reports

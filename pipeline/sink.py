@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import columns, storage
+from pipeline.resume import run_of
 from pipeline.spec import JobSpec, StorageSpec
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -83,7 +84,6 @@ class ShardReport:
 
     rows: int = 0
     ok: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     stage_busy_s: dict[str, float] = field(default_factory=dict)
 
@@ -109,7 +109,6 @@ class ShardWriter:
                 report.stage_busy_s[name[len(columns.ELAPSED_PREFIX):]] = float(pc.sum(table.column(name)).as_py() or 0)
         out = to_output_table(table)
         report.ok = int(pc.sum(pc.equal(out.column("status"), "ok")).as_py() or 0)
-        report.errors = dict(Counter(_error_kind(m) for m in out.column("error").to_pylist() if m is not None))
         for chunk, start in enumerate(range(0, out.num_rows, self.rows_per_shard)):
             name = f"data/part-{self.run_id}-{task_index:05d}-{chunk:04d}.parquet"
             buf = pa.BufferOutputStream()
@@ -125,8 +124,6 @@ def combine(reports: list[ShardReport]) -> ShardReport:
         total.rows += r.rows
         total.ok += r.ok
         total.files += r.files
-        for k, v in r.errors.items():
-            total.errors[k] = total.errors.get(k, 0) + v
         for k, v in r.stage_busy_s.items():
             total.stage_busy_s[k] = total.stage_busy_s.get(k, 0.0) + v
     return total
@@ -179,35 +176,54 @@ def _card_dtype(t: pa.DataType) -> str:
     return {"string": "string", "int64": "int64", "double": "float64"}[str(t)]
 
 
-def finalize(spec: JobSpec, run_id: str, reports: list[ShardReport], started: datetime, ended: datetime) -> dict:
-    """Write _stats.json, _job.json and README.md, then _SUCCESS; return the stats."""
-    total = combine(reports)
-    wall = (ended - started).total_seconds()
-    errors = sum(total.errors.values())
-    stats = {
-        "run_id": run_id,
-        "rows": total.rows,
-        "ok": total.ok,
-        "error": errors,
-        "errors_by_kind": total.errors,
-        "shards": len(total.files),
-        "elapsed_s": round(wall, 3),
-        "images_per_s": round(total.ok / wall, 3) if wall > 0 else None,
-        "stages": [
-            {"kind": kind, "busy_s": round(total.stage_busy_s.get(kind, 0.0), 3)}
-            for kind in dict.fromkeys(s.kind for s in spec.all_stages())
-        ],
-    }
+def write_job_file(spec: JobSpec, run_id: str, started: datetime, ended: datetime | None = None,
+                   runs: list[str] | None = None) -> None:
+    """_job.json: the spec as run (no credentials). Written when a run starts, so that a resumed run
+    can check it is the same job, and again at the end."""
     job = {
         "run_id": run_id,
+        "runs": runs or [run_id],
         "spec": spec.public_dict(),
         "versions": _versions(),
         "started_at": started.isoformat(),
-        "ended_at": ended.isoformat(),
+        "ended_at": ended.isoformat() if ended else None,
     }
-    put = lambda name, text: storage.write_bytes(storage.join(spec.output, name), text.encode(), spec.storage)  # noqa: E731
-    put("_stats.json", json.dumps(stats, indent=2) + "\n")
-    put("_job.json", json.dumps(job, indent=2) + "\n")
-    put("README.md", dataset_card(spec, stats))
-    put("_SUCCESS", json.dumps({"run_id": run_id, "rows": total.rows}) + "\n")
+    _put(spec, "_job.json", json.dumps(job, indent=2) + "\n")
+
+
+def _put(spec: JobSpec, name: str, text: str) -> None:
+    storage.write_bytes(storage.join(spec.output, name), text.encode(), spec.storage)
+
+
+def finalize(spec: JobSpec, run_id: str, reports: list[ShardReport], files: list[str], written: pa.Table,
+             started: datetime, ended: datetime) -> dict:
+    """Write _stats.json, _job.json and README.md, then _SUCCESS; return the stats.
+
+    ``files`` and ``written`` (their id, status and error columns) are every shard of the output,
+    resumed runs' included; ``reports`` are this run's writes, for its speed and stage times."""
+    this_run = combine(reports)
+    wall = (ended - started).total_seconds()
+    ok = int(pc.sum(pc.equal(written.column("status"), "ok")).as_py() or 0)
+    errors = dict(Counter(_error_kind(m) for m in written.column("error").to_pylist() if m is not None))
+    runs = sorted({run_of(name) for name in files} | {run_id})
+    stats = {
+        "run_id": run_id,
+        "runs": runs,
+        "rows": written.num_rows,
+        "ok": ok,
+        "error": written.num_rows - ok,
+        "errors_by_kind": errors,
+        "shards": len(files),
+        "rows_this_run": this_run.rows,
+        "elapsed_s": round(wall, 3),
+        "images_per_s": round(this_run.ok / wall, 3) if wall > 0 else None,
+        "stages": [
+            {"kind": kind, "busy_s": round(this_run.stage_busy_s.get(kind, 0.0), 3)}
+            for kind in dict.fromkeys(s.kind for s in spec.all_stages())
+        ],
+    }
+    _put(spec, "_stats.json", json.dumps(stats, indent=2) + "\n")
+    write_job_file(spec, run_id, started, ended, runs)
+    _put(spec, "README.md", dataset_card(spec, stats))
+    _put(spec, "_SUCCESS", json.dumps({"run_id": run_id, "rows": written.num_rows}) + "\n")
     return stats

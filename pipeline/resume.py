@@ -1,0 +1,140 @@
+"""Resume: the shards published under OUTPUT/data/ are the record of which ids are done.
+
+A shard is published whole (``storage.write_bytes``: a temporary name then a rename, or one PUT),
+so every listed shard is complete and its ids need no work. A rerun after a crash lists them,
+skips their ids, and at the end keeps exactly those shards plus its own. Two cases make that
+more than a listing:
+
+- a write that finished after its run died (a worker outliving its driver) can publish a shard
+  whose ids a later run has written again: a shard that repeats ids of an earlier one is removed
+  when listed, and at the end any shard that neither the listing nor this run accounts for is too;
+- local temporary files of interrupted writes (``*.tmp-PID``) are removed.
+
+Ray Data's own checkpointing (``ray.data.checkpoint``) was the first choice but does not fit: for
+a datasink that is not one of Ray's file datasinks it records ids only after the write, so a crash
+between the two duplicates rows (at-least-once), and its filter runs in an extra actor pool that
+reserves a whole CPU and 1 GiB, which small nodes whose CPUs the stage pools hold cannot give.
+
+This module knows pyarrow and the storage layer, not Ray.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.errors import ShardgenError, SpecError
+from pipeline.spec import JobSpec
+
+DATA = "data"
+JOB_FILE = "_job.json"
+# What the final stats are computed from.
+STATS_COLUMNS = ["id", "status", "error"]
+
+
+@dataclass
+class Written:
+    """The shards already in the output and the ids they hold."""
+
+    files: list[str] = field(default_factory=list)  # relative to the output, e.g. data/part-….parquet
+    ids: set[str] = field(default_factory=set)
+    removed: list[str] = field(default_factory=list)
+
+    def done(self) -> pa.Array:
+        return pa.array(sorted(self.ids), pa.string())
+
+
+def _shard_files(spec: JobSpec) -> tuple[object, str, list[str]]:
+    """The output's filesystem, its path, and every file under data/ (relative names, sorted)."""
+    fs, path = storage.filesystem(spec.output, spec.storage)
+    if not fs.exists(f"{path}/{DATA}"):
+        return fs, path, []
+    names = sorted(f[len(path) + 1:] for f in fs.find(f"{path}/{DATA}"))
+    return fs, path, names
+
+
+def run_of(name: str) -> str:
+    """The run that wrote a shard: data/part-{run_id}-{task}-{chunk}.parquet, run_id = {time}-{hex}."""
+    return "-".join(name.rsplit("/", 1)[-1].removeprefix("part-").split("-")[:2])
+
+
+def scan(spec: JobSpec, log=print) -> Written:
+    """List the published shards; remove temporary leftovers and shards that repeat earlier ids."""
+    fs, path, names = _shard_files(spec)
+    written = Written()
+    for name in names:
+        if not name.endswith(".parquet"):
+            fs.rm(f"{path}/{name}")
+            continue
+        ids = _read_columns(fs, f"{path}/{name}", ["id"]).column("id").to_pylist()
+        if written.ids.intersection(ids):
+            fs.rm(f"{path}/{name}")
+            written.removed.append(name)
+            continue
+        written.files.append(name)
+        written.ids.update(ids)
+    if written.removed:
+        log(f"shardgen: removed {len(written.removed)} shard(s) that repeat ids of earlier shards "
+            f"(written after their run died): {', '.join(written.removed)}")
+    return written
+
+
+def _read_columns(fs, path: str, names: list[str]) -> pa.Table:
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=names)
+
+
+def check_same_job(spec: JobSpec) -> None:
+    """A resumed run must be the same job: its spec (without credentials) as the first run wrote
+    it to _job.json."""
+    uri = storage.join(spec.output, JOB_FILE)
+    if not storage.exists(uri, spec.storage):
+        return
+    before = json.loads(storage.read_bytes(uri, spec.storage))["spec"]
+    now = spec.public_dict()
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if changed:
+        raise SpecError(f"output {spec.output} holds part of a run of another spec (changed: {', '.join(changed)}); "
+                        "rerun with the same spec to resume, or pass --overwrite to start again")
+
+
+def check_ids(written: Written, manifest_ids: pa.Array, spec: JobSpec) -> None:
+    """Shards of ids that the manifest lacks come from another manifest: refuse to mix them."""
+    foreign = written.ids.difference(manifest_ids.to_pylist())
+    if foreign:
+        shown = ", ".join(repr(i) for i in sorted(foreign)[:5])
+        raise SpecError(f"output {spec.output} holds {len(foreign)} id(s) that the manifest lacks ({shown}); "
+                        "it was written from another manifest: pass --overwrite to start again")
+
+
+def drop_done(table: pa.Table, done: pa.Array) -> pa.Table:
+    """The rows of ``table`` whose id is not in ``done``."""
+    return table.filter(pc.invert(pc.is_in(table.column("id"), value_set=done)))
+
+
+def settle(spec: JobSpec, written: Written, new_files: list[str], manifest_rows: int,
+           log=print) -> tuple[list[str], pa.Table]:
+    """Keep the listed shards and this run's, remove any other (a late write of a dead run), and
+    return the kept shards and their id/status/error columns, checked to hold every id once."""
+    fs, path, names = _shard_files(spec)
+    keep = set(written.files) | set(new_files)
+    strays = [n for n in names if n not in keep]
+    for name in strays:
+        fs.rm(f"{path}/{name}")
+    if strays:
+        log(f"shardgen: removed {len(strays)} file(s) that no run accounts for: {', '.join(strays)}")
+    missing = keep.difference(names)
+    if missing:
+        raise ShardgenError(f"shard(s) written by this run are gone from the output: {', '.join(sorted(missing))}")
+    tables = [_read_columns(fs, f"{path}/{name}", STATS_COLUMNS) for name in sorted(keep)]
+    table = pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in STATS_COLUMNS})
+    distinct = pc.count_distinct(table.column("id")).as_py() if table.num_rows else 0
+    if distinct != table.num_rows or table.num_rows != manifest_rows:
+        raise ShardgenError(f"the output holds {table.num_rows} rows with {distinct} distinct ids for "
+                            f"{manifest_rows} manifest rows; rerun to complete it")
+    return sorted(keep), table

@@ -1,0 +1,142 @@
+"""Resume after a crash: a rerun generates only the ids that no published shard holds, and the
+finished dataset holds every manifest id exactly once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.job import run_job
+from pipeline.spec import load_spec_file
+from tests.conftest import prompts_manifest, read_output, write_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_spec(tmp_path: Path, rows: int, output: str, **stage) -> Path:
+    manifest = write_manifest(str(tmp_path / "manifest.parquet"), prompts_manifest(rows))
+    spec = {
+        "manifest": manifest,
+        "output": output,
+        "stages": [{"kind": "text_to_image", "steps": 4, "width": 32, "height": 32, "batch_size": 2, **stage}],
+        "format": {"rows_per_shard": 4},
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def shard_digests(output: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((output / "data").glob("*.parquet"))}
+
+
+def images_by_id(output: Path) -> dict[str, str]:
+    table = read_output(str(output))
+    return dict(zip(table.column("id").to_pylist(), table.column("image_sha256").to_pylist()))
+
+
+def assert_every_id_once(output: Path, rows: int) -> None:
+    ids = read_output(str(output)).column("id").to_pylist()
+    assert sorted(ids) == [f"row-{i:03d}" for i in range(rows)]
+    stats = json.loads((output / "_stats.json").read_text())
+    assert stats["rows"] == stats["ok"] == rows and stats["shards"] == len(list((output / "data").iterdir()))
+
+
+def test_driver_sigkill_then_rerun_completes_exactly_once(tmp_path, ray_local):
+    rows = 48
+    output = tmp_path / "out"
+    spec = write_spec(tmp_path, rows, str(output), steps=20)
+    # The driver in its own process group, with its own local Ray (not the session's).
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--spec", str(spec)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not list(output.glob("data/*.parquet")):
+            assert driver.poll() is None, driver.stdout.read().decode()
+            assert time.time() < deadline, "no shard was published in time"
+            time.sleep(0.1)
+        delay = random.Random().uniform(0, 2.0)
+        print(f"killing the driver {delay:.2f} s after its first shard")
+        time.sleep(delay)
+        assert driver.poll() is None, "the job ended before the kill"
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        # The rest of that Ray (GCS, raylet, workers) goes with its group.
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not (output / "_SUCCESS").exists()
+    before = shard_digests(output)
+    before_images = images_by_id(output)
+    assert 0 < len(before_images) < rows
+
+    stats = run_job(load_spec_file(spec))
+
+    assert_every_id_once(output, rows)
+    after = shard_digests(output)
+    assert {name: after.get(name) for name in before} == before  # published shards are kept untouched
+    after_images = images_by_id(output)
+    assert {i: after_images[i] for i in before_images} == before_images
+    assert stats["rows_this_run"] == rows - len(before_images) and len(stats["runs"]) == 2
+
+
+def test_rerun_skips_written_ids_and_cleans_leftovers(tmp_path, ray_local, capsys):
+    rows = 12
+    output = tmp_path / "out"
+    spec = write_spec(tmp_path, rows, str(output))
+    assert main(["run", "--spec", str(spec)]) == 0
+    reference = images_by_id(output)
+    shards = sorted((output / "data").glob("*.parquet"))
+    assert len(shards) >= 3
+    # A crash's leavings: no _SUCCESS, a lost shard, a temporary file of an interrupted write, and
+    # a shard that a dead run's worker published late, repeating ids of a kept shard.
+    (output / "_SUCCESS").unlink()
+    lost = set(pq.read_table(shards[0], columns=["id"]).column("id").to_pylist())
+    shards[0].unlink()
+    (output / "data" / "part-x.parquet.tmp-99").write_bytes(b"partial")
+    late = output / "data" / "part-99991231T000000-ffffff-00000-0000.parquet"
+    shutil.copy(shards[1], late)
+    capsys.readouterr()
+
+    assert main(["run", "--spec", str(spec)]) == 0
+
+    out = capsys.readouterr().out
+    assert f"{rows - len(lost)} of {rows} ids" in out
+    assert_every_id_once(output, rows)
+    assert images_by_id(output) == reference  # regenerated rows are the same images
+    assert not late.exists() and not (output / "data" / "part-x.parquet.tmp-99").exists()
+    stats = json.loads((output / "_stats.json").read_text())
+    assert stats["rows_this_run"] == len(lost) and len(stats["runs"]) == 2
+
+
+@pytest.mark.parametrize("change", ["spec", "manifest"])
+def test_resume_refuses_another_job(tmp_path, ray_local, capsys, change):
+    output = tmp_path / "out"
+    spec = write_spec(tmp_path, 4, str(output))
+    assert main(["run", "--spec", str(spec)]) == 0
+    (output / "_SUCCESS").unlink()
+    if change == "spec":
+        spec = write_spec(tmp_path, 4, str(output), steps=5)
+    else:
+        write_manifest(str(tmp_path / "manifest.parquet"), [{"id": "other", "prompt": "a red square"}])
+    capsys.readouterr()
+    assert main(["run", "--spec", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert ("changed: stages" in err) if change == "spec" else ("'row-000'" in err and "another manifest" in err)
+    assert main(["run", "--spec", str(spec), "--overwrite"]) == 0
