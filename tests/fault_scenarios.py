@@ -2,8 +2,8 @@
 
 Each scenario runs in its own process (``python -m tests.fault_scenarios SCENARIO MANIFEST OUTPUT``)
 with its own Ray, so that killing workers or nodes cannot disturb the pytest process's Ray. The job
-runs in a thread; the main thread waits for a condition (an actor process, output shards), injects
-the fault, waits for the job, and prints one JSON line: the job's stats and what was done.
+runs in a thread; the main thread waits for a condition (a worker running a given task, output
+shards), injects the fault, waits for the job, and prints one JSON line: the job's stats and what was done.
 
 Only processes below this one (the Ray it started) are ever looked at or killed: other Rays on the
 machine run stage actors under the same titles.
@@ -26,7 +26,7 @@ import psutil  # isort: skip - the copy Ray ships (ray/thirdparty_files), import
 from pipeline.job import run_job
 from pipeline.spec import parse_spec
 
-STAGE_CLASS = "TextToImageStage"
+STAGE_ACTOR = "MapWorker(MapBatches(TextToImageStage))"
 DEADLINE_S = 240  # generous: a condition that is not met by then is a failure, not a wait
 
 
@@ -45,11 +45,14 @@ def title(proc: psutil.Process) -> str:
         return ""
 
 
+def ray_workers(running: str) -> list[psutil.Process]:
+    """Workers of this Ray running ``running``: Ray titles a worker "ray::TASK" while it runs a
+    task ("ray::MapBatches(prepare_batch)") and "ray::ACTOR.METHOD" while an actor runs METHOD."""
+    return [p for p in psutil.Process().children(recursive=True) if title(p) == f"ray::{running}"]
+
+
 def stage_actors(method: str) -> list[psutil.Process]:
-    """Processes of this Ray running ``method`` of the stage's actor: Ray titles them
-    "ray::MapWorker(MapBatches(TextToImageStage)).METHOD" while they run it."""
-    return [p for p in psutil.Process().children(recursive=True)
-            if title(p).startswith("ray::") and STAGE_CLASS in title(p) and title(p).endswith(f").{method}")]
+    return ray_workers(f"{STAGE_ACTOR}.{method}")
 
 
 def wait_for(what: str, condition, job: threading.Thread):
@@ -59,7 +62,7 @@ def wait_for(what: str, condition, job: threading.Thread):
             raise RuntimeError(f"the job ended before {what}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"no {what} within {DEADLINE_S} s")
-        time.sleep(0.05)
+        time.sleep(0.02)  # CPU tasks last a fraction of a second
     return found
 
 
@@ -86,19 +89,27 @@ def kill(proc: psutil.Process) -> dict:
     return seen
 
 
-def actor_sigkill(manifest: str, output: str) -> dict:
-    """SIGKILL the stage actor while it loads its model (its constructor), then again while it
-    runs a batch once some shards exist."""
+def worker_sigkill(manifest: str, output: str) -> dict:
+    """SIGKILL one worker of each kind, in the order they come up: a task of the CPU prepare
+    step, the stage actor while it loads its model (its constructor), the stage actor again while
+    it runs a batch once some shards exist, and a task of the CPU encode-and-write step."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    job = Job(spec(manifest, output))
-    job.start()
-    loading = kill(wait_for("a stage actor loading", lambda: stage_actors("__init__"), job)[0])
-    working = kill(wait_for("a stage actor in a batch after a shard",
-                            lambda: shards(output) and stage_actors("submit"), job)[0])
-    shards_before = len(shards(output))
-    job.join()
-    ray.shutdown()
-    return {"stats": job.stats, "error": job.error, "killed": [loading, working], "shards_at_kill": shards_before}
+    try:
+        job = Job(spec(manifest, output))
+        job.start()
+        killed = {
+            "prepare": kill(wait_for("a prepare task", lambda: ray_workers("MapBatches(prepare_batch)"), job)[0]),
+            "loading": kill(wait_for("a stage actor loading", lambda: stage_actors("__init__"), job)[0]),
+            "batch": kill(wait_for("a stage actor in a batch after a shard",
+                                   lambda: shards(output) and stage_actors("submit"), job)[0]),
+        }
+        shards_at_kill = len(shards(output))
+        killed["write"] = kill(wait_for("a write task", lambda: ray_workers("MapBatches(encode_batch)->Write"),
+                                        job)[0])
+        job.join()
+        return {"stats": job.stats, "error": job.error, "killed": killed, "shards_at_kill": shards_at_kill}
+    finally:
+        ray.shutdown()
 
 
 def raylet_pid(node) -> int:
@@ -147,7 +158,7 @@ def node_loss(manifest: str, output: str) -> dict:
         cluster.shutdown()
 
 
-SCENARIOS = {"actor_sigkill": actor_sigkill, "node_loss": node_loss}
+SCENARIOS = {"worker_sigkill": worker_sigkill, "node_loss": node_loss}
 
 
 def main() -> None:
