@@ -93,6 +93,11 @@ def exists(uri: str, storage: StorageSpec | None = None) -> bool:
     return fs.exists(path)
 
 
+def is_folder(uri: str, storage: StorageSpec | None = None) -> bool:
+    fs, path = filesystem(uri, storage)
+    return fs.isdir(path)
+
+
 def download_folder(uri: str, dest: Path, storage: StorageSpec | None = None) -> None:
     """Copy every file under the folder ``uri`` into the local folder ``dest``."""
     fs, path = filesystem(uri, storage)
