@@ -7,6 +7,7 @@ from typing import Any
 
 from pipeline import manifest, storage
 from pipeline.errors import EXIT_OK, EXIT_ROWS_FAILED, ShardgenError, SpecError
+from pipeline.models.resolve import check_sources
 from pipeline.spec import JobSpec, StorageSpec, parse_spec_text
 
 
@@ -39,6 +40,7 @@ def _prepare_output(spec: JobSpec, overwrite: bool) -> dict | None:
 def run_job(spec: JobSpec, overwrite: bool = False, log=print) -> dict:
     """Run ``spec`` to completion and return its stats (see _stats.json)."""
     rows = manifest.check(spec)
+    check_sources(spec)
     finished = _prepare_output(spec, overwrite)
     if finished is not None:
         log(f"shardgen: {spec.output} is already complete (run {finished['run_id']}); nothing to do "

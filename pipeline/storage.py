@@ -98,13 +98,19 @@ def is_folder(uri: str, storage: StorageSpec | None = None) -> bool:
     return fs.isdir(path)
 
 
+def list_files(uri: str, storage: StorageSpec | None = None) -> list[str]:
+    """The names of the files under the folder ``uri``, relative to it."""
+    fs, path = filesystem(uri, storage)
+    return [f[len(path):].lstrip("/") for f in fs.find(path) if not f.endswith("/")]
+
+
 def download_folder(uri: str, dest: Path, storage: StorageSpec | None = None) -> None:
     """Copy every file under the folder ``uri`` into the local folder ``dest``."""
     fs, path = filesystem(uri, storage)
-    files = [f for f in fs.find(path) if not f.endswith("/")]
+    files = list_files(uri, storage)
     if not files:
         raise FileNotFoundError(f"no files under {uri}")
-    for remote in files:
-        local = dest / remote[len(path):].lstrip("/")
+    for name in files:
+        local = dest / name
         local.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(remote, str(local))
+        fs.get_file(f"{path}/{name}", str(local))
