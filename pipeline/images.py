@@ -41,7 +41,7 @@ def _read(column: str, value: Any, storage_spec: StorageSpec, access: Access) ->
         except (FileNotFoundError, IsADirectoryError):
             raise InputError(f"{column}: no file at {value}") from None
         except (OSError, ValueError) as err:
-            raise InputError(f"{column}: cannot read {value}: {err}") from None
+            raise InputError(storage.redact(f"{column}: cannot read {value}: {err}", storage_spec)) from None
     raise InputError(f"{column}: missing")
 
 

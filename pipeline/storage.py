@@ -50,6 +50,23 @@ def _options(uri: str, storage: StorageSpec) -> dict:
     return {}
 
 
+SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+MIN_SECRET_LENGTH = 12
+
+
+def redact(message: str, storage: StorageSpec | None = None) -> str:
+    """``message`` with every credential blanked out: storage libraries may echo their parameters
+    in errors, and error text goes into rows and logs."""
+    storage = storage or StorageSpec()
+    secrets = [s.get_secret_value() for s in (storage.key, storage.secret, storage.token) if s is not None]
+    secrets += [os.environ[name] for name in SECRET_VARIABLES if os.environ.get(name)]
+    # A value shorter than this is no real credential (test setups use words like "testing"),
+    # and blanking it would garble ordinary words of the message.
+    for secret in sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True):
+        message = message.replace(secret, "***")
+    return message
+
+
 def filesystem(uri: str, storage: StorageSpec | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``uri`` and the path of ``uri`` on it."""
     storage = storage or StorageSpec()
