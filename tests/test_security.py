@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
 
 import boto3
@@ -98,7 +97,8 @@ def test_disallowed_uris_are_error_rows(bucket, s3_endpoint, tmp_path, ray_local
     for other in ("other-bucket", "shared"):
         s3.create_bucket(Bucket=other)
     name = bucket.removeprefix("s3://")
-    for uri in (f"{bucket}/in/a.png", "s3://other-bucket/x.png", "s3://shared/public/p.png", "s3://shared/private/q.png"):
+    for uri in (f"{bucket}/in/a.png", "s3://other-bucket/x.png", "s3://shared/public/p.png",
+                "s3://shared/private/q.png"):
         storage.write_bytes(uri, png(16, 1))
     local = tmp_path / "local.png"
     local.write_bytes(png(16, 2))
@@ -261,7 +261,8 @@ def test_custom_code_is_refused(tiny_sd, tmp_path, capsys, edit, message):
 
 def test_spec_never_shows_secrets():
     spec = parse_spec({"manifest": "s3://b/m.parquet", "output": "s3://b/out",
-                       "storage": {"key": "PLANTEDKEY123456", "secret": "PLANTEDSECRET123456", "token": "PLANTEDTOKEN123456"}})
+                       "storage": {"key": "PLANTEDKEY123456", "secret": "PLANTEDSECRET123456",
+                                   "token": "PLANTEDTOKEN123456"}})
     for text in (repr(spec), str(spec), repr(spec.storage), json.dumps(spec.public_dict()), spec.model_dump_json()):
         assert "PLANTED" not in text
 
@@ -275,8 +276,9 @@ def _files(root: Path):
 RUNNER = """
 import sys, ray
 from pipeline.cli import main
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, object_store_memory=300 * 1024**2,
-         _temp_dir=sys.argv[1])
+# A Ray of its own (address="local": never one that another `ray start` on this machine left).
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
+         object_store_memory=300 * 1024**2, _temp_dir=sys.argv[1])
 code = main(["run", "--spec", sys.argv[2]])
 ray.shutdown()
 sys.exit(code)
