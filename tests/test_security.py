@@ -336,3 +336,11 @@ def test_planted_secrets_appear_nowhere(bucket, s3_endpoint, tmp_path):
         assert not leaks
     finally:
         shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def test_storage_errors_have_credentials_blanked(monkeypatch):
+    spec = parse_spec({"manifest": "m.parquet", "output": "out",
+                       "storage": {"key": "SPECKEYPLANTED0001", "secret": "SPECSECRETPLANTED0001"}}).storage
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "ENVSECRETPLANTED0001")
+    message = "denied for SPECKEYPLANTED0001/SPECSECRETPLANTED0001 and ENVSECRETPLANTED0001 while testing"
+    assert storage.redact(message, spec) == "denied for ***/*** and *** while testing"
