@@ -152,12 +152,12 @@ def test_path_traversal_ids_stay_in_the_output(tmp_path, ray_local):
     output = work / "out"
     manifest = write_manifest(str(work / "m.parquet"), [{"id": i, "prompt": "a red circle"} for i in ids])
     resolve("builtin:tiny-sd")  # built into the session's cache (under the same parent) beforehand
-    before = _listing(tmp_path.parent, output)
+    before = _listing(tmp_path.parent, output), Path("/abs").exists()
 
     stats = run_job(small_spec(manifest, str(output)))
 
     assert (stats["ok"], stats["error"]) == (len(ids), 0)
-    assert _listing(tmp_path.parent, output) == before
+    assert (_listing(tmp_path.parent, output), Path("/abs").exists()) == before
     out = {r["id"]: r for r in read_output(str(output)).to_pylist()}
     assert sorted(out) == sorted(ids)
     names = [out[i]["image"]["path"] for i in ids]
