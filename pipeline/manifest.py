@@ -57,7 +57,7 @@ def open_manifest(spec: JobSpec) -> pads.Dataset:
     try:
         return pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=False)
     except (FileNotFoundError, OSError, pa.ArrowInvalid) as err:
-        raise ManifestError(f"cannot read manifest {spec.manifest}: {err}") from None
+        raise ManifestError(storage.redact(f"cannot read manifest {spec.manifest}: {err}", spec.storage)) from None
 
 
 def check(spec: JobSpec) -> pa.Array:

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import columns
+from pipeline.access import Access
 from pipeline.images import InputError, decode
 from pipeline.spec import StageSpec, StorageSpec
 from pipeline.tables import values, with_column, with_pixels
@@ -34,7 +35,7 @@ def _check_size(name: str, width: int, height: int) -> None:
 class _Row:
     """One row's inputs, checked; any problem raises InputError naming the field."""
 
-    def __init__(self, i: int, cols: dict[str, list], flow: list[StageSpec], storage: StorageSpec):
+    def __init__(self, i: int, cols: dict[str, list], flow: list[StageSpec], storage: StorageSpec, access: Access):
         first = flow[0]
         self.prompt = cols["prompt"][i] or ""
         self.image: np.ndarray | None = None
@@ -47,13 +48,13 @@ class _Row:
         if not 1 <= self.steps <= 1000:
             raise InputError(f"steps: {self.steps} is outside 1..1000")
         if first.kind in IMAGE_INPUT_KINDS:
-            self.image = decode("image", cols["image"][i], "RGB", storage)
+            self.image = decode("image", cols["image"][i], "RGB", storage, access)
             self.height, self.width = self.image.shape[:2]
             _check_size("image", self.width, self.height)
         else:
             _check_size("size", self.width, self.height)
         if any(stage.kind == "inpainting" for stage in flow):
-            self.mask = decode("mask", cols["mask"][i], "L", storage)
+            self.mask = decode("mask", cols["mask"][i], "L", storage, access)
             if self.mask.shape != (self.height, self.width):
                 raise InputError(
                     f"mask: size {self.mask.shape[1]}x{self.mask.shape[0]} differs from the image's "
@@ -61,7 +62,7 @@ class _Row:
                 )
 
 
-def prepare_batch(table: pa.Table, flow: list[StageSpec], storage: StorageSpec) -> pa.Table:
+def prepare_batch(table: pa.Table, flow: list[StageSpec], storage: StorageSpec, access: Access) -> pa.Table:
     first = flow[0]
     names = ("id", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "strength", "width", "height",
              "image", "mask")
@@ -69,7 +70,7 @@ def prepare_batch(table: pa.Table, flow: list[StageSpec], storage: StorageSpec) 
     rows, errors = [], []
     for i in range(table.num_rows):
         try:
-            rows.append(_Row(i, cols, flow, storage))
+            rows.append(_Row(i, cols, flow, storage, access))
             errors.append(None)
         except InputError as err:
             rows.append(None)

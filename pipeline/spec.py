@@ -35,6 +35,18 @@ class StorageSpec(_Strict):
     token: SecretStr | None = None
     region: str | None = None
     anon: bool = False
+    allowed_prefixes: list[str] = Field(
+        default=[],
+        description="where manifest image and mask URIs may point besides the manifest's own bucket or folder",
+    )
+
+    @field_validator("allowed_prefixes")
+    @classmethod
+    def _absolute_prefixes(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            if "://" not in prefix and not prefix.startswith(("/", "~")):
+                raise ValueError(f"{prefix!r} is neither a URI (s3://bucket/...) nor an absolute path")
+        return value
 
 
 class StageSpec(_Strict):

@@ -50,6 +50,23 @@ def _options(uri: str, storage: StorageSpec) -> dict:
     return {}
 
 
+SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+MIN_SECRET_LENGTH = 12
+
+
+def redact(message: str, storage: StorageSpec | None = None) -> str:
+    """``message`` with every credential blanked out: storage libraries may echo their parameters
+    in errors, and error text goes into rows and logs."""
+    storage = storage or StorageSpec()
+    secrets = [s.get_secret_value() for s in (storage.key, storage.secret, storage.token) if s is not None]
+    secrets += [os.environ[name] for name in SECRET_VARIABLES if os.environ.get(name)]
+    # A value shorter than this is no real credential (test setups use words like "testing"),
+    # and blanking it would garble ordinary words of the message.
+    for secret in sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH}, key=len, reverse=True):
+        message = message.replace(secret, "***")
+    return message
+
+
 def filesystem(uri: str, storage: StorageSpec | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``uri`` and the path of ``uri`` on it."""
     storage = storage or StorageSpec()
@@ -93,13 +110,24 @@ def exists(uri: str, storage: StorageSpec | None = None) -> bool:
     return fs.exists(path)
 
 
+def is_folder(uri: str, storage: StorageSpec | None = None) -> bool:
+    fs, path = filesystem(uri, storage)
+    return fs.isdir(path)
+
+
+def list_files(uri: str, storage: StorageSpec | None = None) -> list[str]:
+    """The names of the files under the folder ``uri``, relative to it."""
+    fs, path = filesystem(uri, storage)
+    return [f[len(path):].lstrip("/") for f in fs.find(path) if not f.endswith("/")]
+
+
 def download_folder(uri: str, dest: Path, storage: StorageSpec | None = None) -> None:
     """Copy every file under the folder ``uri`` into the local folder ``dest``."""
     fs, path = filesystem(uri, storage)
-    files = [f for f in fs.find(path) if not f.endswith("/")]
+    files = list_files(uri, storage)
     if not files:
         raise FileNotFoundError(f"no files under {uri}")
-    for remote in files:
-        local = dest / remote[len(path):].lstrip("/")
+    for name in files:
+        local = dest / name
         local.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(remote, str(local))
+        fs.get_file(f"{path}/{name}", str(local))
