@@ -1,7 +1,9 @@
 """A fault-injecting HTTP proxy for tests: it stands in front of an S3 server (moto's) and answers
 some requests with the faults that real object storage shows under load.
 
-Faults, drawn per request from a seeded random generator (or every request, with ``always``):
+Faults, drawn per request from a seeded random generator at a rate, plus one on every ``every``-th
+request whatever the draw, the kinds taking turns (so that each kind surely occurs however the
+requests of a parallel job interleave), or on every request with ``always``:
 
 - ``slowdown``: 503 with S3's SlowDown error (throttling)
 - ``internal``: 500 with S3's InternalError
@@ -33,21 +35,25 @@ HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connectio
 
 class FaultProxy:
     """``FaultProxy(upstream, rate=0.2, seed=1)`` faults about a fifth of the requests;
+    ``FaultProxy(upstream, every=8)`` faults every 8th, slowdown, internal, drop and cut in turn;
     ``FaultProxy(upstream, always="slowdown")`` faults every one; ``methods`` limits the faults to
     requests of those HTTP methods. Use as a context manager."""
 
-    def __init__(self, upstream: str, rate: float = 0.0, seed: int = 0, always: str | None = None,
-                 faults: tuple[str, ...] = FAULTS, methods: tuple[str, ...] = ("GET", "HEAD", "PUT", "POST", "DELETE")):
+    def __init__(self, upstream: str, rate: float = 0.0, seed: int = 0, every: int = 0, always: str | None = None,
+                 methods: tuple[str, ...] = ("GET", "HEAD", "PUT", "POST", "DELETE")):
         if always is not None and always not in FAULTS:
             raise ValueError(f"always: {always!r} is not one of {FAULTS}")
         self.upstream = urlsplit(upstream)
         self.rate = rate
+        self.every = every
         self.always = always
-        self.faults = faults
         self.methods = methods
         self.counts: Counter[str] = Counter()
         self.forwarded = 0
         self._random = random.Random(seed)
+        self._seen = 0
+        self._turn = 0  # the kind in FAULTS that the next scheduled fault takes
+        self._cut_due = False  # a scheduled cut fell on a request that was no GET: the next GET takes it
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
@@ -69,16 +75,26 @@ class FaultProxy:
 
     def draw(self, method: str) -> tuple[str | None, bool]:
         """The fault for the next request (None: forward it), and for a drop whether the request
-        reaches the server first. Only a GET may draw a ``cut``; an answer without a body to cut
-        goes through whole."""
+        reaches the server first. Only a GET gets a ``cut``."""
         with self._lock:
             if method not in self.methods:
                 return None, False
             if self.always is not None:
                 return self.always, False
-            faults = [f for f in self.faults if f != "cut" or method == "GET"]
-            fault = self._random.choice(faults) if self._random.random() < self.rate else None
-            return fault, self._random.random() < 0.5
+            reaches_server = self._random.random() < 0.5
+            kinds = [f for f in FAULTS if f != "cut" or method == "GET"]
+            if self._cut_due and method == "GET":
+                self._cut_due = False
+                return "cut", reaches_server
+            self._seen += 1
+            if self.every and self._seen % self.every == 0:
+                scheduled = FAULTS[self._turn % len(FAULTS)]
+                self._turn += 1
+                if scheduled in kinds:
+                    return scheduled, reaches_server
+                self._cut_due = True
+            fault = self._random.choice(kinds) if self._random.random() < self.rate else None
+            return fault, reaches_server
 
     def count(self, fault: str | None) -> None:
         with self._lock:
@@ -138,7 +154,7 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 return
             answer = proxy.forward(self.command, self.path, self._forward_headers(body), body)
             data = answer.read()
-            cut = fault == "cut" and self.command == "GET" and len(data) >= 2
+            cut = fault == "cut" and len(data) >= 2
             proxy.count("cut" if cut else None)
             self.send_response(answer.status)
             for name, value in answer.getheaders():

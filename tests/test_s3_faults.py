@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 from PIL import Image
 
 from pipeline import storage
-from pipeline.errors import SpecError, StorageError
+from pipeline.errors import ManifestError, SpecError, StorageError
 from pipeline.job import run_job
 from pipeline.spec import JobSpec, StorageSpec, parse_spec
 from tests.conftest import read_output, small_spec, write_manifest
@@ -117,7 +117,7 @@ def upscale_job(bucket: str) -> JobSpec:
 
 def test_job_rides_out_faults(bucket, s3_endpoint, ray_local):
     spec = upscale_job(bucket)
-    with FaultProxy(s3_endpoint, rate=0.15, seed=11) as proxy:
+    with FaultProxy(s3_endpoint, rate=0.1, seed=11, every=8) as proxy:
         stats = run_job(through(spec, proxy))
     assert (stats["rows"], stats["ok"], stats["error"]) == (ROWS, ROWS, 0)
     table = read_output(spec.output)
@@ -134,6 +134,13 @@ def test_job_fails_loudly_when_storage_never_recovers(bucket, s3_endpoint, ray_l
         with pytest.raises(StorageError, match=rf"cannot read manifest {spec.manifest}: .*tried up to 2 times"):
             run_job(through(spec, proxy, max_attempts=2))
     assert stored(bucket, "out/_SUCCESS", s3_endpoint) is None
+
+
+def test_missing_manifest_is_no_storage_fault(bucket, s3_endpoint):
+    spec = small_spec(f"{bucket}/missing.parquet", f"{bucket}/out")
+    with FaultProxy(s3_endpoint, rate=0.3, seed=5) as proxy:
+        with pytest.raises(ManifestError, match=f"cannot read manifest {bucket}/missing.parquet"):
+            run_job(through(spec, proxy))
 
 
 def test_job_fails_loudly_when_shard_writes_never_succeed(bucket, s3_endpoint, ray_local):
