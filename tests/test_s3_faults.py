@@ -82,13 +82,14 @@ def test_write_gives_up_naming_the_uri_and_stores_nothing(fault, bucket, s3_endp
     assert stored(bucket, "a.bin", s3_endpoint) is None
 
 
-@pytest.mark.parametrize("attempts", [1, 3])
-def test_max_attempts_is_the_tries_per_request(attempts, bucket, s3_endpoint):
+@pytest.mark.parametrize("attempts, mode", [(1, "standard"), (3, "standard"), (3, "adaptive")])
+def test_max_attempts_is_the_tries_per_request(attempts, mode, bucket, s3_endpoint):
     # An InternalError is retried by botocore alone (s3fs retries only throttling and broken
     # connections), so the proxy sees exactly the configured number of PUTs.
     with FaultProxy(s3_endpoint, always="internal", methods=("PUT",)) as proxy:
+        spec = StorageSpec(endpoint_url=proxy.url, max_attempts=attempts, retry_mode=mode)
         with pytest.raises(StorageError):
-            storage.write_bytes(f"{bucket}/a.bin", b"x", StorageSpec(endpoint_url=proxy.url, max_attempts=attempts))
+            storage.write_bytes(f"{bucket}/a.bin", b"x", spec)
     assert proxy.counts["internal"] == attempts
 
 
