@@ -49,7 +49,7 @@ def stored(bucket: str, key: str, s3_endpoint: str) -> bytes | None:
 
 def test_storage_calls_ride_out_faults(bucket, s3_endpoint, tmp_path):
     blobs = {f"folder/part-{i:02d}.bin": os.urandom(1000 * (i + 1)) for i in range(20)}
-    with FaultProxy(s3_endpoint, rate=0.4, seed=7) as proxy:
+    with FaultProxy(s3_endpoint, rate=0.3, seed=7, every=10) as proxy:
         spec = StorageSpec(endpoint_url=proxy.url)
         for key, data in blobs.items():
             storage.write_bytes(f"{bucket}/{key}", data, spec)
