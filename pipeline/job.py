@@ -25,11 +25,12 @@ def _finished(spec: JobSpec, overwrite: bool) -> dict | None:
     """Return the stats of an already finished output (nothing to do); with ``overwrite`` delete
     the output first."""
     fs, path = storage.filesystem(spec.output, spec.storage)
-    if overwrite and fs.exists(path):
-        fs.rm(path, recursive=True)
-        return None
-    if fs.exists(f"{path}/_SUCCESS"):
-        return json.loads(fs.cat_file(f"{path}/_stats.json"))
+    with storage.guard("check", spec.output, spec.storage):
+        if overwrite and fs.exists(path):
+            fs.rm(path, recursive=True)
+            return None
+        if fs.exists(f"{path}/_SUCCESS"):
+            return json.loads(fs.cat_file(f"{path}/_stats.json"))
     return None
 
 

@@ -140,10 +140,12 @@ def read_bytes(uri: str, storage: StorageSpec | None = None) -> bytes:
 
 def write_bytes(uri: str, data: bytes, storage: StorageSpec | None = None) -> None:
     """Write ``data`` whole: to a temporary name first, then moved into place, so that no reader
-    sees a partial file (on object storage a single PUT is already atomic)."""
+    sees a partial file (on object storage a single PUT is already atomic). The temporary name is
+    hidden (a leading dot), so that folder readers such as pyarrow's skip it."""
     fs, path = filesystem(uri, storage)
     if scheme(uri) == "file":
-        tmp = f"{path}.tmp-{os.getpid()}"
+        folder, name = os.path.split(path)
+        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
         fs.pipe_file(tmp, data)
         os.replace(tmp, path)
     else:

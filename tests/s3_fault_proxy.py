@@ -37,10 +37,11 @@ class FaultProxy:
     """``FaultProxy(upstream, rate=0.2, seed=1)`` faults about a fifth of the requests;
     ``FaultProxy(upstream, every=8)`` faults every 8th, slowdown, internal, drop and cut in turn;
     ``FaultProxy(upstream, always="slowdown")`` faults every one; ``methods`` limits the faults to
-    requests of those HTTP methods. Use as a context manager."""
+    requests of those HTTP methods, ``path_contains`` to requests whose path holds that text. Use as a
+    context manager."""
 
     def __init__(self, upstream: str, rate: float = 0.0, seed: int = 0, every: int = 0, always: str | None = None,
-                 methods: tuple[str, ...] = ("GET", "HEAD", "PUT", "POST", "DELETE")):
+                 methods: tuple[str, ...] = ("GET", "HEAD", "PUT", "POST", "DELETE"), path_contains: str = ""):
         if always is not None and always not in FAULTS:
             raise ValueError(f"always: {always!r} is not one of {FAULTS}")
         self.upstream = urlsplit(upstream)
@@ -48,6 +49,7 @@ class FaultProxy:
         self.every = every
         self.always = always
         self.methods = methods
+        self.path_contains = path_contains
         self.counts: Counter[str] = Counter()
         self.forwarded = 0
         self._random = random.Random(seed)
@@ -73,11 +75,11 @@ class FaultProxy:
         self._server.server_close()
         self._thread.join()
 
-    def draw(self, method: str) -> tuple[str | None, bool]:
+    def draw(self, method: str, path: str) -> tuple[str | None, bool]:
         """The fault for the next request (None: forward it), and for a drop whether the request
         reaches the server first. Only a GET gets a ``cut``."""
         with self._lock:
-            if method not in self.methods:
+            if method not in self.methods or self.path_contains not in path:
                 return None, False
             if self.always is not None:
                 return self.always, False
@@ -133,7 +135,7 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
 
         def _handle(self) -> None:
             body = self._body()
-            fault, reaches_server = proxy.draw(self.command)
+            fault, reaches_server = proxy.draw(self.command, self.path)
             if fault in ERROR_ANSWERS:
                 status, code, message = ERROR_ANSWERS[fault]
                 xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'

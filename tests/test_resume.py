@@ -109,7 +109,7 @@ def test_rerun_skips_written_ids_and_cleans_leftovers(tmp_path, ray_local, capsy
     (output / "_SUCCESS").unlink()
     lost = set(pq.read_table(shards[0], columns=["id"]).column("id").to_pylist())
     shards[0].unlink()
-    (output / "data" / "part-x.parquet.tmp-99").write_bytes(b"partial")
+    (output / "data" / ".part-x.parquet.tmp-99").write_bytes(b"partial")
     late = output / "data" / "part-99991231T000000-ffffff-00000-0000.parquet"
     shutil.copy(shards[1], late)
     capsys.readouterr()
@@ -120,7 +120,7 @@ def test_rerun_skips_written_ids_and_cleans_leftovers(tmp_path, ray_local, capsy
     assert f"{rows - len(lost)} of {rows} ids" in out
     assert_every_id_once(output, rows)
     assert images_by_id(output) == reference  # regenerated rows are the same images
-    assert not late.exists() and not (output / "data" / "part-x.parquet.tmp-99").exists()
+    assert not late.exists() and not (output / "data" / ".part-x.parquet.tmp-99").exists()
     stats = json.loads((output / "_stats.json").read_text())
     assert stats["rows_this_run"] == len(lost) and len(stats["runs"]) == 2
 

@@ -146,7 +146,7 @@ def test_missing_manifest_is_no_storage_fault(bucket, s3_endpoint):
 
 def test_job_fails_loudly_when_shard_writes_never_succeed(bucket, s3_endpoint, ray_local):
     spec = upscale_job(bucket)
-    with FaultProxy(s3_endpoint, always="internal", methods=("PUT",)) as proxy:
+    with FaultProxy(s3_endpoint, always="internal", methods=("PUT",), path_contains="/data/part-") as proxy:
         with pytest.raises(StorageError, match=rf"object storage: cannot write {spec.output}/data/part-"):
             run_job(through(spec, proxy, max_attempts=2))
     assert proxy.counts["internal"] >= 2
