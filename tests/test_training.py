@@ -1,5 +1,6 @@
-"""Training the shapes models: the procedural set, the pixel measurements, and a real Ray Train run
-(2 CPU workers, data parallel) in which the DDPM loss falls."""
+"""Training the shapes models: the procedural set, the pixel measurements, and real Ray Train runs
+(2 CPU workers, data parallel): one in which the DDPM loss falls, one that ends at its wall-clock
+budget."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import numpy as np
 import torch
 from diffusers import AutoPipelineForText2Image
 
-from pipeline.training import architectures, data, measure, t2i, vae
-from pipeline.training.distributed import Cluster, Schedule, fit
+from pipeline.training import architectures, data, measure, sr, t2i, vae
+from pipeline.training.distributed import Cluster, Schedule, Worker, fit
 from pipeline.training.evaluate import paste_unmasked
 from pipeline.training.latents import vae_payload
 
@@ -77,3 +78,38 @@ def test_ray_train_ddpm_loss_falls_and_saves_a_loadable_pipeline(tmp_path):
     pipe = AutoPipelineForText2Image.from_pretrained(tmp_path, dtype=torch.float32, use_safetensors=True, local_files_only=True)
     image = pipe("a red circle on a blue background", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (32, 32, 3)
+
+
+def test_aligned_crops_cut_the_same_window_at_each_scale():
+    latents, images = torch.randn(6, 4, 32, 32), torch.randn(6, 3, 128, 128)
+    worker = Worker.__new__(Worker)  # only its generator is used here
+    worker.generator = torch.Generator().manual_seed(0)
+    idx = torch.tensor([5, 0, 5, 2])
+    z, x = sr._aligned_crops(idx, 8, worker, latents, images)
+    corners = torch.randint(32 - 8 + 1, (4, 2), generator=torch.Generator().manual_seed(0)).tolist()
+    for k, (i, (y, x0)) in enumerate(zip(idx.tolist(), corners)):
+        assert torch.equal(z[k], latents[i, :, y : y + 8, x0 : x0 + 8])
+        assert torch.equal(x[k], images[i, :, 4 * y : 4 * (y + 8), 4 * x0 : 4 * (x0 + 8)])
+
+
+def test_a_wall_clock_budget_ends_the_run_on_every_worker(tmp_path):
+    torch.manual_seed(0)
+    random_vae = architectures.vae().eval()
+    steps = 1_000_000  # far more than fit in the budget: the budget must end the run
+    schedule = Schedule(steps=steps, batch_size=4, lr=1e-3, warmup=2, log_every=1000, max_seconds=5.0)
+    config = sr.SRConfig(schedule=schedule, scenes=16, crop=32)
+    payload = fit(
+        sr._loop,
+        {
+            **config.__dict__,
+            "schedule": schedule.to_dict(),
+            "vae": vae_payload(random_vae),
+            "text_encoder": architectures.text_encoder(architectures.tokenizer()).state_dict(),
+            "init": None,
+        },
+        Cluster(workers=2, threads_per_worker=1),
+        "test-sr-budget",
+    )
+    assert 2 < payload["steps"] < steps
+    assert payload["losses"][-1][0] == payload["steps"]  # the last step is logged, on both workers
+    assert np.isfinite(payload["losses"][-1][1])

@@ -16,51 +16,72 @@ TRAINED = Path(__file__).resolve().parent.parent / "models" / "trained"
 ORDER = ("classifier", "vae", "t2i", "sr-vae", "sr", "inpaint")
 
 
-def _with_steps(config, steps: int | None, field: str = "schedule"):
-    """``config`` with the step count of its schedule ``field`` replaced (when given)."""
-    if steps is None:
-        return config
+def _configured(config, args: argparse.Namespace, field: str = "schedule"):
+    """``config`` with what the command line overrides in its schedule ``field`` (step count,
+    batch size, wall-clock budget) and in the config itself (scene count, crop size)."""
     schedule = getattr(config, field)
-    return dataclasses.replace(config, **{field: dataclasses.replace(schedule, steps=steps, log_every=min(schedule.log_every, steps))})
+    if args.steps is not None:
+        schedule = dataclasses.replace(schedule, steps=args.steps, log_every=min(schedule.log_every, args.steps))
+    if args.batch is not None:
+        schedule = dataclasses.replace(schedule, batch_size=args.batch)
+    if args.max_minutes is not None:
+        schedule = dataclasses.replace(schedule, max_seconds=60.0 * args.max_minutes)
+    fields = {f.name for f in dataclasses.fields(config)}
+    extra = {key: getattr(args, key) for key in ("scenes", "crop") if getattr(args, key) is not None}
+    for key in extra.keys() - fields:
+        raise SystemExit(f"--{key} does not apply to this model (its config has no field {key!r})")
+    return dataclasses.replace(config, **{field: schedule}, **extra)
 
 
-def _train(name: str, out: Path, cluster: Cluster, steps: int | None, resume: bool) -> Path:
+def _train(name: str, out: Path, cluster: Cluster, args: argparse.Namespace) -> Path:
     if name == "classifier":
         from pipeline.training import classifier
 
-        return classifier.train(out, _with_steps(classifier.ClassifierConfig(), steps))
+        return classifier.train(out, _configured(classifier.ClassifierConfig(), args))
     if name == "vae":
         from pipeline.training import vae
 
-        return vae.train(out, cluster, _with_steps(vae.VAEConfig(), steps))
+        return vae.train(out, cluster, _configured(vae.VAEConfig(), args))
     if name == "t2i":
         from pipeline.training import t2i
 
-        return t2i.train(out, cluster, _with_steps(t2i.T2IConfig(), steps), resume=resume)
+        return t2i.train(out, cluster, _configured(t2i.T2IConfig(), args), resume=args.resume)
     if name == "sr-vae":
         from pipeline.training import sr
 
-        return sr.train_decoder(out, cluster, _with_steps(sr.SRConfig(), steps, "decoder"))
+        return sr.train_decoder(out, cluster, _configured(sr.SRConfig(), args, "decoder"))
     if name == "sr":
         from pipeline.training import sr
 
-        return sr.train(out, cluster, _with_steps(sr.SRConfig(), steps), resume=resume)
+        return sr.train(out, cluster, _configured(sr.SRConfig(), args), resume=args.resume)
     from pipeline.training import inpaint
 
-    return inpaint.train(out, cluster, _with_steps(inpaint.InpaintConfig(), steps))
+    return inpaint.train(out, cluster, _configured(inpaint.InpaintConfig(), args))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.training", description=__doc__)
-    parser.add_argument("what", choices=(*ORDER, "all", "eval"))
+    parser.add_argument("what", choices=(*ORDER, "all", "eval", "eval-sr"))
     parser.add_argument("--out", type=Path, default=TRAINED, help="folder of the saved models (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (data parallel)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (and Ray CPUs) per worker")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
     parser.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    parser.add_argument("--batch", type=int, default=None, help="override the batch size (per worker)")
+    parser.add_argument("--max-minutes", type=float, default=None, help="Ray Train models: end the run (and its lr decay) at this wall-clock budget")
+    parser.add_argument("--scenes", type=int, default=None, help="override the number of training scenes")
+    parser.add_argument("--crop", type=int, default=None, help="sr: training crop, in latent (= low-res) pixels; 32 is the whole image")
     parser.add_argument("--resume", action="store_true", help="t2i, sr: continue from the model saved in --out")
     parser.add_argument("--images", type=int, default=None, help="eval: images per figure (default: the acceptance counts)")
+    parser.add_argument("--models", type=Path, nargs="+", default=None, help="eval-sr: upscaler folders (default: --out's shapes-sr)")
+    parser.add_argument("--device", default="cpu", help="eval-sr: torch device of the pipelines")
+    parser.add_argument("--json", type=Path, default=None, help="eval-sr: also write the figures to this file")
     args = parser.parse_args(argv)
+    if args.what == "eval-sr":
+        from pipeline.training import evaluate
+
+        evaluate.sr_figures(args.models or [args.out / "shapes-sr"], args.images or 100, args.device, args.json)
+        return
     if args.what == "eval":
         from pipeline.training import evaluate
 
@@ -69,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     cluster = Cluster(workers=args.workers, threads_per_worker=args.threads, use_gpu=args.gpu)
     for name in ORDER if args.what == "all" else (args.what,):
         start = time.time()
-        dest = _train(name, args.out, cluster, args.steps, args.resume)
+        dest = _train(name, args.out, cluster, args)
         print(f"{name}: saved {dest} in {time.time() - start:.0f}s", flush=True)
 
 

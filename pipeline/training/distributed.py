@@ -41,6 +41,9 @@ class Schedule:
     ema_decay: float = 0.999
     log_every: int = 50
     seed: int = 0
+    # A wall-clock budget: the run ends at ``steps`` or at this many seconds, whichever comes
+    # first, and the cosine decay follows whichever is further along (a GPU run cannot overrun).
+    max_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +117,12 @@ class Worker:
         self.device = ray.train.torch.get_device()
         # Data order and noise differ per rank (otherwise the workers would repeat each other).
         self.generator = torch.Generator().manual_seed(self.schedule.seed * 1_000 + self.rank)
+        # Noise is drawn where it is used: on a GPU, drawing it on the CPU and copying it over
+        # each step would cost more than the small models' steps.
+        self.noise_generator = self.generator
+        if self.device.type == "cuda":
+            self.noise_generator = torch.Generator(self.device).manual_seed(self.schedule.seed * 1_000 + self.rank)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(self.schedule.seed)
 
     def shard(self, items):
@@ -124,7 +133,7 @@ class Worker:
         return torch.randint(n, (self.schedule.batch_size,), generator=self.generator)
 
     def randn(self, *shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=self.generator).to(self.device)
+        return torch.randn(*shape, generator=self.noise_generator, device=self.noise_generator.device).to(self.device)
 
     def train(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.Tensor]) -> dict[str, Any]:
         """Optimise ``model`` (already seeded) for the scheduled steps and return its EMA weights and
@@ -137,33 +146,52 @@ class Worker:
         params = [p for p in ddp.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
 
-        # Linear warm-up, then cosine decay to zero: short runs end on small, careful steps.
-        def lr_factor(step: int) -> float:
-            if step < s.warmup:
-                return (step + 1) / s.warmup
-            return 0.5 * (1 + math.cos(math.pi * (step - s.warmup) / max(1, s.steps - s.warmup)))
+        start = time.time()
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+        # Linear warm-up, then cosine decay to zero: short runs end on small, careful steps.
+        def progress(step: int) -> float:
+            """How far along the decay is, in [0, 1]: by steps, or by the wall-clock budget."""
+            done = max(0, step - s.warmup) / max(1, s.steps - s.warmup)
+            if s.max_seconds is not None:
+                done = max(done, self._agreed(time.time() - start) / s.max_seconds)
+            return min(1.0, done)
+
+        def set_lr(step: int, done: float) -> None:
+            factor = (step + 1) / s.warmup if step < s.warmup else 0.5 * (1 + math.cos(math.pi * done))
+            for group in opt.param_groups:
+                group["lr"] = s.lr * factor
+
         ema = EMA(model, s.ema_decay)
-        losses, window, start = [], [], time.time()
-        for step in range(1, s.steps + 1):
+        losses, window, step, done = [], [], 0, 0.0
+        while step < s.steps and done < 1.0:
+            set_lr(step, done)
+            step += 1
             loss = loss_fn(ddp)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            sched.step()
             ema.update(model)
-            window.append(loss.item())
-            if step % s.log_every == 0 or step == s.steps:
-                mean = sum(window) / len(window)
+            window.append(loss.detach())  # no .item() here: it would wait for the GPU every step
+            done = progress(step)
+            if step % s.log_every == 0 or step == s.steps or done >= 1.0:
+                mean = torch.stack(window).mean().item()
                 losses.append((step, mean))
                 window = []
                 if self.rank == 0:
-                    print(f"step {step}/{s.steps}  loss {mean:.4f}  {time.time() - start:.0f}s", flush=True)
+                    elapsed = time.time() - start
+                    print(f"step {step}/{s.steps}  loss {mean:.4f}  {elapsed:.0f}s  {step / elapsed:.1f} steps/s", flush=True)
                 # A barrier on every worker (all of them must report equally often).
                 ray.train.report({"step": step, "loss": mean})
-        return {"ema": {k: v.cpu() for k, v in ema.shadow.items()}, "losses": losses}
+        return {"ema": {k: v.cpu() for k, v in ema.shadow.items()}, "losses": losses, "steps": step, "seconds": time.time() - start}
+
+    def _agreed(self, elapsed: float) -> float:
+        """The largest elapsed time over the workers, so that all of them stop at the same step."""
+        if self.world == 1:
+            return elapsed
+        value = torch.tensor([elapsed], device=self.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return float(value.item())
 
     def finish(self, payload: dict[str, Any]) -> None:
         """Hand ``payload`` (rank 0's) back to the driver as a checkpoint; all ranks must call it."""

@@ -31,11 +31,11 @@ def vae_from_payload(payload: dict[str, Any]) -> AutoencoderKL:
 def posterior(vae: AutoencoderKL, images: np.ndarray | torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard deviation of the VAE's latent for uint8 NHWC images (or float NCHW in
     [-1, 1]), computed once, so that training samples a fresh latent each step without running
-    the encoder."""
+    the encoder. They are on the VAE's device."""
     x = images if isinstance(images, torch.Tensor) else torch.from_numpy(data.to_tensor_range(images))
     means, stds = [], []
     for i in range(0, len(x), chunk):
-        dist = vae.encode(x[i : i + chunk]).latent_dist
+        dist = vae.encode(x[i : i + chunk].to(vae.device)).latent_dist
         means.append(dist.mean)
         stds.append(dist.std)
     return torch.cat(means), torch.cat(stds)

@@ -57,13 +57,25 @@ class _Decode(torch.nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
 
-def _aligned_crops(latents: torch.Tensor, images: torch.Tensor, idx: torch.Tensor, crop: int, worker: Worker):
-    """The same random window of latents and of images ``scale`` times their size."""
-    scale = images.shape[-1] // latents.shape[-1]
-    corners = torch.randint(latents.shape[-1] - crop + 1, (len(idx), 2), generator=worker.generator).tolist()
-    z = torch.stack([latents[i, :, y : y + crop, x : x + crop] for i, (y, x) in zip(idx.tolist(), corners)])
-    x = torch.stack([images[i, :, y * scale : (y + crop) * scale, x * scale : (x + crop) * scale] for i, (y, x) in zip(idx.tolist(), corners)])
-    return z, x, corners
+def _window(tensor: torch.Tensor, idx: torch.Tensor, corners: torch.Tensor, size: int) -> torch.Tensor:
+    """``tensor[i, :, y : y + size, x : x + size]`` for each index i and corner (y, x), gathered in
+    one indexing operation (on a GPU, a Python loop over the batch would cost more than the step)."""
+    idx, corners = idx.to(tensor.device), corners.to(tensor.device)
+    offsets = torch.arange(size, device=tensor.device)
+    rows = (corners[:, 0, None] + offsets)[:, :, None]
+    cols = (corners[:, 1, None] + offsets)[:, None, :]
+    return tensor[idx[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+
+
+def _aligned_crops(idx: torch.Tensor, crop: int, worker: Worker, latents: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """The same random window of ``latents`` and of each of ``others`` (at their own scale, a
+    multiple of the latents' size)."""
+    corners = torch.randint(latents.shape[-1] - crop + 1, (len(idx), 2), generator=worker.generator)
+    crops = [_window(latents, idx, corners, crop)]
+    for other in others:
+        scale = other.shape[-1] // latents.shape[-1]
+        crops.append(_window(other, idx, corners * scale, crop * scale))
+    return crops
 
 
 def _decoder_loop(config: dict) -> None:
@@ -77,8 +89,7 @@ def _decoder_loop(config: dict) -> None:
 
     def loss_fn(ddp):
         idx = worker.batch_indices(len(mean))
-        z_mean, x, corners = _aligned_crops(mean, high, idx, crop, worker)
-        z_std = torch.stack([std[i, :, y : y + crop, x_ : x_ + crop] for i, (y, x_) in zip(idx.tolist(), corners)])
+        z_mean, z_std, x = _aligned_crops(idx, crop, worker, mean, std, high)
         recon = ddp((z_mean + z_std * worker.randn(*z_mean.shape)).to(worker.device))
         target = x.to(worker.device)
         return F.mse_loss(recon, target) + F.l1_loss(recon, target)
@@ -94,8 +105,9 @@ def _noise_levels(n: int, low: int, worker: Worker) -> torch.Tensor:
 def _loop(config: dict) -> None:
     worker = Worker(config)
     scenes = worker.shard(data.sample_scenes(config["scenes"], worker.schedule.seed + 2))
-    mean, std = posterior(vae_from_payload(config["vae"]), data.render_all(scenes, data.HIGH_RES), chunk=32)
-    low = torch.from_numpy(data.to_tensor_range(data.render_all(scenes, data.LOW_RES)))
+    # The whole (small) training set lives on the worker's device; crops are gathered there.
+    mean, std = posterior(vae_from_payload(config["vae"]).to(worker.device), data.render_all(scenes, data.HIGH_RES), chunk=32)
+    low = torch.from_numpy(data.to_tensor_range(data.render_all(scenes, data.LOW_RES))).to(worker.device)
     tokenizer = architectures.tokenizer()
     ids, empty = token_ids(tokenizer, [s.caption for s in scenes]), token_ids(tokenizer, [""])
     model = Denoiser(architectures.sr_unet(), architectures.text_encoder(tokenizer))
@@ -108,14 +120,13 @@ def _loop(config: dict) -> None:
 
     def loss_fn(ddp):
         idx = worker.batch_indices(len(mean))
-        z_mean, low_crop, corners = _aligned_crops(mean, low, idx, crop, worker)
-        z_std = torch.stack([std[i, :, y : y + crop, x : x + crop] for i, (y, x) in zip(idx.tolist(), corners)])
+        z_mean, z_std, low_crop = _aligned_crops(idx, crop, worker, mean, std, low)
         z0 = sample_latents(z_mean, z_std, worker)
-        levels = _noise_levels(len(idx), config["low_noise_level"], worker)
-        noisy_low = low_res_scheduler.add_noise(low_crop, torch.randn(len(idx), 3, crop, crop, generator=worker.generator), levels)
+        levels = _noise_levels(len(idx), config["low_noise_level"], worker).to(worker.device)
+        noisy_low = low_res_scheduler.add_noise(low_crop, worker.randn(len(idx), 3, crop, crop), levels)
         return ddpm_loss(
             ddp, scheduler, z0, drop_captions(ids[idx], empty, config["uncond_share"], worker), worker,
-            condition=noisy_low.to(worker.device), class_labels=levels.to(worker.device),
+            condition=noisy_low, class_labels=levels,
         )
 
     worker.finish(worker.train(model, loss_fn))
