@@ -14,9 +14,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline import storage
-from pipeline.spec import StorageSpec
+from pipeline.spec import LimitsSpec, StorageSpec
 
-# Decompression-bomb guard: far above any size a stage accepts.
+# PIL's own decompression-bomb guard, a backstop for the job's limits.max_pixels (checked from the
+# header before decoding): Image.open refuses images over twice this many pixels.
 Image.MAX_IMAGE_PIXELS = 8192 * 8192
 
 
@@ -41,12 +42,18 @@ def _read(column: str, value: Any, storage_spec: StorageSpec) -> bytes:
     raise InputError(f"{column}: missing")
 
 
-def decode(column: str, value: Any, mode: str, storage_spec: StorageSpec) -> np.ndarray:
+def decode(column: str, value: Any, mode: str, storage_spec: StorageSpec, limits: LimitsSpec) -> np.ndarray:
     """The image in ``value`` as a uint8 array: HxWx3 for mode "RGB", HxW for mode "L"."""
     data = _read(column, value, storage_spec)
     try:
         with Image.open(io.BytesIO(data)) as img:
+            # Image.open reads the header only: a small file may declare a huge image.
+            problem = limits.size_problem(*img.size)
+            if problem:
+                raise InputError(f"{column}: {problem}")
             img.load()
             return np.asarray(img.convert(mode))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
+        raise InputError(f"{column}: over limits.max_pixels {limits.max_pixels} ({err})") from None
+    except (UnidentifiedImageError, OSError) as err:
         raise InputError(f"{column}: not a readable image ({type(err).__name__}: {err})") from None

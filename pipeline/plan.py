@@ -85,8 +85,8 @@ def _gpus(stage: StageSpec) -> float:
 
 
 def _flow(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec) -> ray.data.Dataset:
-    ds = ds.map_batches(prepare_batch, fn_kwargs={"flow": flow, "storage": spec.storage}, batch_format="pyarrow",
-                        num_cpus=CPU_STEP_CPUS)
+    ds = ds.map_batches(prepare_batch, fn_kwargs={"flow": flow, "storage": spec.storage, "limits": spec.limits},
+                        batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
     for position, stage in enumerate(flow):
         low, high = stage.actors
         ds = ds.map_batches(
