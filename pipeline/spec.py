@@ -156,16 +156,17 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _stages_within_limits(self) -> "JobSpec":
+        limits = self.limits
         for name, flow in self.flow_map().items():
             prefix = "stages" if self.flows is None else f"flows.{name}"
             for i, stage in enumerate(flow):
-                if stage.steps > self.limits.max_steps:
-                    raise ValueError(f"{prefix}.{i}.steps: {stage.steps} is over limits.max_steps {self.limits.max_steps}")
-                problem = self.limits.size_problem(stage.width, stage.height)
+                if stage.steps > limits.max_steps:
+                    raise ValueError(f"{prefix}.{i}.steps: {stage.steps} is over limits.max_steps {limits.max_steps}")
+                problem = limits.size_problem(stage.width, stage.height)
                 if problem:
                     raise ValueError(f"{prefix}.{i}: {problem}")
             if flow[0].kind == "text_to_image":
-                problem = self.limits.flow_problem(flow, flow[0].width, flow[0].height)
+                problem = limits.flow_problem(flow, flow[0].width, flow[0].height)
                 if problem:
                     raise ValueError(f"{prefix}: {problem}")
         return self

@@ -19,7 +19,8 @@ def stats(rows: int, error: int) -> dict:
     (1.0, 10, 0),
 ])
 def test_exit_code_follows_max_error_fraction(fraction, error, code):
-    spec = parse_spec({"manifest": "m", "output": "o", **({} if fraction is None else {"max_error_fraction": fraction})})
+    fields = {} if fraction is None else {"max_error_fraction": fraction}
+    spec = parse_spec({"manifest": "m", "output": "o", **fields})
     assert exit_code(spec, stats(10, error)) == code
 
 
