@@ -11,7 +11,7 @@ import io
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from pipeline import storage
 from pipeline.spec import LimitsSpec, StorageSpec
@@ -53,7 +53,9 @@ def decode(column: str, value: Any, mode: str, storage_spec: StorageSpec, limits
                 raise InputError(f"{column}: {problem}")
             img.load()
             return np.asarray(img.convert(mode))
+    except InputError:
+        raise
     except Image.DecompressionBombError as err:
         raise InputError(f"{column}: over limits.max_pixels {limits.max_pixels} ({err})") from None
-    except (UnidentifiedImageError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - PIL's decoders also raise SyntaxError, ValueError, ... on bad bytes
         raise InputError(f"{column}: not a readable image ({type(err).__name__}: {err})") from None

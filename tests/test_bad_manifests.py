@@ -37,6 +37,12 @@ def blank_png(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
+def damaged(data: bytes, position: int) -> bytes:
+    """``data`` with one byte zeroed: in a PNG, 11 truncates the IHDR chunk, 35 breaks the
+    length of the first IDAT chunk (PIL raises ValueError and SyntaxError for them)."""
+    return data[:position] + b"\x00" + data[position + 1:]
+
+
 def run_cli(tmp_path, spec: dict) -> tuple[int, str, str]:
     """`shardgen run --spec` in this process: the exit code, stdout and stderr."""
     path = tmp_path / "spec.yaml"
@@ -81,6 +87,8 @@ SR_ROWS = [
     ("sr-good", {"image": png((16, 16), seed=1)}, None),
     ("sr-corrupt", {"image": b"\x89PNG\r\n\x1a\n this is not a PNG"}, "image: not a readable image"),
     ("sr-truncated", {"image": png((16, 16), seed=2)[:200]}, "image: not a readable image"),
+    ("sr-bad-ihdr", {"image": damaged(png((16, 16), seed=6), 11)}, "image: not a readable image (ValueError: "),
+    ("sr-bad-chunk", {"image": damaged(png((16, 16), seed=7), 35)}, "image: not a readable image (SyntaxError: "),
     # 20000x20000 (a 49 kB file) trips PIL's own bomb guard; 3000x3000 the job's limits, from
     # the header, before any pixel is decoded.
     ("sr-bomb", {"image": blank_png(20_000, 20_000)}, "image: over limits.max_pixels 4096"),
@@ -163,7 +171,7 @@ def test_within_max_error_fraction_exits_0_with_errors_by_kind(corpus):
     assert corpus["code"] == 0, corpus["err"]
     share = corpus["errors"] / len(corpus["rows"])
     assert f"error rows: {share:.1%} of rows, within max_error_fraction 0.7" in corpus["out"]
-    assert "'prompt': 3" in corpus["out"] and "'image': 6" in corpus["out"]
+    assert "'prompt': 3" in corpus["out"] and "'image': 8" in corpus["out"]
 
 
 def test_seed_beyond_int64_is_an_error_row_and_exits_3(tmp_path, ray_local):
