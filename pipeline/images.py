@@ -11,7 +11,7 @@ import io
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pipeline import storage
 from pipeline.spec import LimitsSpec, StorageSpec
@@ -58,4 +58,6 @@ def decode(column: str, value: Any, mode: str, storage_spec: StorageSpec, limits
     except Image.DecompressionBombError as err:
         raise InputError(f"{column}: over limits.max_pixels {limits.max_pixels} ({err})") from None
     except Exception as err:  # noqa: BLE001 - PIL's decoders also raise SyntaxError, ValueError, ... on bad bytes
-        raise InputError(f"{column}: not a readable image ({type(err).__name__}: {err})") from None
+        # PIL's own text for an unknown format names the buffer's address, which differs per run.
+        detail = "no known image format" if isinstance(err, UnidentifiedImageError) else str(err)
+        raise InputError(f"{column}: not a readable image ({type(err).__name__}: {detail})") from None

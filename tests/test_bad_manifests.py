@@ -85,8 +85,10 @@ T2I_ROWS = [
 ]
 SR_ROWS = [
     ("sr-good", {"image": png((16, 16), seed=1)}, None),
-    ("sr-corrupt", {"image": b"\x89PNG\r\n\x1a\n this is not a PNG"}, "image: not a readable image"),
-    ("sr-truncated", {"image": png((16, 16), seed=2)[:200]}, "image: not a readable image"),
+    ("sr-corrupt", {"image": b"\x89PNG\r\n\x1a\n this is not a PNG"},
+     "image: not a readable image (UnidentifiedImageError: no known image format)"),
+    ("sr-truncated", {"image": png((16, 16), seed=2)[:200]},
+     "image: not a readable image (OSError: image file is truncated"),
     ("sr-bad-ihdr", {"image": damaged(png((16, 16), seed=6), 11)}, "image: not a readable image (ValueError: "),
     ("sr-bad-chunk", {"image": damaged(png((16, 16), seed=7), 35)}, "image: not a readable image (SyntaxError: "),
     # 20000x20000 (a 49 kB file) trips PIL's own bomb guard; 3000x3000 the job's limits, from
@@ -103,7 +105,7 @@ INPAINT_ROWS = [
     ("in-mask-size", {"prompt": GOOD, "image": png((32, 32), seed=8), "mask": png((16, 32), "L", seed=9)},
      "mask: size 16x32 differs from the image's 32x32"),
     ("in-mask-corrupt", {"prompt": GOOD, "image": png((32, 32), seed=10), "mask": b"GIF89a???"},
-     "mask: not a readable image"),
+     "mask: not a readable image (UnidentifiedImageError: no known image format)"),
     ("in-mask-missing", {"prompt": GOOD, "image": png((32, 32), seed=11), "mask": None}, "mask: missing"),
     ("in-good-2", {"prompt": GOOD, "image": png((32, 32), seed=12), "mask": png((32, 32), "L", seed=13)}, None),
 ]
