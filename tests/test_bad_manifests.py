@@ -57,8 +57,8 @@ STEP = {"steps": 2, "batch_size": 4, "cpus_per_actor": 0.25}
 GOOD = "a red circle on a white background"
 LONG_OK = ("a small red circle on a large white background, " * 40)[:1500]  # over 77 tokens: truncated
 
-# (id, task, columns, expected error prefix or None for an ok row). Good and bad rows alternate
-# so that every batch of 4 mixes them.
+# Per flow: (id, manifest columns, the error message's start, or None for an ok row). Good and
+# bad rows sit side by side so that the batches of 4 mix them.
 T2I_ROWS = [
     ("good-0", {"prompt": GOOD}, None),
     ("prompt-10k", {"prompt": "x" * 10_000}, "prompt: 10000 characters, over limits.max_prompt_chars 2000"),
