@@ -31,9 +31,20 @@ def encode_image(image: np.ndarray, fmt: FormatSpec) -> bytes:
     return buf.getvalue()
 
 
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+
 def image_name(row_id: str, fmt: FormatSpec) -> str:
-    # The struct's path is a label only (no file is written under it); keep it a plain file name.
-    return re.sub(r"[^A-Za-z0-9._-]", "_", row_id) + "." + EXTENSIONS[fmt.image]
+    """The struct's ``path``: a label only (no file is written under it), but readers may join it
+    to a folder, so it is always one plain file name. An id that is not one already (separators,
+    ``..``, a leading dot, other characters, over 100 characters) is sanitised and gets a hash of
+    itself, so that two ids never share a name."""
+    if SAFE_NAME.fullmatch(row_id):
+        stem = row_id
+    else:
+        cleaned = re.sub(r"[^A-Za-z0-9_-]+", "_", row_id).strip("_")[:80]
+        stem = f"{cleaned}-{hashlib.sha256(row_id.encode('utf-8')).hexdigest()[:16]}".lstrip("-")
+    return f"{stem}.{EXTENSIONS[fmt.image]}"
 
 
 def encode_batch(table: pa.Table, fmt: FormatSpec) -> pa.Table:

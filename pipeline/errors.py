@@ -25,6 +25,12 @@ class ModelError(ShardgenError):
     exit_code = 2
 
 
+class StorageError(ShardgenError):
+    """Object storage kept failing (throttling, 5xx errors, dropped connections) after every retry."""
+
+    exit_code = 1
+
+
 # Exit codes, documented in the README.
 EXIT_OK = 0
 EXIT_FAILED = 1

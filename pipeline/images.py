@@ -1,8 +1,9 @@
 """Decode the manifest's input images and masks on CPU (never inside a GPU actor).
 
 A value may be encoded bytes (PNG, JPEG, WebP), a Hugging Face image struct {bytes, path}, or a
-URI string read through the storage layer. Problems raise InputError with a message that names
-the column, which the prepare step turns into the row's error.
+URI string read through the storage layer, only where the job's Access allows (pipeline/access.py).
+Problems raise InputError with a message that names the column, which the prepare step turns into
+the row's error.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline import storage
+from pipeline.access import Access, OutsideError, check
 from pipeline.spec import LimitsSpec, StorageSpec
 
 # PIL's own decompression-bomb guard, a backstop for the job's limits.max_pixels (checked from the
@@ -25,7 +27,7 @@ class InputError(ValueError):
     pass
 
 
-def _read(column: str, value: Any, storage_spec: StorageSpec) -> bytes:
+def _read(column: str, value: Any, storage_spec: StorageSpec, access: Access) -> bytes:
     if isinstance(value, dict):
         if value.get("bytes") is not None:
             return value["bytes"]
@@ -34,17 +36,20 @@ def _read(column: str, value: Any, storage_spec: StorageSpec) -> bytes:
         return bytes(value)
     if isinstance(value, str) and value:
         try:
-            return storage.read_bytes(value, storage_spec)
+            return storage.read_bytes(check(value, access), storage_spec)
+        except OutsideError as err:
+            raise InputError(f"{column}: {err}") from None
         except (FileNotFoundError, IsADirectoryError):
             raise InputError(f"{column}: no file at {value}") from None
         except (OSError, ValueError) as err:
-            raise InputError(f"{column}: cannot read {value}: {err}") from None
+            raise InputError(storage.redact(f"{column}: cannot read {value}: {err}", storage_spec)) from None
     raise InputError(f"{column}: missing")
 
 
-def decode(column: str, value: Any, mode: str, storage_spec: StorageSpec, limits: LimitsSpec) -> np.ndarray:
+def decode(column: str, value: Any, mode: str, storage_spec: StorageSpec, access: Access,
+           limits: LimitsSpec) -> np.ndarray:
     """The image in ``value`` as a uint8 array: HxWx3 for mode "RGB", HxW for mode "L"."""
-    data = _read(column, value, storage_spec)
+    data = _read(column, value, storage_spec, access)
     try:
         with Image.open(io.BytesIO(data)) as img:
             # Image.open reads the header only: a small file may declare a huge image.

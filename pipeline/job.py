@@ -8,6 +8,7 @@ from typing import Any
 
 from pipeline import manifest, storage
 from pipeline.errors import EXIT_OK, EXIT_ROWS_FAILED, SpecError
+from pipeline.models.resolve import check_sources
 from pipeline.spec import JobSpec, StorageSpec, parse_spec_text
 
 
@@ -41,6 +42,7 @@ def run_job(spec: JobSpec, overwrite: bool = False, log=print) -> dict:
         log(f"shardgen: {spec.output} is already complete (run {finished['run_id']}); nothing to do "
             "(--overwrite starts again)")
         return {**finished, "skipped": True}
+    check_sources(spec)
     from pipeline import plan, resume, sink
 
     written = resume.scan(spec, log)

@@ -55,9 +55,10 @@ COLUMN_TYPES: dict[str, tuple[str, Callable[[pa.DataType], bool]]] = {
 def open_manifest(spec: JobSpec) -> pads.Dataset:
     fs, path = storage.arrow_filesystem(spec.manifest, spec.storage)
     try:
-        return pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=False)
+        with storage.guard("read manifest", spec.manifest, spec.storage):
+            return pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=False)
     except (FileNotFoundError, OSError, pa.ArrowInvalid) as err:
-        raise ManifestError(f"cannot read manifest {spec.manifest}: {err}") from None
+        raise ManifestError(storage.redact(f"cannot read manifest {spec.manifest}: {err}", spec.storage)) from None
 
 
 def check(spec: JobSpec) -> pa.Array:
@@ -76,7 +77,8 @@ def check(spec: JobSpec) -> pa.Array:
     for name, (expected, ok) in COLUMN_TYPES.items():
         if name in schema.names and not ok(schema.field(name).type):
             raise ManifestError(f"manifest column {name!r} must be {expected}, got {schema.field(name).type}")
-    ids = dataset.to_table(columns=["id"]).column("id")
+    with storage.guard("read manifest", spec.manifest, spec.storage):
+        ids = dataset.to_table(columns=["id"]).column("id")
     if len(ids) == 0:
         raise ManifestError(f"manifest {spec.manifest} has no rows")
     if ids.null_count:

@@ -15,7 +15,7 @@ from ray.data import ActorPoolStrategy
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 
-from pipeline import storage
+from pipeline import access, storage
 from pipeline.errors import SpecError
 from pipeline.encode import encode_batch
 from pipeline.prepare import prepare_batch, unrouted_batch
@@ -85,7 +85,9 @@ def _gpus(stage: StageSpec) -> float:
 
 
 def _flow(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec) -> ray.data.Dataset:
-    ds = ds.map_batches(prepare_batch, fn_kwargs={"flow": flow, "storage": spec.storage, "limits": spec.limits},
+    ds = ds.map_batches(prepare_batch,
+                        fn_kwargs={"flow": flow, "storage": spec.storage, "access": access.for_job(spec),
+                                   "limits": spec.limits},
                         batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
     for position, stage in enumerate(flow):
         low, high = stage.actors

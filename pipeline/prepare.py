@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import columns
+from pipeline.access import Access
 from pipeline.images import InputError, decode
 from pipeline.spec import LimitsSpec, StageSpec, StorageSpec
 from pipeline.tables import values, with_column, with_pixels
@@ -46,7 +47,7 @@ class _Row:
     """One row's inputs, checked against the job's limits; any problem raises InputError naming
     the field, the value and the limit."""
 
-    def __init__(self, i: int, cols: dict[str, list], flow: list[StageSpec], storage: StorageSpec,
+    def __init__(self, i: int, cols: dict[str, list], flow: list[StageSpec], storage: StorageSpec, access: Access,
                  limits: LimitsSpec):
         first = flow[0]
         self.prompt = cols["prompt"][i] or ""
@@ -69,14 +70,14 @@ class _Row:
             raise InputError(f"steps: {self.steps} is outside 1..{limits.max_steps} (limits.max_steps)")
         source = "size"
         if first.kind in IMAGE_INPUT_KINDS:
-            self.image = decode("image", cols["image"][i], "RGB", storage, limits)
+            self.image = decode("image", cols["image"][i], "RGB", storage, access, limits)
             self.height, self.width = self.image.shape[:2]
             source = "image"
         problem = _size_problem(self.width, self.height, limits) or limits.flow_problem(flow, self.width, self.height)
         if problem:
             raise InputError(f"{source}: {problem}")
         if any(stage.kind == "inpainting" for stage in flow):
-            self.mask = decode("mask", cols["mask"][i], "L", storage, limits)
+            self.mask = decode("mask", cols["mask"][i], "L", storage, access, limits)
             if self.mask.shape != (self.height, self.width):
                 raise InputError(
                     f"mask: size {self.mask.shape[1]}x{self.mask.shape[0]} differs from the image's "
@@ -84,7 +85,8 @@ class _Row:
                 )
 
 
-def prepare_batch(table: pa.Table, flow: list[StageSpec], storage: StorageSpec, limits: LimitsSpec) -> pa.Table:
+def prepare_batch(table: pa.Table, flow: list[StageSpec], storage: StorageSpec, access: Access,
+                  limits: LimitsSpec) -> pa.Table:
     first = flow[0]
     names = ("id", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "strength", "width", "height",
              "image", "mask")
@@ -92,7 +94,7 @@ def prepare_batch(table: pa.Table, flow: list[StageSpec], storage: StorageSpec, 
     rows, errors = [], []
     for i in range(table.num_rows):
         try:
-            rows.append(_Row(i, cols, flow, storage, limits))
+            rows.append(_Row(i, cols, flow, storage, access, limits))
             errors.append(None)
         except InputError as err:
             rows.append(None)

@@ -38,6 +38,28 @@ class StorageSpec(_Strict):
     token: SecretStr | None = None
     region: str | None = None
     anon: bool = False
+    allowed_prefixes: list[str] = Field(
+        default=[],
+        description="where manifest image and mask URIs may point besides the manifest's own bucket or folder",
+    )
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = Field(
+        default=10,
+        description="tries per S3 request, the first included, on throttling (503 SlowDown), 5xx errors and "
+        "dropped connections, with exponential backoff; overrides AWS_MAX_ATTEMPTS",
+    )
+    retry_mode: Literal["standard", "adaptive"] = Field(
+        default="standard",
+        description="botocore's retry mode: adaptive also slows the client down while S3 throttles it; "
+        "overrides AWS_RETRY_MODE",
+    )
+
+    @field_validator("allowed_prefixes")
+    @classmethod
+    def _absolute_prefixes(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            if "://" not in prefix and not prefix.startswith(("/", "~")):
+                raise ValueError(f"{prefix!r} is neither a URI (s3://bucket/...) nor an absolute path")
+        return value
 
 
 class StageSpec(_Strict):

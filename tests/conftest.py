@@ -60,7 +60,7 @@ def environment(tmp_path_factory, s3_endpoint):
 
 @pytest.fixture(scope="session")
 def ray_local(environment):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

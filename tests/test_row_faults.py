@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from pipeline.access import policy
 from pipeline.prepare import prepare_batch
 from pipeline.spec import LimitsSpec, StageSpec, StorageSpec
 from pipeline.stages.text_to_image import TextToImageStage
@@ -55,15 +56,16 @@ def stage():
     return FaultyStage(spec, StorageSpec())
 
 
-def prepared(prompts: list[str]) -> pa.Table:
+def prepared(prompts: list[str], tmp_path) -> pa.Table:
     table = pa.table({"id": [f"r{i}" for i in range(len(prompts))], "prompt": prompts})
     spec = StageSpec(kind="text_to_image", steps=2, width=32, height=32)
-    return prepare_batch(table, [spec], StorageSpec(), LimitsSpec())
+    access = policy(str(tmp_path / "manifest.parquet"), False, [])  # no row reads a URI
+    return prepare_batch(table, [spec], StorageSpec(), access, LimitsSpec())
 
 
-def test_out_of_memory_fails_its_row_alone(stage):
+def test_out_of_memory_fails_its_row_alone(stage, tmp_path):
     prompts = ["a red circle", "OOM a blue square", "a green star", "RAM a yellow ring"]
-    out = stage(prepared(prompts))
+    out = stage(prepared(prompts, tmp_path))
     status, error = values(out, "status"), values(out, "error")
     assert status == ["ok", "error", "ok", "error"], error
     assert error[1].startswith("text_to_image: OutOfMemoryError: CUDA out of memory. Tried to allocate 64.00 GiB")
@@ -76,7 +78,7 @@ def test_out_of_memory_fails_its_row_alone(stage):
     assert stage.freed_before_next_call and all(stage.freed_before_next_call)
 
 
-def test_stage_keeps_working_after_a_fault(stage):
-    stage(prepared(["OOM"]))
-    out = stage(prepared(["a red circle", "a blue square"]))
+def test_stage_keeps_working_after_a_fault(stage, tmp_path):
+    stage(prepared(["OOM"], tmp_path))
+    out = stage(prepared(["a red circle", "a blue square"], tmp_path))
     assert values(out, "status") == ["ok", "ok"] and values(out, "error") == [None, None]

@@ -175,7 +175,8 @@ def test_image_column_as_bytes_or_uri(form, bucket, tmp_path, ray_local):
     else:
         images = [f"{bucket}/in/a.png", str(local)]
     manifest = write_manifest(f"{bucket}/m.parquet", [{"id": "a", "image": images[0]}, {"id": "b", "image": images[1]}])
-    spec = parse_spec({"manifest": manifest, "output": f"{bucket}/out",
+    # The local file lies outside the manifest's bucket: allowed_prefixes lets the job read it.
+    spec = parse_spec({"manifest": manifest, "output": f"{bucket}/out", "storage": {"allowed_prefixes": [str(tmp_path)]},
                        "stages": [{"kind": "super_resolution", **FAST}]})
     stats = run_job(spec)
     assert stats["ok"] == 2, stats

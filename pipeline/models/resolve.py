@@ -3,12 +3,14 @@
 Sources: ``builtin:NAME`` (a trained model shipped in pipeline/models/trained/, or a tiny
 random-weight model built once into the cache), a local folder, a remote folder such as
 ``s3://bucket/models/sd`` (copied once per node into the cache), or a hub id already in the local
-Hugging Face cache (nothing is downloaded at run time).
+Hugging Face cache (nothing is downloaded at run time). Every folder passes the checks of
+pipeline/models/checks.py (safetensors only, no custom code) before it is handed out.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +19,8 @@ from filelock import FileLock
 
 from pipeline import storage
 from pipeline.errors import ModelError
-from pipeline.spec import StorageSpec
+from pipeline.models.checks import check_model
+from pipeline.spec import JobSpec, StorageSpec
 
 BUILTIN_PREFIX = "builtin:"
 TRAINED_DIR = Path(__file__).parent / "trained"
@@ -65,7 +68,38 @@ def build_builtin(name: str) -> Path:
     return _fill_once(cache_root() / "builtin" / name, lambda tmp: builtin.build(name, tmp))
 
 
+def _model_index(text: bytes | str | None) -> dict | None:
+    return None if text is None else json.loads(text)
+
+
+def check_folder(source: str, folder: Path) -> None:
+    files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+    index = folder / "model_index.json"
+    check_model(source, files, _model_index(index.read_text() if index.is_file() else None))
+
+
+def check_sources(spec: JobSpec) -> None:
+    """Refuse, on the driver before any actor starts, a model that cannot be loaded (exit 2). A
+    remote folder is checked by listing it, without copying it here."""
+    for source in dict.fromkeys(stage.model for stage in spec.all_stages()):
+        if storage.is_remote(source):
+            files = storage.list_files(source, spec.storage)
+            if not files:
+                raise ModelError(f"model: no files under {source}")
+            index = storage.read_bytes(storage.join(source, "model_index.json"), spec.storage) \
+                if "model_index.json" in files else None
+            check_model(source, files, _model_index(index))
+        else:
+            resolve(source)
+
+
 def resolve(source: str, storage_spec: StorageSpec | None = None) -> Path:
+    folder = _locate(source, storage_spec)
+    check_folder(source, folder)
+    return folder
+
+
+def _locate(source: str, storage_spec: StorageSpec | None) -> Path:
     if source.startswith(BUILTIN_PREFIX):
         return build_builtin(source[len(BUILTIN_PREFIX):])
     if storage.is_remote(source):

@@ -1,0 +1,174 @@
+"""Worker and node faults injected into a real text_to_image job, for tests/test_worker_faults.py.
+
+Each scenario runs in its own process (``python -m tests.fault_scenarios SCENARIO MANIFEST OUTPUT``)
+with its own Ray, so that killing workers or nodes cannot disturb the pytest process's Ray. The job
+runs in a thread; the main thread waits for a condition (a worker running a given task, output
+shards), injects the fault, waits for the job, and prints one JSON line: the job's stats and what was done.
+
+Only processes below this one (the Ray it started) are ever looked at or killed: other Rays on the
+machine run stage actors under the same titles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import ray
+import psutil  # isort: skip - the copy Ray ships (ray/thirdparty_files), importable once ray is
+
+from pipeline.job import run_job
+from pipeline.spec import parse_spec
+
+STAGE_ACTOR = "MapWorker(MapBatches(TextToImageStage))"
+DEADLINE_S = 240  # generous: a condition that is not met by then is a failure, not a wait
+
+
+def spec(manifest: str, output: str, **stage):
+    """A small text_to_image job whose shards appear as rows finish (two rows a shard)."""
+    return parse_spec({
+        "manifest": manifest, "output": output, "format": {"rows_per_shard": 2},
+        "stages": [{"kind": "text_to_image", "steps": 20, "width": 64, "height": 64, "batch_size": 2, **stage}],
+    })
+
+
+def title(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline()).strip()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return ""
+
+
+def ray_workers(running: str) -> list[psutil.Process]:
+    """Workers of this Ray running ``running``: Ray titles a worker "ray::TASK" while it runs a
+    task ("ray::MapBatches(prepare_batch)") and "ray::ACTOR.METHOD" while an actor runs METHOD."""
+    return [p for p in psutil.Process().children(recursive=True) if title(p) == f"ray::{running}"]
+
+
+def stage_actors(method: str) -> list[psutil.Process]:
+    return ray_workers(f"{STAGE_ACTOR}.{method}")
+
+
+def wait_for(what: str, condition, job: threading.Thread):
+    deadline = time.monotonic() + DEADLINE_S
+    while not (found := condition()):
+        if not job.is_alive():
+            raise RuntimeError(f"the job ended before {what}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} within {DEADLINE_S} s")
+        time.sleep(0.02)  # CPU tasks last a fraction of a second
+    return found
+
+
+def shards(output: str) -> list[Path]:
+    return sorted(Path(output, "data").glob("*.parquet"))
+
+
+class Job(threading.Thread):
+    def __init__(self, spec):
+        super().__init__(daemon=True)
+        self.spec, self.stats, self.error = spec, None, None
+
+    def run(self):
+        try:
+            self.stats = run_job(self.spec)
+        except BaseException as err:  # noqa: BLE001 - reported to the test as the job's failure
+            self.error = f"{type(err).__name__}: {err}"
+
+
+def kill(proc: psutil.Process) -> dict:
+    seen = {"pid": proc.pid, "title": title(proc)}
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    return seen
+
+
+def worker_sigkill(manifest: str, output: str) -> dict:
+    """SIGKILL one worker of each kind, in the order they come up: a task of the CPU prepare
+    step, the stage actor while it loads its model (its constructor), the stage actor again while
+    it runs a batch once some shards exist, and a task of the CPU encode-and-write step."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        job = Job(spec(manifest, output))
+        job.start()
+        killed = {
+            "prepare": kill(wait_for("a prepare task", lambda: ray_workers("MapBatches(prepare_batch)"), job)[0]),
+            "loading": kill(wait_for("a stage actor loading", lambda: stage_actors("__init__"), job)[0]),
+            "batch": kill(wait_for("a stage actor in a batch after a shard",
+                                   lambda: shards(output) and stage_actors("submit"), job)[0]),
+        }
+        shards_at_kill = len(shards(output))
+        killed["write"] = kill(wait_for("a write task", lambda: ray_workers("MapBatches(encode_batch)->Write"),
+                                        job)[0])
+        job.join()
+        return {"stats": job.stats, "error": job.error, "killed": killed, "shards_at_kill": shards_at_kill}
+    finally:
+        ray.shutdown()
+
+
+def raylet_pid(node) -> int:
+    return node.all_processes["raylet"][0].process.pid
+
+
+def node_of(proc: psutil.Process, raylets: dict[int, str]) -> str | None:
+    """The name of the node whose raylet (``raylets``: pid -> name) started ``proc``."""
+    return next((raylets[p.pid] for p in proc.parents() if p.pid in raylets), None)
+
+
+def node_loss(manifest: str, output: str) -> dict:
+    """Lose the node that runs the stage actor (every process of it killed) mid-batch, after some
+    shards exist. Each actor asks for 2 CPUs, which only the worker node has, so the actor lands
+    there and, once it is gone, fits nowhere: a replacement node joins, as an autoscaler or a
+    node group would provide."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        worker = cluster.add_node(num_cpus=2)
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        raylets = {raylet_pid(cluster.head_node): "head", raylet_pid(worker): "worker"}
+        job = Job(spec(manifest, output, cpus_per_actor=2))
+        job.start()
+        actor = wait_for("a stage actor in a batch after a shard",
+                         lambda: shards(output) and stage_actors("submit"), job)[0]
+        lost = {"pid": actor.pid, "title": title(actor), "node": node_of(actor, raylets),
+                "shards_at_loss": len(shards(output))}
+        # A lost machine takes its workers with it; remove_node kills only the node's own
+        # services (raylet, agents), and orphaned workers would linger a while.
+        workers = psutil.Process(raylet_pid(worker)).children(recursive=True)
+        cluster.remove_node(worker, allow_graceful=False)
+        for proc in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(workers, timeout=30)
+        raylets[raylet_pid(cluster.add_node(num_cpus=2))] = "replacement"
+        restarted = wait_for("the stage actor restarted", lambda: stage_actors("submit"), job)[0]
+        job.join()
+        return {"stats": job.stats, "error": job.error, "lost": lost,
+                "restarted_on": node_of(restarted, raylets)}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+SCENARIOS = {"worker_sigkill": worker_sigkill, "node_loss": node_loss}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    parser.add_argument("manifest")
+    parser.add_argument("output")
+    args = parser.parse_args()
+    print(json.dumps(SCENARIOS[args.scenario](args.manifest, args.output)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

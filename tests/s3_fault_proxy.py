@@ -1,0 +1,185 @@
+"""A fault-injecting HTTP proxy for tests: it stands in front of an S3 server (moto's) and answers
+some requests with the faults that real object storage shows under load.
+
+Faults, drawn per request from a seeded random generator at a rate, plus one on every ``every``-th
+request whatever the draw, the kinds taking turns (so that each kind surely occurs however the
+requests of a parallel job interleave), or on every request with ``always``:
+
+- ``slowdown``: 503 with S3's SlowDown error (throttling)
+- ``internal``: 500 with S3's InternalError
+- ``drop``: the connection closes without an answer; half of these after the request reached the
+  server (its PUT stored, the answer lost), half before
+- ``cut``: a GET answer with a body closes midway through the body
+
+``counts`` tells how many of each were injected, and ``forwarded`` how many requests went through.
+"""
+
+from __future__ import annotations
+
+import http.client
+import random
+import socket
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+FAULTS = ("slowdown", "internal", "drop", "cut")
+ERROR_ANSWERS = {
+    "slowdown": (503, "SlowDown", "Please reduce your request rate."),
+    "internal": (500, "InternalError", "We encountered an internal error. Please try again."),
+}
+# Connection headers concern one hop; the proxy sets its own.
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
+
+
+class FaultProxy:
+    """``FaultProxy(upstream, rate=0.2, seed=1)`` faults about a fifth of the requests;
+    ``FaultProxy(upstream, every=8)`` faults every 8th, slowdown, internal, drop and cut in turn;
+    ``FaultProxy(upstream, always="slowdown")`` faults every one; ``methods`` limits the faults to
+    requests of those HTTP methods. Use as a context manager."""
+
+    def __init__(self, upstream: str, rate: float = 0.0, seed: int = 0, every: int = 0, always: str | None = None,
+                 methods: tuple[str, ...] = ("GET", "HEAD", "PUT", "POST", "DELETE")):
+        if always is not None and always not in FAULTS:
+            raise ValueError(f"always: {always!r} is not one of {FAULTS}")
+        self.upstream = urlsplit(upstream)
+        self.rate = rate
+        self.every = every
+        self.always = always
+        self.methods = methods
+        self.counts: Counter[str] = Counter()
+        self.forwarded = 0
+        self._random = random.Random(seed)
+        self._seen = 0
+        self._turn = 0  # the kind in FAULTS that the next scheduled fault takes
+        self._cut_due = False  # a scheduled cut fell on a request that was no GET: the next GET takes it
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> "FaultProxy":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+    def draw(self, method: str) -> tuple[str | None, bool]:
+        """The fault for the next request (None: forward it), and for a drop whether the request
+        reaches the server first. Only a GET gets a ``cut``."""
+        with self._lock:
+            if method not in self.methods:
+                return None, False
+            if self.always is not None:
+                return self.always, False
+            reaches_server = self._random.random() < 0.5
+            kinds = [f for f in FAULTS if f != "cut" or method == "GET"]
+            if self._cut_due and method == "GET":
+                self._cut_due = False
+                return "cut", reaches_server
+            self._seen += 1
+            if self.every and self._seen % self.every == 0:
+                scheduled = FAULTS[self._turn % len(FAULTS)]
+                self._turn += 1
+                if scheduled in kinds:
+                    return scheduled, reaches_server
+                self._cut_due = True
+            fault = self._random.choice(kinds) if self._random.random() < self.rate else None
+            return fault, reaches_server
+
+    def count(self, fault: str | None) -> None:
+        with self._lock:
+            if fault is None:
+                self.forwarded += 1
+            else:
+                self.counts[fault] += 1
+
+    def forward(self, method: str, path: str, headers: dict[str, str], body: bytes) -> http.client.HTTPResponse:
+        conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=60)
+        conn.request(method, path, body=body, headers=headers)
+        return conn.getresponse()
+
+
+def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as S3 clients expect
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+        def _body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                chunks = []
+                while (size := int(self.rfile.readline().split(b";")[0], 16)) > 0:
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+                while self.rfile.readline() not in (b"\r\n", b""):  # trailers
+                    pass
+                return b"".join(chunks)
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def _hang_up(self) -> None:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+        def _handle(self) -> None:
+            body = self._body()
+            fault, reaches_server = proxy.draw(self.command)
+            if fault in ERROR_ANSWERS:
+                status, code, message = ERROR_ANSWERS[fault]
+                xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+                       f"<Message>{message}</Message><RequestId>fault-proxy</RequestId></Error>").encode()
+                proxy.count(fault)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(xml)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(xml)
+                return
+            if fault == "drop":
+                if reaches_server:
+                    proxy.forward(self.command, self.path, self._forward_headers(body), body).read()
+                proxy.count(fault)
+                self._hang_up()
+                return
+            answer = proxy.forward(self.command, self.path, self._forward_headers(body), body)
+            data = answer.read()
+            cut = fault == "cut" and len(data) >= 2
+            proxy.count("cut" if cut else None)
+            self.send_response(answer.status)
+            for name, value in answer.getheaders():
+                if name.lower() not in HOP_HEADERS and name.lower() != "content-length":
+                    self.send_header(name, value)
+            # A HEAD answer tells the object's length without a body.
+            length = answer.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+            if length is not None:
+                self.send_header("Content-Length", length)
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            if cut:
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                self._hang_up()
+                return
+            self.wfile.write(data)
+
+        def _forward_headers(self, body: bytes) -> dict[str, str]:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                headers["Content-Length"] = str(len(body))
+            return headers
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _handle
+
+    return Handler
