@@ -16,7 +16,7 @@ def _run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, manifest=args.manifest, output=args.output)
     stats = run_job(spec, overwrite=args.overwrite)
     print(summary_line(spec, stats))
-    return exit_code(stats)
+    return exit_code(spec, stats)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -32,7 +32,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(summary_line(spec, stats))
     print(f"shardgen demo: manifest {spec.manifest}; dataset {spec.output} "
           f"(look: shardgen inspect {spec.output}); wall time {time.perf_counter() - start:.1f} s")
-    return exit_code(stats)
+    return exit_code(spec, stats)
 
 
 def _models_build(args: argparse.Namespace) -> int:

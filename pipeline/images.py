@@ -16,9 +16,10 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline import storage
 from pipeline.access import Access, OutsideError, check
-from pipeline.spec import StorageSpec
+from pipeline.spec import LimitsSpec, StorageSpec
 
-# Decompression-bomb guard: far above any size a stage accepts.
+# PIL's own decompression-bomb guard, a backstop for the job's limits.max_pixels (checked from the
+# header before decoding): Image.open refuses images over twice this many pixels.
 Image.MAX_IMAGE_PIXELS = 8192 * 8192
 
 
@@ -45,12 +46,23 @@ def _read(column: str, value: Any, storage_spec: StorageSpec, access: Access) ->
     raise InputError(f"{column}: missing")
 
 
-def decode(column: str, value: Any, mode: str, storage_spec: StorageSpec, access: Access) -> np.ndarray:
+def decode(column: str, value: Any, mode: str, storage_spec: StorageSpec, access: Access,
+           limits: LimitsSpec) -> np.ndarray:
     """The image in ``value`` as a uint8 array: HxWx3 for mode "RGB", HxW for mode "L"."""
     data = _read(column, value, storage_spec, access)
     try:
         with Image.open(io.BytesIO(data)) as img:
+            # Image.open reads the header only: a small file may declare a huge image.
+            problem = limits.size_problem(*img.size)
+            if problem:
+                raise InputError(f"{column}: {problem}")
             img.load()
             return np.asarray(img.convert(mode))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-        raise InputError(f"{column}: not a readable image ({type(err).__name__}: {err})") from None
+    except InputError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise InputError(f"{column}: over limits.max_pixels {limits.max_pixels} ({err})") from None
+    except Exception as err:  # noqa: BLE001 - PIL's decoders also raise SyntaxError, ValueError, ... on bad bytes
+        # PIL's own text for an unknown format names the buffer's address, which differs per run.
+        detail = "no known image format" if isinstance(err, UnidentifiedImageError) else str(err)
+        raise InputError(f"{column}: not a readable image ({type(err).__name__}: {detail})") from None

@@ -64,8 +64,13 @@ def run_job(spec: JobSpec, overwrite: bool = False, log=print) -> dict:
     return sink.finalize(spec, run_id, reports, files, table, started, datetime.now(timezone.utc))
 
 
-def exit_code(stats: dict) -> int:
-    return EXIT_OK if stats["error"] == 0 else EXIT_ROWS_FAILED
+def over_error_fraction(spec: JobSpec, stats: dict) -> bool:
+    """Whether a finished job has more error rows than its max_error_fraction tolerates."""
+    return stats["error"] > spec.max_error_fraction * stats["rows"]
+
+
+def exit_code(spec: JobSpec, stats: dict) -> int:
+    return EXIT_ROWS_FAILED if over_error_fraction(spec, stats) else EXIT_OK
 
 
 def summary_line(spec: JobSpec, stats: dict) -> str:
@@ -74,4 +79,7 @@ def summary_line(spec: JobSpec, stats: dict) -> str:
             f"{stats['elapsed_s']:.1f} s, {rate} -> {spec.output}")
     if stats["error"]:
         line += f"\n  errors by kind: {stats['errors_by_kind']}"
+        share = stats["error"] / stats["rows"]
+        verdict = "over" if over_error_fraction(spec, stats) else "within"
+        line += f"\n  error rows: {share:.1%} of rows, {verdict} max_error_fraction {spec.max_error_fraction:g}"
     return line

@@ -86,7 +86,8 @@ def _gpus(stage: StageSpec) -> float:
 
 def _flow(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec) -> ray.data.Dataset:
     ds = ds.map_batches(prepare_batch,
-                        fn_kwargs={"flow": flow, "storage": spec.storage, "access": access.for_job(spec)},
+                        fn_kwargs={"flow": flow, "storage": spec.storage, "access": access.for_job(spec),
+                                   "limits": spec.limits},
                         batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
     for position, stage in enumerate(flow):
         low, high = stage.actors

@@ -12,13 +12,13 @@ import pyarrow as pa
 from pipeline import columns
 from pipeline.access import Access
 from pipeline.images import InputError, decode
-from pipeline.spec import StageSpec, StorageSpec
+from pipeline.spec import LimitsSpec, StageSpec, StorageSpec
 from pipeline.tables import values, with_column, with_pixels
 
 PROMPTED_KINDS = {"text_to_image", "inpainting", "image_to_image"}
 IMAGE_INPUT_KINDS = {"super_resolution", "inpainting", "image_to_image"}
 STRENGTH_KINDS = {"inpainting", "image_to_image"}
-MAX_SIDE = 4096
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def derive_seed(row_id: str) -> int:
@@ -26,35 +26,58 @@ def derive_seed(row_id: str) -> int:
     return int.from_bytes(hashlib.sha256(row_id.encode("utf-8")).digest()[:8], "big") >> 1
 
 
-def _check_size(name: str, width: int, height: int) -> None:
+def _int64(value: int | None) -> int | None:
+    """A manifest integer for an int64 output column; one out of range (an unsigned column can
+    hold one) belongs to an error row and is left out."""
+    return value if value is not None and INT64_MIN <= value <= INT64_MAX else None
+
+
+def _seeds(ids: list[str], seeds: list[int | None]) -> list[int | None]:
+    return [derive_seed(i) if s is None else _int64(s) for i, s in zip(ids, seeds)]
+
+
+def _size_problem(width: int, height: int, limits: LimitsSpec) -> str | None:
     for side, size in (("width", width), ("height", height)):
-        if size < 8 or size % 8 or size > MAX_SIDE:
-            raise InputError(f"{name}: {side} {size} is not a multiple of 8 in 8..{MAX_SIDE}")
+        if size < 8 or size % 8:
+            return f"{side} {size} is not a positive multiple of 8"
+    return limits.size_problem(width, height)
 
 
 class _Row:
-    """One row's inputs, checked; any problem raises InputError naming the field."""
+    """One row's inputs, checked against the job's limits; any problem raises InputError naming
+    the field, the value and the limit."""
 
-    def __init__(self, i: int, cols: dict[str, list], flow: list[StageSpec], storage: StorageSpec, access: Access):
+    def __init__(self, i: int, cols: dict[str, list], flow: list[StageSpec], storage: StorageSpec, access: Access,
+                 limits: LimitsSpec):
         first = flow[0]
         self.prompt = cols["prompt"][i] or ""
         self.image: np.ndarray | None = None
         self.mask: np.ndarray | None = None
-        self.steps = cols["steps"][i] or first.steps
-        self.width = cols["width"][i] or first.width
-        self.height = cols["height"][i] or first.height
+        self.steps = first.steps if cols["steps"][i] is None else cols["steps"][i]
+        self.width = first.width if cols["width"][i] is None else cols["width"][i]
+        self.height = first.height if cols["height"][i] is None else cols["height"][i]
+        # Longer prompts would only be truncated by the tokenizer; a prompt this long is a data bug.
+        for name, text in (("prompt", self.prompt), ("negative_prompt", cols["negative_prompt"][i] or "")):
+            if len(text) > limits.max_prompt_chars:
+                raise InputError(f"{name}: {len(text)} characters, over limits.max_prompt_chars "
+                                 f"{limits.max_prompt_chars}")
         if first.kind in PROMPTED_KINDS and not self.prompt.strip():
             raise InputError("prompt: empty")
-        if not 1 <= self.steps <= 1000:
-            raise InputError(f"steps: {self.steps} is outside 1..1000")
+        seed = cols["seed"][i]
+        if seed is not None and _int64(seed) is None:
+            raise InputError(f"seed: {seed} is outside the int64 range")
+        if not 1 <= self.steps <= limits.max_steps:
+            raise InputError(f"steps: {self.steps} is outside 1..{limits.max_steps} (limits.max_steps)")
+        source = "size"
         if first.kind in IMAGE_INPUT_KINDS:
-            self.image = decode("image", cols["image"][i], "RGB", storage, access)
+            self.image = decode("image", cols["image"][i], "RGB", storage, access, limits)
             self.height, self.width = self.image.shape[:2]
-            _check_size("image", self.width, self.height)
-        else:
-            _check_size("size", self.width, self.height)
+            source = "image"
+        problem = _size_problem(self.width, self.height, limits) or limits.flow_problem(flow, self.width, self.height)
+        if problem:
+            raise InputError(f"{source}: {problem}")
         if any(stage.kind == "inpainting" for stage in flow):
-            self.mask = decode("mask", cols["mask"][i], "L", storage, access)
+            self.mask = decode("mask", cols["mask"][i], "L", storage, access, limits)
             if self.mask.shape != (self.height, self.width):
                 raise InputError(
                     f"mask: size {self.mask.shape[1]}x{self.mask.shape[0]} differs from the image's "
@@ -62,7 +85,8 @@ class _Row:
                 )
 
 
-def prepare_batch(table: pa.Table, flow: list[StageSpec], storage: StorageSpec, access: Access) -> pa.Table:
+def prepare_batch(table: pa.Table, flow: list[StageSpec], storage: StorageSpec, access: Access,
+                  limits: LimitsSpec) -> pa.Table:
     first = flow[0]
     names = ("id", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "strength", "width", "height",
              "image", "mask")
@@ -70,7 +94,7 @@ def prepare_batch(table: pa.Table, flow: list[StageSpec], storage: StorageSpec, 
     rows, errors = [], []
     for i in range(table.num_rows):
         try:
-            rows.append(_Row(i, cols, flow, storage, access))
+            rows.append(_Row(i, cols, flow, storage, access, limits))
             errors.append(None)
         except InputError as err:
             rows.append(None)
@@ -80,14 +104,14 @@ def prepare_batch(table: pa.Table, flow: list[StageSpec], storage: StorageSpec, 
     fill = [
         ("prompt", [p or "" for p in cols["prompt"]], pa.string()),
         ("negative_prompt", [p or "" for p in cols["negative_prompt"]], pa.string()),
-        ("seed", [derive_seed(i) if s is None else s for i, s in zip(cols["id"], cols["seed"])], pa.int64()),
-        ("steps", [r.steps if r else s for r, s in zip(rows, cols["steps"])], pa.int64()),
+        ("seed", _seeds(cols["id"], cols["seed"]), pa.int64()),
+        ("steps", [r.steps if r else _int64(s) for r, s in zip(rows, cols["steps"])], pa.int64()),
         ("guidance_scale", [first.guidance_scale if g is None else float(g) for g in cols["guidance_scale"]],
          pa.float64()),
         ("strength", [first.strength if s is None and first.kind in STRENGTH_KINDS else s for s in cols["strength"]],
          pa.float64()),
-        ("width", [r.width if r else w for r, w in zip(rows, cols["width"])], pa.int64()),
-        ("height", [r.height if r else h for r, h in zip(rows, cols["height"])], pa.int64()),
+        ("width", [r.width if r else _int64(w) for r, w in zip(rows, cols["width"])], pa.int64()),
+        ("height", [r.height if r else _int64(h) for r, h in zip(rows, cols["height"])], pa.int64()),
         ("status", ["error" if e else "ok" for e in errors], pa.string()),
         ("error", errors, pa.string()),
         ("elapsed_s", [0.0] * n, pa.float64()),
@@ -108,8 +132,7 @@ def unrouted_batch(table: pa.Table, flows: list[str]) -> pa.Table:
     for name, vals, type_ in [
         ("status", ["error"] * n, pa.string()),
         ("error", errors, pa.string()),
-        ("seed", [derive_seed(i) if s is None else s for i, s in zip(values(table, "id"), values(table, "seed"))],
-         pa.int64()),
+        ("seed", _seeds(values(table, "id"), values(table, "seed")), pa.int64()),
         ("elapsed_s", [0.0] * n, pa.float64()),
         (columns.STAGES, [""] * n, pa.string()),
         (columns.STAGE_PARAMS, ["[]"] * n, pa.string()),

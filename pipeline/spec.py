@@ -14,6 +14,9 @@ from pipeline.errors import SpecError
 StageKind = Literal["text_to_image", "super_resolution", "inpainting", "image_to_image"]
 SchedulerName = Literal["ddpm", "ddim", "pndm", "euler", "euler_a", "dpm++", "unipc"]
 
+# How many times larger than its input a stage's image comes out (the x4 upscaler family).
+SCALE: dict[str, int] = {"super_resolution": 4}
+
 DEFAULT_MODELS: dict[str, str] = {
     "text_to_image": "builtin:tiny-sd",
     "super_resolution": "builtin:tiny-upscaler",
@@ -63,10 +66,11 @@ class StageSpec(_Strict):
     kind: StageKind
     model: str = Field(default="", description="builtin:NAME, a local folder, an s3:// folder or a cached hub id")
     scheduler: SchedulerName | None = Field(default=None, description="None keeps the model's own scheduler")
-    steps: Annotated[int, Field(ge=1, le=1000)] = 20
+    # Upper bounds for steps, width and height are the job's `limits`, checked by JobSpec.
+    steps: Annotated[int, Field(ge=1)] = 20
     guidance_scale: Annotated[float, Field(ge=0, le=50)] = 7.5
-    width: Annotated[int, Field(ge=8, le=4096, multiple_of=8)] = 64
-    height: Annotated[int, Field(ge=8, le=4096, multiple_of=8)] = 64
+    width: Annotated[int, Field(ge=8, multiple_of=8)] = 64
+    height: Annotated[int, Field(ge=8, multiple_of=8)] = 64
     strength: Annotated[float, Field(gt=0, le=1)] = 0.75
     noise_level: Annotated[int, Field(ge=0, le=1000)] = 20
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 8
@@ -111,6 +115,38 @@ class FormatSpec(_Strict):
     rows_per_shard: Annotated[int, Field(ge=1)] = 1000
 
 
+class LimitsSpec(_Strict):
+    """Bounds on what one row may ask for, so that an out-of-range row becomes an error row
+    instead of an out-of-memory crash of its actor. They apply to the stages' own values, each
+    row's overrides, the size a row reaches through the flow, and input images before decoding."""
+
+    max_width: Annotated[int, Field(ge=8)] = 2048
+    max_height: Annotated[int, Field(ge=8)] = 2048
+    max_pixels: Annotated[int, Field(ge=64)] = 2048 * 2048
+    max_steps: Annotated[int, Field(ge=1)] = 200
+    max_prompt_chars: Annotated[int, Field(ge=1)] = 2000
+
+    def size_problem(self, width: int, height: int) -> str | None:
+        """What is wrong with a ``width`` x ``height`` image under these limits, or None."""
+        if width > self.max_width:
+            return f"width {width} is over limits.max_width {self.max_width}"
+        if height > self.max_height:
+            return f"height {height} is over limits.max_height {self.max_height}"
+        if width * height > self.max_pixels:
+            return f"{width}x{height} is {width * height} pixels, over limits.max_pixels {self.max_pixels}"
+        return None
+
+    def flow_problem(self, flow: list["StageSpec"], width: int, height: int) -> str | None:
+        """What is wrong with the images a row that starts at ``width`` x ``height`` reaches
+        along ``flow`` (a super-resolution stage makes them larger), or None."""
+        for stage in flow:
+            width, height = width * SCALE.get(stage.kind, 1), height * SCALE.get(stage.kind, 1)
+            problem = self.size_problem(width, height)
+            if problem:
+                return f"{stage.kind} makes {width}x{height}: {problem}"
+        return None
+
+
 class JobSpec(_Strict):
     manifest: str
     output: str
@@ -121,6 +157,11 @@ class JobSpec(_Strict):
         description="named chains of stages; the manifest's `task` column routes each row to one",
     )
     format: FormatSpec = FormatSpec()
+    limits: LimitsSpec = LimitsSpec()
+    max_error_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.0,
+        description="the share of error rows a finished job tolerates and still exits 0; above it, exit 3",
+    )
 
     @model_validator(mode="after")
     def _stages_or_flows(self) -> "JobSpec":
@@ -133,6 +174,23 @@ class JobSpec(_Strict):
             # Later stages take the previous stage's image; only the first may make one from text.
             if any(stage.kind == "text_to_image" for stage in flow[1:]):
                 raise ValueError(f"flow {name!r}: text_to_image can only be the first stage")
+        return self
+
+    @model_validator(mode="after")
+    def _stages_within_limits(self) -> "JobSpec":
+        limits = self.limits
+        for name, flow in self.flow_map().items():
+            prefix = "stages" if self.flows is None else f"flows.{name}"
+            for i, stage in enumerate(flow):
+                if stage.steps > limits.max_steps:
+                    raise ValueError(f"{prefix}.{i}.steps: {stage.steps} is over limits.max_steps {limits.max_steps}")
+                problem = limits.size_problem(stage.width, stage.height)
+                if problem:
+                    raise ValueError(f"{prefix}.{i}: {problem}")
+            if flow[0].kind == "text_to_image":
+                problem = limits.flow_problem(flow, flow[0].width, flow[0].height)
+                if problem:
+                    raise ValueError(f"{prefix}: {problem}")
         return self
 
     def flow_map(self) -> dict[str, list[StageSpec]]:

@@ -49,3 +49,31 @@ def test_public_dict_has_no_secrets():
     spec = parse_spec({**BASE, "storage": {"key": "AKIAEXAMPLE", "secret": "s3cr3t-value"}})
     text = str(spec.public_dict())
     assert "s3cr3t-value" not in text and "AKIAEXAMPLE" not in text
+
+
+def test_limits_bound_the_stages():
+    big = {"kind": "text_to_image", "width": 4096, "height": 4096}
+    with pytest.raises(SpecError, match=r"stages\.0: width 4096 is over limits\.max_width 2048"):
+        parse_spec({**BASE, "stages": [big]})
+    raised = {"max_width": 4096, "max_height": 4096, "max_pixels": 4096 * 4096}
+    assert parse_spec({**BASE, "stages": [big], "limits": raised}).stages[0].width == 4096
+    with pytest.raises(SpecError, match=r"stages\.0: 2048x2048 is 4194304 pixels, over limits\.max_pixels 1000000"):
+        parse_spec({**BASE, "stages": [{**big, "width": 2048, "height": 2048}], "limits": {"max_pixels": 10**6}})
+
+
+def test_limits_follow_a_cascade_through_super_resolution():
+    flow = [{"kind": "text_to_image", "width": 1024, "height": 512}, {"kind": "super_resolution"}]
+    with pytest.raises(SpecError, match=r"flows\.big: super_resolution makes 4096x2048: width 4096 is over "
+                                        r"limits\.max_width 2048"):
+        parse_spec({**BASE, "flows": {"small": flow[1:], "big": flow}})
+
+
+@pytest.mark.parametrize("fields, where", [
+    ({"limits": {"max_steps": 0}}, "limits.max_steps"),
+    ({"limits": {"max_prompt_chars": -1}}, "limits.max_prompt_chars"),
+    ({"limits": {"max_sides": 8}}, "limits.max_sides"),
+    ({"max_error_fraction": 1.5}, "max_error_fraction"),
+])
+def test_bad_limits_are_named(fields, where):
+    with pytest.raises(SpecError, match=where.replace(".", r"\.")):
+        parse_spec({**BASE, **fields})

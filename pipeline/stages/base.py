@@ -232,13 +232,19 @@ class DiffusionStage:
         fails, each row is retried alone so that one bad row cannot fail its neighbours."""
         start = time.perf_counter()
         try:
-            images = self.generate(batch, rows)
+            images, problem = self.generate(batch, rows), None
         except Exception as err:  # noqa: BLE001 - every failure becomes the row's error message
+            images, problem = None, _problem(self.kind, err)
+        # Retried outside the except block: the exception's traceback holds the failed call's
+        # tensors, which an out-of-memory retry needs freed first.
+        if images is None:
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
             if len(rows) > 1:
                 for i in rows:
                     yield from self._run(batch, [i])
                 return
-            yield rows[0], None, f"{self.kind}: {type(err).__name__}: {err}", time.perf_counter() - start
+            yield rows[0], None, problem, time.perf_counter() - start
             return
         seconds = (time.perf_counter() - start) / len(rows)
         for i, image in zip(rows, images):
@@ -246,6 +252,14 @@ class DiffusionStage:
                 yield i, None, f"{self.kind}: output is not finite (NaN or inf)", seconds
             else:
                 yield i, to_uint8(image), None, seconds
+
+
+def _problem(kind: str, err: Exception) -> str:
+    """A failed row's error message: the stage, the exception's type, its text."""
+    message = f"{kind}: {type(err).__name__}: {err}"
+    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
+        message += " (out of memory for this row alone: lower its width, height or steps, or the job's limits)"
+    return message
 
 
 def to_pil(images: list[np.ndarray], rows: list[int]) -> list[Image.Image]:

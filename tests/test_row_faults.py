@@ -1,0 +1,84 @@
+"""A fault while generating one row (out of memory, any exception) makes that row an error row
+naming the stage and the kind; its neighbours in the batch go on and the stage keeps working.
+
+Out-of-memory cannot be caused for real on a CPU machine: a stage subclass raises it for rows
+whose prompt asks for it, in a plain in-process stage call (no Ray). NaN outputs and bad inputs
+are caused for real in test_bad_manifests.py.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import pyarrow as pa
+import pytest
+import torch
+
+from pipeline.access import policy
+from pipeline.prepare import prepare_batch
+from pipeline.spec import LimitsSpec, StageSpec, StorageSpec
+from pipeline.stages.text_to_image import TextToImageStage
+from pipeline.tables import values
+
+
+class _Held:
+    """Stands for the tensors a failed call leaves in its frames."""
+
+
+class FaultyStage(TextToImageStage):
+    """Raises CUDA out-of-memory for a call with an "OOM" row, MemoryError for a "RAM" row."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: list[list[str]] = []
+        self.held: weakref.ref | None = None
+        self.freed_before_next_call: list[bool] = []
+
+    def generate(self, batch, rows):
+        if self.held is not None:
+            self.freed_before_next_call.append(self.held() is None)
+            self.held = None
+        prompts = [batch["prompt"][i] for i in rows]
+        self.calls.append(prompts)
+        held = _Held()
+        if any("OOM" in p for p in prompts):
+            self.held = weakref.ref(held)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+        if any("RAM" in p for p in prompts):
+            raise MemoryError()
+        return super().generate(batch, rows)
+
+
+@pytest.fixture(scope="module")
+def stage():
+    # batch_invariant off: the whole batch goes in one call, as on a GPU, so a fault hits every row of it.
+    spec = StageSpec(kind="text_to_image", steps=2, width=32, height=32, batch_invariant=False)
+    return FaultyStage(spec, StorageSpec())
+
+
+def prepared(prompts: list[str], tmp_path) -> pa.Table:
+    table = pa.table({"id": [f"r{i}" for i in range(len(prompts))], "prompt": prompts})
+    spec = StageSpec(kind="text_to_image", steps=2, width=32, height=32)
+    access = policy(str(tmp_path / "manifest.parquet"), False, [])  # no row reads a URI
+    return prepare_batch(table, [spec], StorageSpec(), access, LimitsSpec())
+
+
+def test_out_of_memory_fails_its_row_alone(stage, tmp_path):
+    prompts = ["a red circle", "OOM a blue square", "a green star", "RAM a yellow ring"]
+    out = stage(prepared(prompts, tmp_path))
+    status, error = values(out, "status"), values(out, "error")
+    assert status == ["ok", "error", "ok", "error"], error
+    assert error[1].startswith("text_to_image: OutOfMemoryError: CUDA out of memory. Tried to allocate 64.00 GiB")
+    assert error[3].startswith("text_to_image: MemoryError: ")
+    assert all("out of memory for this row alone" in error[i] for i in (1, 3))
+    assert all(len(pixels) == 32 * 32 * 3 for pixels in values(out, "_sg_pixels")[::2])
+    # The failed batch call, then each row alone.
+    assert stage.calls[0] == prompts and sorted(map(tuple, stage.calls[1:])) == sorted((p,) for p in prompts)
+    # The retries ran after the failed call's frames were released (what a GPU needs to free memory).
+    assert stage.freed_before_next_call and all(stage.freed_before_next_call)
+
+
+def test_stage_keeps_working_after_a_fault(stage, tmp_path):
+    stage(prepared(["OOM"], tmp_path))
+    out = stage(prepared(["a red circle", "a blue square"], tmp_path))
+    assert values(out, "status") == ["ok", "ok"] and values(out, "error") == [None, None]
