@@ -35,6 +35,8 @@ DATA = "data"
 JOB_FILE = "_job.json"
 # What the final stats are computed from.
 STATS_COLUMNS = ["id", "status", "error"]
+# The spec fields that decide what a row becomes.
+ROW_FIELDS = ("manifest", "stages", "flows", "format", "limits")
 
 
 @dataclass
@@ -90,14 +92,14 @@ def _read_columns(fs, path: str, names: list[str]) -> pa.Table:
 
 
 def check_same_job(spec: JobSpec) -> None:
-    """A resumed run must be the same job: its spec (without credentials) as the first run wrote
-    it to _job.json."""
+    """A resumed run must be the same job: the spec fields that shape its rows must be those that
+    the first run wrote to _job.json (storage options and max_error_fraction may change)."""
     uri = storage.join(spec.output, JOB_FILE)
     if not storage.exists(uri, spec.storage):
         return
     before = json.loads(storage.read_bytes(uri, spec.storage))["spec"]
     now = spec.public_dict()
-    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    changed = [k for k in ROW_FIELDS if before.get(k) != now.get(k)]
     if changed:
         raise SpecError(f"output {spec.output} holds part of a run of another spec (changed: {', '.join(changed)}); "
                         "rerun with the same spec to resume, or pass --overwrite to start again")
