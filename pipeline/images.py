@@ -66,3 +66,11 @@ def decode(column: str, value: Any, mode: str, storage_spec: StorageSpec, access
         # PIL's own text for an unknown format names the buffer's address, which differs per run.
         detail = "no known image format" if isinstance(err, UnidentifiedImageError) else str(err)
         raise InputError(f"{column}: not a readable image ({type(err).__name__}: {detail})") from None
+
+
+def keep_unmasked(original: np.ndarray, generated: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The generated pixels where the uint8 ``mask`` is white (>= 128: repaint), the original ones
+    elsewhere. Inpainting pipelines decode the whole image from latents, so without this the kept
+    pixels drift by the VAE's reconstruction error. ``original`` and ``generated`` are H x W x 3
+    in one value range."""
+    return np.where((np.asarray(mask) >= 128)[..., None], generated, original)

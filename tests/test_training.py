@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from diffusers import AutoPipelineForText2Image
 
+from pipeline.images import keep_unmasked
 from pipeline.training import architectures, data, measure, sr, t2i, vae
 from pipeline.training.distributed import Cluster, Schedule, Worker, fit
-from pipeline.training.evaluate import paste_unmasked
 from pipeline.training.latents import vae_payload
 
 
@@ -37,11 +37,11 @@ def test_measuring_a_render_recovers_its_colours():
     assert measure.read(flat).colour is None
 
 
-def test_paste_unmasked_keeps_every_pixel_outside_the_mask():
+def test_keep_unmasked_keeps_every_pixel_outside_the_mask():
     rng = np.random.default_rng(0)
     original, generated = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     mask = data.box_mask((8, 8, 20, 24), 32)
-    out = paste_unmasked(original, generated, (mask * 255).astype(np.uint8))
+    out = keep_unmasked(original, generated, (mask * 255).astype(np.uint8))
     assert np.array_equal(out[mask < 0.5], original[mask < 0.5])
     assert np.array_equal(out[mask >= 0.5], generated[mask >= 0.5])
 

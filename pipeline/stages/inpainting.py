@@ -7,9 +7,9 @@ pixels under black mask stay exactly the input's here.
 
 from __future__ import annotations
 
-import numpy as np
 from diffusers import AutoPipelineForInpainting
 
+from pipeline.images import keep_unmasked
 from pipeline.stages.base import DiffusionStage, to_pil
 
 
@@ -30,5 +30,4 @@ class InpaintingStage(DiffusionStage):
                 "strength": self.param(batch, "strength", rows[0]), "height": height, "width": width}
 
     def finish(self, image, batch, i):
-        repaint = (batch["mask"][i] >= 128)[..., None]
-        return np.where(repaint, image, batch["pixels"][i] / 255.0)
+        return keep_unmasked(batch["pixels"][i] / 255.0, image, batch["mask"][i])

@@ -7,7 +7,7 @@
   repainted region has the prompted colour.
 
 ``python -m pipeline.training eval`` prints all of them; ``score_images`` measures any batch of
-generated images against their scenes, ``paste_unmasked`` is the inpainting post-step.
+generated images against their scenes, the inpainting stage's ``keep_unmasked`` (pipeline/images.py) is applied as the stage does.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 from PIL import Image
 
+from pipeline.images import keep_unmasked
 from pipeline.training import data, measure
 from pipeline.training.classifier import NAME as CLASSIFIER_NAME
 from pipeline.training.classifier import ShapeClassifier
@@ -36,16 +37,6 @@ SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm-solver": DPMSolve
 SR_SETTINGS = (
     ("dpm-solver", 20, 20), ("dpm-solver", 20, 0), ("ddim", 20, 20), ("ddim", 50, 20), ("ddim", 1, 20), ("ddim", 2, 20),
 )
-
-
-def paste_unmasked(original: np.ndarray, generated: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Keep the original pixels where the mask says keep (mask < 0.5, black), the generated ones
-    where it says repaint. The inpainting pipeline decodes the whole image from latents, so
-    without this the kept pixels drift by the VAE's reconstruction error.
-    original, generated: H x W x 3 uint8; mask: H x W in [0, 1] or uint8 in [0, 255] (white = repaint)."""
-    mask = np.asarray(mask, np.float32)
-    repaint = (mask / 255.0 if mask.max() > 1.0 else mask) >= 0.5
-    return np.where(repaint[..., None], generated, original).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -162,7 +153,7 @@ def inpainting(folder: Path, classifier: ShapeClassifier, n: int, steps: int, gu
     outside_raw, outside_pasted, colour_ok, pasted_all = [], [], [], []
     for (scene, mask, colour), original, image in zip(cases, originals, generated):
         keep = mask < 0.5
-        pasted = paste_unmasked(original, image, mask)
+        pasted = keep_unmasked(original, image, (mask * 255).astype(np.uint8))
         pasted_all.append(pasted)
         outside_raw.append(np.abs(image.astype(np.int16) - original)[keep].mean())
         outside_pasted.append(np.abs(pasted.astype(np.int16) - original)[keep].mean())
