@@ -163,8 +163,10 @@ def test_dockerfile_installs_the_package():
     installs = [shlex.split(line) for line in re.findall(r"^RUN\s+(.*)$", text, re.M) if "pip install" in line]
     assert any("." in args[args.index("install"):] for args in installs), installs
     # The installed package must hold jobs/, or `python -m jobs.generate` fails outside a checkout.
-    assert any(re.fullmatch(p.replace("*", ".*"), "jobs") for p in project["tool"]["setuptools"]["packages"]["find"]["include"])
-    ignore = (CLUSTER / "Dockerfile.dockerignore").read_text().split()
+    packages = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert any(re.fullmatch(p.replace("*", ".*"), "jobs") for p in packages), packages
+    ignore = [line.strip() for line in (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
     if "*" in ignore:
         assert all(f"!{src}" in ignore for src in copied), (copied, ignore)
 
@@ -196,7 +198,8 @@ def test_head_takes_no_work_and_serves_the_jobs_api():
         assert head["rayStartParams"].get("include-dashboard", "true") != "false"
         container = head["template"]["spec"]["containers"][0]
         assert 8265 in {p["containerPort"] for p in container.get("ports", [])}
-        assert "nvidia.com/gpu" not in {**container["resources"].get("requests", {}), **container["resources"]["limits"]}
+        resources = container["resources"]
+        assert "nvidia.com/gpu" not in {**resources.get("requests", {}), **resources.get("limits", {})}
 
 
 def test_gpu_workers_request_their_resources_and_autoscale():
@@ -210,7 +213,8 @@ def test_gpu_workers_request_their_resources_and_autoscale():
         assert int(resources["limits"]["nvidia.com/gpu"]) >= 1
         assert {"cpu", "memory"} <= set(resources["requests"])
         # The driver on the head must wait for the autoscaler rather than refuse (plan.check_fits).
-        head_env = {e["name"]: e.get("value") for e in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        head_env = {e["name"]: e.get("value") for e in head["env"]}
         assert head_env.get("SHARDGEN_AUTOSCALING") == "1"
 
 
