@@ -58,38 +58,42 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="shardgen", description="Dataset-scale image generation on Ray Data.")
+    p = argparse.ArgumentParser(prog="shardgen", description="Dataset-scale image generation on Ray Data.",
+                                allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a job spec (YAML or JSON, local path or s3:// URI)")
+    run = sub.add_parser("run", allow_abbrev=False, help="run a job spec (YAML or JSON, local path or s3:// URI)")
     run.add_argument("--spec", required=True)
     run.add_argument("--manifest", help="override the spec's manifest URI")
     run.add_argument("--output", help="override the spec's output URI")
     run.add_argument("--overwrite", action="store_true", help="delete the output first and start again")
     run.set_defaults(fn=_run)
 
-    demo = sub.add_parser("demo", help="run the embedded default job (local Ray, built-in models)")
+    demo = sub.add_parser("demo", allow_abbrev=False, help="run the embedded default job (local Ray, built-in models)")
     demo.add_argument("--output", default="demo-output", help="folder for the manifest and the dataset")
     demo.add_argument("--rows", type=int, default=32)
     demo.set_defaults(fn=_demo)
 
-    look = sub.add_parser("inspect", help="summarise an output dataset: stats, columns, errors, first rows")
+    look = sub.add_parser("inspect", allow_abbrev=False,
+                          help="summarise an output dataset: stats, columns, errors, first rows")
     look.add_argument("output")
     look.add_argument("--rows", type=int, default=5)
     look.add_argument("--save", help="also save the first rows' images into this folder")
     look.set_defaults(fn=_inspect)
 
-    bench = sub.add_parser("bench", help="steady throughput against a plain diffusers loop (prints figures)")
+    bench = sub.add_parser("bench", allow_abbrev=False,
+                           help="steady throughput against a plain diffusers loop (prints figures)")
     bench.add_argument("--rows", type=int, default=96)
     bench.add_argument("--json", help="also write the figures to this file")
     bench.set_defaults(fn=_bench)
 
     # Listed for --help only: main() hands `train …` whole to the training entry point.
-    sub.add_parser("train", help="train or evaluate the shape models: shardgen train {vae,t2i,sr,inpaint,all,eval} …")
+    sub.add_parser("train", allow_abbrev=False,
+                   help="train or evaluate the shape models: shardgen train {vae,t2i,sr,inpaint,all,eval} …")
 
-    models = sub.add_parser("models", help="built-in models")
+    models = sub.add_parser("models", allow_abbrev=False, help="built-in models")
     models_sub = models.add_subparsers(dest="models_command", required=True)
-    build = models_sub.add_parser("build", help="build the built-in models into the cache")
+    build = models_sub.add_parser("build", allow_abbrev=False, help="build the built-in models into the cache")
     build.add_argument("names", nargs="*", help="built-in names (default: all)")
     build.set_defaults(fn=_models_build)
     return p
