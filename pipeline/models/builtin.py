@@ -48,7 +48,9 @@ def _text_encoder_and_tokenizer():
     return CLIPTextModel(config), tokenizer
 
 
-def _vae(blocks: tuple[int, ...]) -> AutoencoderKL:
+def small_vae(blocks: tuple[int, ...], norm_num_groups: int = 16, latent_channels: int = 4, **extra) -> AutoencoderKL:
+    """A small AutoencoderKL (also the trained shapes models' VAE, see
+    pipeline/training/architectures.py); ``extra`` goes to AutoencoderKL as it is."""
     # The VAE's scale factor is 2 ** (len(blocks) - 1).
     return AutoencoderKL(
         in_channels=3,
@@ -56,9 +58,10 @@ def _vae(blocks: tuple[int, ...]) -> AutoencoderKL:
         block_out_channels=blocks,
         down_block_types=("DownEncoderBlock2D",) * len(blocks),
         up_block_types=("UpDecoderBlock2D",) * len(blocks),
-        latent_channels=4,
+        latent_channels=latent_channels,
         layers_per_block=1,
-        norm_num_groups=16,
+        norm_num_groups=norm_num_groups,
+        **extra,
     )
 
 
@@ -82,7 +85,7 @@ def _unet(in_channels: int, **extra) -> UNet2DConditionModel:
 def _stable_diffusion(pipeline_class, unet_in_channels: int) -> DiffusionPipeline:
     text_encoder, tokenizer = _text_encoder_and_tokenizer()
     return pipeline_class(
-        vae=_vae((32, 32, 64)),
+        vae=small_vae((32, 32, 64)),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=_unet(unet_in_channels),
@@ -107,7 +110,7 @@ def tiny_upscaler() -> DiffusionPipeline:
     # The x4 upscaler: latents at the low-res size (a VAE with scale factor 4), the low-res image
     # concatenated as 3 extra channels, and the noise level embedded as a class label.
     return StableDiffusionUpscalePipeline(
-        vae=_vae((32, 32, 64)),
+        vae=small_vae((32, 32, 64)),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=_unet(7, num_class_embeds=UPSCALER_MAX_NOISE_LEVEL + 1),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from pipeline.models.builtin import small_vae
 from pipeline.models.tokenizer import build_tokenizer
 
 TEXT_DIM = 64
@@ -48,18 +49,8 @@ def text_encoder(tok: CLIPTokenizer) -> CLIPTextModel:
 
 
 def vae() -> AutoencoderKL:
-    blocks = (16, 32, 64)  # scale factor 2 ** (len(blocks) - 1) = 4
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=blocks,
-        down_block_types=("DownEncoderBlock2D",) * len(blocks),
-        up_block_types=("UpDecoderBlock2D",) * len(blocks),
-        latent_channels=LATENT_CHANNELS,
-        layers_per_block=1,
-        norm_num_groups=8,
-        scaling_factor=SCALING_FACTOR,
-    )
+    # Scale factor 2 ** (len(blocks) - 1) = 4.
+    return small_vae((16, 32, 64), norm_num_groups=8, latent_channels=LATENT_CHANNELS, scaling_factor=SCALING_FACTOR)
 
 
 def noise_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,29 +68,26 @@ def _load(folder: Path, sampler: str, device: str = "cpu") -> DiffusionPipeline:
     return pipe
 
 
-def _generators(seed: int, n: int) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
-
-
-def _chunks(n: int, size: int):
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))
+def _generate(pipe: DiffusionPipeline, n: int, chunk: int, inputs: Callable[[slice], dict[str, Any]],
+              **settings: Any) -> np.ndarray:
+    """Run ``pipe`` over n cases, ``chunk`` at a time, as uint8 images. ``inputs(part)`` gives the
+    per-case arguments of the cases in ``part``; case i has its own CPU generator seeded
+    HELD_OUT_SEED + i, so a GPU run draws the same initial noise and chunking changes nothing."""
+    images = []
+    for start in range(0, n, chunk):
+        part = slice(start, min(n, start + chunk))
+        generators = [torch.Generator().manual_seed(HELD_OUT_SEED + i) for i in range(part.start, part.stop)]
+        out = pipe(**inputs(part), **settings, generator=generators, output_type="np")
+        images.append((np.asarray(out.images) * 255).round().astype(np.uint8))
+    return np.concatenate(images)
 
 
 def text_to_image(folder: Path, classifier: ShapeClassifier, n: int, sampler: str, steps: int, guidance: float) -> Scores:
     pipe = _load(folder, sampler)
     scenes = data.sample_scenes(n, HELD_OUT_SEED)
-    images = []
-    for part in _chunks(n, 50):
-        out = pipe(
-            prompt=[s.caption for s in scenes[part]],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=_generators(HELD_OUT_SEED + part.start, part.stop - part.start),
-            output_type="np",
-        )
-        images.append((np.asarray(out.images) * 255).round().astype(np.uint8))
-    return score_images(np.concatenate(images), scenes, classifier)
+    images = _generate(pipe, n, 50, lambda part: {"prompt": [s.caption for s in scenes[part]]},
+                       num_inference_steps=steps, guidance_scale=guidance)
+    return score_images(images, scenes, classifier)
 
 
 def super_resolution(
@@ -100,19 +99,11 @@ def super_resolution(
     scenes = data.sample_scenes(n, HELD_OUT_SEED + 1)
     low, high = data.render_all(scenes, data.LOW_RES), data.render_all(scenes, data.HIGH_RES)
     bicubic = np.stack([np.asarray(Image.fromarray(im).resize((data.HIGH_RES,) * 2, Image.BICUBIC)) for im in low])
-    upscaled = []
-    for part in _chunks(n, chunk):
-        out = pipe(
-            prompt=[s.caption for s in scenes[part]],
-            image=[Image.fromarray(im) for im in low[part]],
-            num_inference_steps=steps,
-            noise_level=noise_level,
-            guidance_scale=guidance,
-            generator=_generators(HELD_OUT_SEED + part.start, part.stop - part.start),
-            output_type="np",
-        )
-        upscaled.append((np.asarray(out.images) * 255).round().astype(np.uint8))
-    upscaled = np.concatenate(upscaled)
+    upscaled = _generate(
+        pipe, n, chunk,
+        lambda part: {"prompt": [s.caption for s in scenes[part]], "image": [Image.fromarray(im) for im in low[part]]},
+        num_inference_steps=steps, noise_level=noise_level, guidance_scale=guidance,
+    )
     model_psnr = float(np.mean([psnr(u, h) for u, h in zip(upscaled, high)]))
     bicubic_psnr = float(np.mean([psnr(b, h) for b, h in zip(bicubic, high)]))
     return {"psnr": model_psnr, "bicubic_psnr": bicubic_psnr, "gain_db": model_psnr - bicubic_psnr, "n": n}
@@ -135,21 +126,15 @@ def inpainting(folder: Path, classifier: ShapeClassifier, n: int, steps: int, gu
     pipe = _load(folder, "dpm-solver")
     cases = inpaint_cases(n)
     originals = data.render_all([c[0] for c in cases], data.LOW_RES)
-    results = []
-    for part in _chunks(n, 50):
-        out = pipe(
-            prompt=[data.caption(s.shape, colour, s.background) for s, _, colour in cases[part]],
-            image=[Image.fromarray(im) for im in originals[part]],
-            mask_image=[Image.fromarray((m * 255).astype(np.uint8)) for _, m, _ in cases[part]],
-            height=data.LOW_RES,
-            width=data.LOW_RES,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=_generators(HELD_OUT_SEED + part.start, part.stop - part.start),
-            output_type="np",
-        )
-        results.append((np.asarray(out.images) * 255).round().astype(np.uint8))
-    generated = np.concatenate(results)
+    generated = _generate(
+        pipe, n, 50,
+        lambda part: {
+            "prompt": [data.caption(s.shape, colour, s.background) for s, _, colour in cases[part]],
+            "image": [Image.fromarray(im) for im in originals[part]],
+            "mask_image": [Image.fromarray((m * 255).astype(np.uint8)) for _, m, _ in cases[part]],
+        },
+        height=data.LOW_RES, width=data.LOW_RES, num_inference_steps=steps, guidance_scale=guidance,
+    )
     outside_raw, outside_pasted, colour_ok, pasted_all = [], [], [], []
     for (scene, mask, colour), original, image in zip(cases, originals, generated):
         keep = mask < 0.5

@@ -15,11 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
 from pipeline.training import architectures, data
 from pipeline.training.distributed import Cluster, Schedule, Worker, fit
-from pipeline.training.latents import Denoiser, ddpm_loss, drop_captions, posterior, sample_latents, split_denoiser, token_ids, vae_from_payload, vae_payload
+from pipeline.training.latents import (
+    NO_SAFETY_CHECKER, Denoiser, ddpm_loss, drop_captions, pipeline_parts, posterior, sample_latents, token_ids,
+    vae_from_payload, vae_payload,
+)
 from pipeline.training.t2i import NAME as T2I_NAME
 
 NAME = "shapes-inpaint"
@@ -83,19 +86,8 @@ def init_from_text_to_image(t2i: StableDiffusionPipeline) -> dict[str, torch.Ten
 
 
 def assemble(t2i: StableDiffusionPipeline, state: dict) -> StableDiffusionInpaintPipeline:
-    tokenizer = architectures.tokenizer()
-    unet, text_encoder = architectures.inpaint_unet(), architectures.text_encoder(tokenizer)
-    split_denoiser(state, unet, text_encoder)
-    return StableDiffusionInpaintPipeline(
-        vae=t2i.vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(architectures.noise_scheduler().config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return StableDiffusionInpaintPipeline(vae=t2i.vae, **pipeline_parts(state, architectures.inpaint_unet()),
+                                          **NO_SAFETY_CHECKER)
 
 
 def train(out: Path, cluster: Cluster, config: InpaintConfig = InpaintConfig()) -> Path:

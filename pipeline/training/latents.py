@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from pipeline.training import data
+from pipeline.training import architectures, data
 from pipeline.training.architectures import SCALING_FACTOR
 from pipeline.training.distributed import Worker
 
@@ -75,6 +75,22 @@ def split_denoiser(state: dict[str, torch.Tensor], unet: UNet2DConditionModel, t
     """Load a Denoiser state dict into separate U-Net and text encoder (for the pipeline)."""
     unet.load_state_dict({k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")})
     text_encoder.load_state_dict({k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")})
+
+
+def pipeline_parts(state: dict[str, torch.Tensor], unet: UNet2DConditionModel,
+                   prediction_type: str = "epsilon") -> dict[str, Any]:
+    """A trained Denoiser state as pipeline components: ``unet`` (a fresh one of the right shape)
+    with the state's weights, the caption encoder and tokenizer, and a fast default sampler on the
+    training noise schedule (DDPM over all 1000 steps is a scheduler swap, same config)."""
+    tokenizer = architectures.tokenizer()
+    text_encoder = architectures.text_encoder(tokenizer)
+    split_denoiser(state, unet, text_encoder)
+    scheduler = DPMSolverMultistepScheduler.from_config(architectures.noise_scheduler(prediction_type).config)
+    return {"unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+# The shapes pipelines draw flat shapes: no safety checker or its image feature extractor.
+NO_SAFETY_CHECKER = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
 
 def ddpm_loss(

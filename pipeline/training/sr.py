@@ -17,12 +17,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionUpscalePipeline
+from diffusers import AutoencoderKL, StableDiffusionUpscalePipeline
 from transformers import CLIPTextModel
 
 from pipeline.training import architectures, data
 from pipeline.training.distributed import Cluster, Schedule, Worker, fit
-from pipeline.training.latents import Denoiser, ddpm_loss, drop_captions, posterior, sample_latents, split_denoiser, token_ids, vae_from_payload, vae_payload
+from pipeline.training.latents import (
+    Denoiser, ddpm_loss, drop_captions, pipeline_parts, posterior, sample_latents, token_ids, vae_from_payload,
+    vae_payload,
+)
 from pipeline.training.t2i import NAME as T2I_NAME
 from pipeline.training.vae import NAME as VAE_NAME
 
@@ -133,16 +136,10 @@ def _loop(config: dict) -> None:
 
 
 def assemble(vae: AutoencoderKL, state: dict) -> StableDiffusionUpscalePipeline:
-    tokenizer = architectures.tokenizer()
-    unet, text_encoder = architectures.sr_unet(), architectures.text_encoder(tokenizer)
-    split_denoiser(state, unet, text_encoder)
     return StableDiffusionUpscalePipeline(
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
+        **pipeline_parts(state, architectures.sr_unet(), PREDICTION),
         low_res_scheduler=architectures.low_res_scheduler(),
-        scheduler=DPMSolverMultistepScheduler.from_config(architectures.noise_scheduler(PREDICTION).config),
         max_noise_level=architectures.MAX_NOISE_LEVEL,
     )
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from pipeline.training import architectures, data
 from pipeline.training.distributed import Cluster, Schedule, Worker, fit
-from pipeline.training.latents import Denoiser, ddpm_loss, drop_captions, posterior, sample_latents, split_denoiser, token_ids, vae_from_payload, vae_payload
+from pipeline.training.latents import (
+    NO_SAFETY_CHECKER, Denoiser, ddpm_loss, drop_captions, pipeline_parts, posterior, sample_latents, token_ids,
+    vae_from_payload, vae_payload,
+)
 from pipeline.training.vae import NAME as VAE_NAME
 
 NAME = "shapes-t2i"
@@ -45,20 +48,7 @@ def _loop(config: dict) -> None:
 
 
 def assemble(vae: AutoencoderKL, state: dict) -> StableDiffusionPipeline:
-    tokenizer = architectures.tokenizer()
-    unet, text_encoder = architectures.t2i_unet(), architectures.text_encoder(tokenizer)
-    split_denoiser(state, unet, text_encoder)
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        # A fast default sampler; DDPM over all 1000 steps is a scheduler swap (same config).
-        scheduler=DPMSolverMultistepScheduler.from_config(architectures.noise_scheduler().config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return StableDiffusionPipeline(vae=vae, **pipeline_parts(state, architectures.t2i_unet()), **NO_SAFETY_CHECKER)
 
 
 def train(out: Path, cluster: Cluster, config: T2IConfig = T2IConfig(), resume: bool = False) -> Path:
