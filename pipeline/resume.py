@@ -41,11 +41,15 @@ ROW_FIELDS = ("manifest", "stages", "flows", "format", "limits")
 
 @dataclass
 class Written:
-    """The shards already in the output and the ids they hold."""
+    """The shards already in the output, their id/status/error columns, and the ids they hold."""
 
-    files: list[str] = field(default_factory=list)  # relative to the output, e.g. data/part-….parquet
+    tables: dict[str, pa.Table] = field(default_factory=dict)  # by name relative to the output: data/part-….parquet
     ids: set[str] = field(default_factory=set)
     removed: list[str] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[str]:
+        return list(self.tables)
 
     def done(self) -> pa.Array:
         return pa.array(sorted(self.ids), pa.string())
@@ -73,12 +77,13 @@ def scan(spec: JobSpec, log=print) -> Written:
         if not name.endswith(".parquet"):
             fs.rm(f"{path}/{name}")
             continue
-        ids = _read_columns(fs, f"{path}/{name}", ["id"]).column("id").to_pylist()
+        table = _read_columns(fs, f"{path}/{name}", STATS_COLUMNS)
+        ids = table.column("id").to_pylist()
         if written.ids.intersection(ids):
             fs.rm(f"{path}/{name}")
             written.removed.append(name)
             continue
-        written.files.append(name)
+        written.tables[name] = table
         written.ids.update(ids)
     if written.removed:
         log(f"shardgen: removed {len(written.removed)} shard(s) that repeat ids of earlier shards "
@@ -133,7 +138,9 @@ def settle(spec: JobSpec, written: Written, new_files: list[str], manifest_rows:
     missing = keep.difference(names)
     if missing:
         raise ShardgenError(f"shard(s) written by this run are gone from the output: {', '.join(sorted(missing))}")
-    tables = [_read_columns(fs, f"{path}/{name}", STATS_COLUMNS) for name in sorted(keep)]
+    # The listed shards' columns were read by scan; only this run's shards are read here.
+    tables = [written.tables[name] if name in written.tables else _read_columns(fs, f"{path}/{name}", STATS_COLUMNS)
+              for name in sorted(keep)]
     table = pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in STATS_COLUMNS})
     distinct = pc.count_distinct(table.column("id")).as_py() if table.num_rows else 0
     if distinct != table.num_rows or table.num_rows != manifest_rows:
