@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline import layout
 from pipeline.demo import sample_prompts
 from pipeline.job import run_job
 from pipeline.models.resolve import resolve
@@ -61,7 +62,7 @@ def pipeline_run(spec: JobSpec, name: str) -> Result:
     start = time.perf_counter()
     run_job(spec, overwrite=True, log=lambda _: None)
     wall = time.perf_counter() - start
-    table = pq.read_table(Path(spec.output) / "data", columns=["created_at"])
+    table = pq.read_table(Path(spec.output) / layout.DATA, columns=["created_at"])
     times = sorted(t.timestamp() for t in table.column("created_at").to_pylist())
     first = times[0]
     later = [t for t in times if t > first]

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
-from pipeline import manifest, storage
+from pipeline import layout, manifest, storage
 from pipeline.errors import EXIT_OK, EXIT_ROWS_FAILED, SpecError
 from pipeline.models.resolve import check_sources
 from pipeline.spec import JobSpec, StorageSpec, parse_spec_text
+from pipeline.stats import Stats
 
 
 def load_spec(uri: str, **overrides: Any) -> JobSpec:
@@ -21,7 +22,7 @@ def load_spec(uri: str, **overrides: Any) -> JobSpec:
     return parse_spec_text(text, uri, **overrides)
 
 
-def _finished(spec: JobSpec, overwrite: bool) -> dict | None:
+def _finished(spec: JobSpec, overwrite: bool) -> Stats | None:
     """Return the stats of an already finished output (nothing to do); with ``overwrite`` delete
     the output first."""
     fs, path = storage.filesystem(spec.output, spec.storage)
@@ -29,20 +30,20 @@ def _finished(spec: JobSpec, overwrite: bool) -> dict | None:
         if overwrite and fs.exists(path):
             fs.rm(path, recursive=True)
             return None
-        if fs.exists(f"{path}/_SUCCESS"):
-            return json.loads(fs.cat_file(f"{path}/_stats.json"))
+        if fs.exists(f"{path}/{layout.SUCCESS}"):
+            return Stats.from_json(fs.cat_file(f"{path}/{layout.STATS}"))
     return None
 
 
-def run_job(spec: JobSpec, overwrite: bool = False, log=print) -> dict:
+def run_job(spec: JobSpec, overwrite: bool = False, log=print) -> Stats:
     """Run ``spec`` to completion and return its stats (see _stats.json). An output left by a run
     that did not finish is resumed: only the ids that no published shard holds are generated."""
     ids = manifest.check(spec)
     finished = _finished(spec, overwrite)
     if finished is not None:
-        log(f"shardgen: {spec.output} is already complete (run {finished['run_id']}); nothing to do "
+        log(f"shardgen: {spec.output} is already complete (run {finished.run_id}); nothing to do "
             "(--overwrite starts again)")
-        return {**finished, "skipped": True}
+        return replace(finished, skipped=True)
     check_sources(spec)
     from pipeline import plan, resume, sink
 
@@ -64,22 +65,22 @@ def run_job(spec: JobSpec, overwrite: bool = False, log=print) -> dict:
     return sink.finalize(spec, run_id, reports, files, table, started, datetime.now(timezone.utc))
 
 
-def over_error_fraction(spec: JobSpec, stats: dict) -> bool:
+def over_error_fraction(spec: JobSpec, stats: Stats) -> bool:
     """Whether a finished job has more error rows than its max_error_fraction tolerates."""
-    return stats["error"] > spec.max_error_fraction * stats["rows"]
+    return stats.error > spec.max_error_fraction * stats.rows
 
 
-def exit_code(spec: JobSpec, stats: dict) -> int:
+def exit_code(spec: JobSpec, stats: Stats) -> int:
     return EXIT_ROWS_FAILED if over_error_fraction(spec, stats) else EXIT_OK
 
 
-def summary_line(spec: JobSpec, stats: dict) -> str:
-    rate = f"{stats['images_per_s']:.2f} images/s" if stats.get("images_per_s") else "n/a"
-    line = (f"shardgen: {stats['rows']} rows ({stats['ok']} ok, {stats['error']} error) in "
-            f"{stats['elapsed_s']:.1f} s, {rate} -> {spec.output}")
-    if stats["error"]:
-        line += f"\n  errors by kind: {stats['errors_by_kind']}"
-        share = stats["error"] / stats["rows"]
+def summary_line(spec: JobSpec, stats: Stats) -> str:
+    rate = f"{stats.images_per_s:.2f} images/s" if stats.images_per_s else "n/a"
+    line = (f"shardgen: {stats.rows} rows ({stats.ok} ok, {stats.error} error) in "
+            f"{stats.elapsed_s:.1f} s, {rate} -> {spec.output}")
+    if stats.error:
+        line += f"\n  errors by kind: {stats.errors_by_kind}"
+        share = stats.error / stats.rows
         verdict = "over" if over_error_fraction(spec, stats) else "within"
         line += f"\n  error rows: {share:.1%} of rows, {verdict} max_error_fraction {spec.max_error_fraction:g}"
     return line

@@ -16,8 +16,8 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 
 from pipeline import access, storage
-from pipeline.errors import SpecError
 from pipeline.encode import encode_batch
+from pipeline.errors import SpecError
 from pipeline.prepare import prepare_batch, unrouted_batch
 from pipeline.resume import drop_done
 from pipeline.sink import ShardReport, ShardWriter

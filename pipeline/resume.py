@@ -27,12 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline import layout, storage
 from pipeline.errors import ShardgenError, SpecError
 from pipeline.spec import JobSpec
 
-DATA = "data"
-JOB_FILE = "_job.json"
 # What the final stats are computed from.
 STATS_COLUMNS = ["id", "status", "error"]
 # The spec fields that decide what a row becomes.
@@ -58,15 +56,10 @@ class Written:
 def _shard_files(spec: JobSpec) -> tuple[object, str, list[str]]:
     """The output's filesystem, its path, and every file under data/ (relative names, sorted)."""
     fs, path = storage.filesystem(spec.output, spec.storage)
-    if not fs.exists(f"{path}/{DATA}"):
+    if not fs.exists(f"{path}/{layout.DATA}"):
         return fs, path, []
-    names = sorted(f[len(path) + 1:] for f in fs.find(f"{path}/{DATA}"))
+    names = sorted(f[len(path) + 1:] for f in fs.find(f"{path}/{layout.DATA}"))
     return fs, path, names
-
-
-def run_of(name: str) -> str:
-    """The run that wrote a shard: data/part-{run_id}-{task}-{chunk}.parquet, run_id = {time}-{hex}."""
-    return "-".join(name.rsplit("/", 1)[-1].removeprefix("part-").split("-")[:2])
 
 
 def scan(spec: JobSpec, log=print) -> Written:
@@ -74,7 +67,7 @@ def scan(spec: JobSpec, log=print) -> Written:
     fs, path, names = _shard_files(spec)
     written = Written()
     for name in names:
-        if not name.endswith(".parquet"):
+        if not name.endswith(layout.SHARD_SUFFIX):
             fs.rm(f"{path}/{name}")
             continue
         table = _read_columns(fs, f"{path}/{name}", STATS_COLUMNS)
@@ -99,7 +92,7 @@ def _read_columns(fs, path: str, names: list[str]) -> pa.Table:
 def check_same_job(spec: JobSpec) -> None:
     """A resumed run must be the same job: the spec fields that shape its rows must be those that
     the first run wrote to _job.json (storage options and max_error_fraction may change)."""
-    uri = storage.join(spec.output, JOB_FILE)
+    uri = storage.join(spec.output, layout.JOB)
     if not storage.exists(uri, spec.storage):
         return
     before = json.loads(storage.read_bytes(uri, spec.storage))["spec"]

@@ -1,4 +1,4 @@
-"""The job spec: what to read, which stages to run, where and how to write (see design.md)."""
+"""The job spec: what to read, which stages to run, where and how to write (docs/contract.md says what each part means)."""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import ray
+
 import psutil  # isort: skip - the copy Ray ships (ray/thirdparty_files), importable once ray is
 
 from pipeline.job import run_job

@@ -4,7 +4,6 @@ finished dataset holds every manifest id exactly once."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -21,6 +20,7 @@ import yaml
 from pipeline.cli import main
 from pipeline.job import run_job
 from pipeline.spec import load_spec_file
+from pipeline.stats import Stats
 from tests.conftest import prompts_manifest, read_output, write_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,8 +51,8 @@ def images_by_id(output: Path) -> dict[str, str]:
 def assert_every_id_once(output: Path, rows: int) -> None:
     ids = read_output(str(output)).column("id").to_pylist()
     assert sorted(ids) == [f"row-{i:03d}" for i in range(rows)]
-    stats = json.loads((output / "_stats.json").read_text())
-    assert stats["rows"] == stats["ok"] == rows and stats["shards"] == len(list((output / "data").iterdir()))
+    stats = Stats.from_json((output / "_stats.json").read_text())
+    assert stats.rows == stats.ok == rows and stats.shards == len(list((output / "data").iterdir()))
 
 
 def test_driver_sigkill_then_rerun_completes_exactly_once(tmp_path, ray_local):
@@ -93,7 +93,7 @@ def test_driver_sigkill_then_rerun_completes_exactly_once(tmp_path, ray_local):
     assert {name: after.get(name) for name in before} == before  # published shards are kept untouched
     after_images = images_by_id(output)
     assert {i: after_images[i] for i in before_images} == before_images
-    assert stats["rows_this_run"] == rows - len(before_images) and len(stats["runs"]) == 2
+    assert stats.rows_this_run == rows - len(before_images) and len(stats.runs) == 2
 
 
 def test_rerun_skips_written_ids_and_cleans_leftovers(tmp_path, ray_local, capsys):
@@ -121,8 +121,8 @@ def test_rerun_skips_written_ids_and_cleans_leftovers(tmp_path, ray_local, capsy
     assert_every_id_once(output, rows)
     assert images_by_id(output) == reference  # regenerated rows are the same images
     assert not late.exists() and not (output / "data" / ".part-x.parquet.tmp-99").exists()
-    stats = json.loads((output / "_stats.json").read_text())
-    assert stats["rows_this_run"] == len(lost) and len(stats["runs"]) == 2
+    stats = Stats.from_json((output / "_stats.json").read_text())
+    assert stats.rows_this_run == len(lost) and len(stats.runs) == 2
 
 
 @pytest.mark.parametrize("change", ["spec", "manifest"])

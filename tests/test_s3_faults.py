@@ -120,7 +120,7 @@ def test_job_rides_out_faults(bucket, s3_endpoint, ray_local):
     spec = upscale_job(bucket)
     with FaultProxy(s3_endpoint, rate=0.1, seed=11, every=8) as proxy:
         stats = run_job(through(spec, proxy))
-    assert (stats["rows"], stats["ok"], stats["error"]) == (ROWS, ROWS, 0)
+    assert (stats.rows, stats.ok, stats.error) == (ROWS, ROWS, 0)
     table = read_output(spec.output)
     assert sorted(table.column("id").to_pylist()) == [f"row-{i:03d}" for i in range(ROWS)]
     assert set(table.column("status").to_pylist()) == {"ok"}

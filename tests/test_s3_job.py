@@ -22,7 +22,7 @@ def test_s3_manifest_to_s3_dataset(bucket, ray_local):
 
     stats = run_job(spec)
 
-    assert (stats["rows"], stats["ok"], stats["error"]) == (10, 10, 0)
+    assert (stats.rows, stats.ok, stats.error) == (10, 10, 0)
     table = read_output(output)
     assert table.schema.names[: len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
     assert "label" in table.schema.names  # pass-through column
@@ -53,5 +53,5 @@ def test_rerun_of_finished_output_is_a_noop(bucket, ray_local):
     spec = small_spec(manifest, f"{bucket}/out")
     first = run_job(spec)
     again = run_job(spec)
-    assert again["skipped"] and again["run_id"] == first["run_id"]
+    assert again.skipped and again.run_id == first.run_id
     assert read_output(f"{bucket}/out").num_rows == 2

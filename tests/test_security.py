@@ -156,7 +156,7 @@ def test_path_traversal_ids_stay_in_the_output(tmp_path, ray_local):
 
     stats = run_job(small_spec(manifest, str(output)))
 
-    assert (stats["ok"], stats["error"]) == (len(ids), 0)
+    assert (stats.ok, stats.error) == (len(ids), 0)
     assert (_listing(tmp_path.parent, output), Path("/abs").exists()) == before
     out = {r["id"]: r for r in read_output(str(output)).to_pylist()}
     assert sorted(out) == sorted(ids)

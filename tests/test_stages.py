@@ -90,7 +90,7 @@ def mixed(tmp_path_factory, s3_endpoint, ray_local):
     for batch_size in (1, 3):
         output = f"s3://mixed/out-b{batch_size}"
         stats = run_job(mixed_spec(manifest, output, batch_size))
-        assert (stats["rows"], stats["error"]) == (len(rows), 5)
+        assert (stats.rows, stats.error) == (len(rows), 5)
         results[batch_size] = {r["id"]: r for r in read_output(output).to_pylist()}
     results["inputs"] = {r[0]: r for r in rows}
     return results
@@ -179,6 +179,6 @@ def test_image_column_as_bytes_or_uri(form, bucket, tmp_path, ray_local):
     spec = parse_spec({"manifest": manifest, "output": f"{bucket}/out", "storage": {"allowed_prefixes": [str(tmp_path)]},
                        "stages": [{"kind": "super_resolution", **FAST}]})
     stats = run_job(spec)
-    assert stats["ok"] == 2, stats
+    assert stats.ok == 2, stats
     assert {r["id"]: decode(r["image"]["bytes"]).shape for r in read_output(f"{bucket}/out").to_pylist()} == {
         "a": (64, 64, 3), "b": (64, 64, 3)}

@@ -50,7 +50,7 @@ def test_empty_prompt_is_one_error_row(tmp_path, ray_local):
     rows[2]["prompt"] = "   "
     manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
     stats = run_job(small_spec(manifest, str(tmp_path / "out")))
-    assert (stats["ok"], stats["error"]) == (3, 1)
+    assert (stats.ok, stats.error) == (3, 1)
     out = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
     assert sorted(out) == [r["id"] for r in rows]
     bad = out["row-002"]

@@ -23,7 +23,14 @@ from transformers import CLIPTextModel
 from pipeline.training import architectures, data
 from pipeline.training.distributed import Cluster, Schedule, Worker, fit
 from pipeline.training.latents import (
-    Denoiser, ddpm_loss, drop_captions, pipeline_parts, posterior, sample_latents, token_ids, vae_from_payload,
+    Denoiser,
+    ddpm_loss,
+    drop_captions,
+    pipeline_parts,
+    posterior,
+    sample_latents,
+    token_ids,
+    vae_from_payload,
     vae_payload,
 )
 from pipeline.training.t2i import NAME as T2I_NAME

@@ -11,8 +11,16 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from pipeline.training import architectures, data
 from pipeline.training.distributed import Cluster, Schedule, Worker, fit
 from pipeline.training.latents import (
-    NO_SAFETY_CHECKER, Denoiser, ddpm_loss, drop_captions, pipeline_parts, posterior, sample_latents, token_ids,
-    vae_from_payload, vae_payload,
+    NO_SAFETY_CHECKER,
+    Denoiser,
+    ddpm_loss,
+    drop_captions,
+    pipeline_parts,
+    posterior,
+    sample_latents,
+    token_ids,
+    vae_from_payload,
+    vae_payload,
 )
 from pipeline.training.vae import NAME as VAE_NAME
 
