@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import duckdb
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import layout, storage
@@ -67,7 +68,8 @@ class Output:
     The view ``rows`` holds every row of every shard plus SHARD and ROW; ``shown`` holds those
     that the ``where`` condition keeps (all of them without one)."""
 
-    def __init__(self, uri: str, where: str | None = None, storage_spec: StorageSpec | None = None):
+    def __init__(self, uri: str, where: str | None = None, storage_spec: StorageSpec | None = None,
+                 names: list[str] | None = None):
         self.uri = uri.rstrip("/") or uri
         self.storage = storage_spec or StorageSpec()
         self.fs, self.path = storage.filesystem(self.uri, self.storage)
@@ -78,17 +80,22 @@ class Output:
         self.con.execute("SET autoload_known_extensions = false")
         if storage.is_remote(self.uri):
             self.con.register_filesystem(self.fs)
-        with storage.guard("list", storage.join(self.uri, layout.DATA), self.storage):
-            self.names = self._shard_names()
+        if names is None:  # else only these shards (verify leaves out those whose footer does not open)
+            with storage.guard("list", storage.join(self.uri, layout.DATA), self.storage):
+                names = self.shard_names()
+        self.names = names
         self.locations = [self.location(n) for n in self.names]
+        self.paths = {loc: f"{self.path}/{name}" for loc, name in zip(self.locations, self.names)}
         self._shards: list[Shard] | None = None
+        self._views = False
+
+    def _make_views(self) -> None:
+        """Made on the first query, as DuckDB reads every footer to make them."""
+        self._views = True
         if self.names:
             self.con.execute(f"CREATE VIEW rows AS SELECT * FROM read_parquet({sql_list(self.locations)}, "
                              f"filename = {sql_string(SHARD)}, file_row_number = true, union_by_name = true)")
-            try:
-                self.con.execute(f"CREATE VIEW shown AS SELECT * FROM rows WHERE ({where or 'true'})")
-            except duckdb.Error as err:
-                raise WhereError(f"--where {where!r}: {err}") from None
+            self.con.execute(f"CREATE VIEW shown AS SELECT * FROM rows WHERE ({self.where or 'true'})")
 
     def location(self, name: str) -> str:
         """What DuckDB and the filesystem call the file ``name`` (relative to the output)."""
@@ -97,7 +104,7 @@ class Output:
     def name_of(self, location: str) -> str:
         return self.names[self.locations.index(location)]
 
-    def _shard_names(self) -> list[str]:
+    def shard_names(self) -> list[str]:
         data = f"{self.path}/{layout.DATA}"
         if not self.fs.exists(data):
             return []
@@ -123,6 +130,8 @@ class Output:
     def query(self, sql: str, params: list | None = None) -> list[dict]:
         """Rows of a query as dicts (small results only: summaries, samples, ids)."""
         try:
+            if not self._views:
+                self._make_views()
             cursor = self.con.execute(sql, params or [])
         except duckdb.Error as err:
             if self.where:
@@ -168,8 +177,15 @@ class Output:
                     break
                 start += size
         for (loc, g), rows in wanted.items():
-            path = f"{self.path}/{self.name_of(loc)}"
-            with storage.guard("read", loc, self.storage), self.fs.open(path, "rb") as f:
-                table = pq.ParquetFile(f).read_row_group(g, columns=columns)
+            table = self.read_row_group(loc, g, columns)
             for row, offset in rows:
                 yield {SHARD: loc, ROW: row, **table.slice(offset, 1).to_pylist()[0]}
+
+    def read_row_group(self, location: str, group: int, columns: list[str]) -> pa.Table:
+        with storage.guard("read", location, self.storage), self.fs.open(self.paths[location], "rb") as f:
+            return pq.ParquetFile(f).read_row_group(group, columns=columns)
+
+    def footer(self, location: str) -> pq.FileMetaData:
+        """A shard's footer, read through pyarrow (raises what the footer's damage causes)."""
+        with storage.guard("read", location, self.storage), self.fs.open(self.paths[location], "rb") as f:
+            return pq.ParquetFile(f).metadata
