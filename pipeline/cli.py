@@ -58,7 +58,8 @@ def _inspect(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from pipeline.verify import main as verify_main
 
-    return verify_main(args.output, manifest=args.manifest, deep=args.deep, sample=args.sample, seed=args.seed)
+    return verify_main(args.output, manifest=args.manifest, deep=args.deep or args.sample is not None,
+                       sample=args.sample, seed=args.seed)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -103,8 +104,9 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--manifest", help="also check that every id of this manifest is in the output once")
     check.add_argument("--deep", action="store_true",
                        help="also read the images: sha256, full decode, width and height")
-    check.add_argument("--sample", type=int, help="--deep: check this many images, sampled, instead of every one")
-    check.add_argument("--seed", type=int, default=0, help="--deep --sample: seed of the sample")
+    check.add_argument("--sample", type=int,
+                       help="read this many images, sampled across shards, instead of every one (implies --deep)")
+    check.add_argument("--seed", type=int, default=0, help="--sample: seed of the sample")
     check.set_defaults(fn=_verify)
 
     bench = sub.add_parser("bench", allow_abbrev=False,
