@@ -86,6 +86,7 @@ class Output:
         self.names = names
         self.locations = [self.location(n) for n in self.names]
         self.paths = {loc: f"{self.path}/{name}" for loc, name in zip(self.locations, self.names)}
+        self._names = dict(zip(self.locations, self.names))
         self._shards: list[Shard] | None = None
         self._views = False
 
@@ -102,7 +103,7 @@ class Output:
         return f"{self.path}/{name}" if not storage.is_remote(self.uri) else storage.join(self.uri, name)
 
     def name_of(self, location: str) -> str:
-        return self.names[self.locations.index(location)]
+        return self._names[location]
 
     def shard_names(self) -> list[str]:
         data = f"{self.path}/{layout.DATA}"
