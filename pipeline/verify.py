@@ -105,7 +105,8 @@ def check_counts(out: Output, report: Report) -> None:
         if stats.rows != report.rows:
             report.fail("stats", f"{layout.STATS} counts {stats.rows} rows, the shards hold {report.rows}")
         if stats.shards != len(out.names):
-            report.fail("stats", f"{layout.STATS} counts {stats.shards} shards, there are {len(out.names)} (readable)")
+            report.fail("stats", f"{layout.STATS} counts {stats.shards} shards, {layout.DATA}/ holds {len(out.names)} "
+                        "that open")
     if out.exists(layout.SUCCESS):
         try:
             rows = json.loads(out.read(layout.SUCCESS))["rows"]

@@ -72,6 +72,18 @@ def test_where_applies_to_everything_shown(synthetic_output, capsys):
     assert s["rows"] == len(synthetic_output.script_ids) and s["errors"] == []
 
 
+def test_other_statuses_are_counted_too(synthetic_output, tmp_path, capsys):
+    shutil.copytree(synthetic_output.output, tmp_path / "out")
+    shard = sorted((tmp_path / "out" / "data").glob("*.parquet"))[0]
+    table = pq.read_table(shard)
+    status = ["filtered" if i in (0, 1) else s for i, s in enumerate(table.column("status").to_pylist())]
+    pq.write_table(table.set_column(table.column_names.index("status"), "status", pa.array(status)), shard)
+    s = inspect_json(capsys, str(tmp_path / "out"))
+    assert s["status"] == {"ok": synthetic_output.ok - 2, "error": 26, "filtered": 2}
+    assert cli.main(["inspect", str(tmp_path / "out")]) == 0
+    assert f"rows 260: ok {synthetic_output.ok - 2}, error 26, filtered 2" in capsys.readouterr().out
+
+
 def test_bad_where_is_refused_naming_it(synthetic_output, capsys):
     assert cli.main(["inspect", synthetic_output.output, "--where", "no_such_column = 1"]) == 2
     err = capsys.readouterr().err
