@@ -204,13 +204,10 @@ def image_problem(row: dict) -> str | None:
 
 
 def check_images(out: Output, report: Report, sample: int | None, seed: int, log) -> None:
-    """Read images one row group at a time: every one, or ``sample`` rows with an image drawn by a
-    seeded hash of their id."""
+    """Read images one row group at a time: every one, or ``sample`` rows with an image (Output.sample)."""
     bad = []
     if sample is not None:
-        places = out.query(f"SELECT {SHARD}, {ROW} FROM rows WHERE image_sha256 IS NOT NULL "
-                           "ORDER BY hash(id, ?::BIGINT), id LIMIT ?", [seed, sample])
-        rows = out.read_rows([(p[SHARD], p[ROW]) for p in places], DEEP_COLUMNS)
+        rows = out.read_rows(out.sample(sample, seed, view="rows"), DEEP_COLUMNS)
     else:
         rows = _every_row(out, log)
     for row in rows:

@@ -165,6 +165,13 @@ class Output:
             groups[r["file_name"]].append(r["row_group_num_rows"])
         return groups
 
+    def sample(self, n: int, seed: int, view: str = "shown") -> list[tuple[str, int]]:
+        """The places of ``n`` rows with an image, drawn by a seeded hash of their id: the same rows
+        for the same seed however DuckDB splits the scan, spread over every shard."""
+        found = self.query(f"SELECT {SHARD}, {ROW} FROM {view} WHERE image_sha256 IS NOT NULL "
+                           "ORDER BY hash(id, ?::BIGINT), id LIMIT ?", [seed, n])
+        return [(r[SHARD], r[ROW]) for r in found]
+
     def read_rows(self, places: list[tuple[str, int]], columns: list[str]) -> Iterator[dict]:
         """The rows at ``places`` (shard location, row number in the shard), read one row group at a
         time with only ``columns``; in shard and row order."""

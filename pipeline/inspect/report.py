@@ -17,8 +17,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from pipeline import storage
-from pipeline.inspect.output import ROW, SHARD, Output
-from pipeline.inspect.summary import summarize, time_quantiles
+from pipeline.inspect.output import SHARD, Output
+from pipeline.inspect.summary import short, summarize, time_quantiles
 from pipeline.spec import StorageSpec
 
 THUMBNAIL = 160  # pixels, the longer side
@@ -47,20 +47,13 @@ def thumbnail(data: bytes) -> str:
     return data_uri(buf.getvalue(), "image/webp")
 
 
-def short(text: str | None, width: int = PROMPT_SHOWN) -> str:
-    text = text or ""
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
 def contact_sheet(out: Output, sample: int, seed: int) -> list[dict]:
-    """``sample`` rows with an image, drawn by a seeded hash of their id (the same rows for the same
-    seed, however DuckDB splits the scan), read one row group at a time."""
-    places = out.query(f"SELECT {SHARD}, {ROW} FROM shown WHERE image_sha256 IS NOT NULL "
-                       f"ORDER BY hash(id, ?::BIGINT), id LIMIT ?", [seed, sample])
+    """``sample`` rows with an image (Output.sample), read one row group at a time."""
     cards = []
-    for row in out.read_rows([(p[SHARD], p[ROW]) for p in places], CAPTION_COLUMNS):
+    for row in out.read_rows(out.sample(sample, seed), CAPTION_COLUMNS):
         card = {k: row[k] for k in CAPTION_COLUMNS if k != "image"}
-        card.update(shard=out.name_of(row[SHARD]), prompt_short=short(row["prompt"]), src=None, problem=None)
+        card.update(shard=out.name_of(row[SHARD]), prompt_short=short(row["prompt"], PROMPT_SHOWN), src=None,
+                    problem=None)
         data = (row["image"] or {}).get("bytes")
         try:
             card["src"] = thumbnail(data) if data else None
@@ -125,7 +118,7 @@ def render(out: Output, sample: int, seed: int) -> str:
         cards=contact_sheet(out, sample, seed) if out.names and sample > 0 else [],
         sample=sample,
         seed=seed,
-        errors=[{**e, "prompt_short": short(e["prompt"])} for e in errors],
+        errors=[{**e, "prompt_short": short(e["prompt"], PROMPT_SHOWN)} for e in errors],
         error_rows=summary["status"].get("error", 0),
         time_chart=time_chart(out) if out.names else None,
         over_time=images_over_time(out) if out.names else None,

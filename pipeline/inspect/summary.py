@@ -70,7 +70,8 @@ def summarize(out: Output, rows: int = 5) -> dict:
     }
 
 
-def _short(text: str | None, width: int = TEXT_WIDTH) -> str:
+def short(text: str | None, width: int = TEXT_WIDTH) -> str:
+    """``text`` cut to ``width`` characters, an ellipsis marking the cut."""
     text = "" if text is None else str(text)
     return text if len(text) <= width else text[:width - 1] + "…"
 
@@ -95,7 +96,7 @@ def to_text(s: dict) -> str:
     lines.append(f"rows {s['rows']}: " + ", ".join(f"{k} {v}" for k, v in s["status"].items()))
     if s["errors"]:
         lines.append("errors by kind:")
-        lines += [f"  {e['kind']} x{e['rows']}, e.g. {e['example_id']}: {_short(e['example'])}" for e in s["errors"]]
+        lines += [f"  {e['kind']} x{e['rows']}, e.g. {e['example_id']}: {short(e['example'])}" for e in s["errors"]]
     if s["seconds_per_row"]:
         names = [k for k in s["seconds_per_row"][0] if k.startswith("p")] + ["max"]
         lines.append("seconds per ok row, by stages: " + " / ".join(names))
@@ -120,7 +121,7 @@ def to_text(s: dict) -> str:
     if s["first_rows"]:
         lines.append(f"first {len(s['first_rows'])} rows:")
         lines += [f"  {r['id']}: {r['status']} {r['width']}x{r['height']} {'>'.join(r['stages'] or [])} "
-                  f"{_short(r['prompt'])!r}" + (f" {_short(r['error'])}" if r["error"] else "")
+                  f"{short(r['prompt'])!r}" + (f" {short(r['error'])}" if r["error"] else "")
                   for r in s["first_rows"]]
     return "\n".join(lines)
 
