@@ -84,10 +84,14 @@ def test_other_statuses_are_counted_too(synthetic_output, tmp_path, capsys):
     assert f"rows 260: ok {synthetic_output.ok - 2}, error 26, filtered 2" in capsys.readouterr().out
 
 
-def test_bad_where_is_refused_naming_it(synthetic_output, capsys):
+def test_bad_where_is_refused_naming_it(synthetic_output, capsys, tmp_path):
     assert cli.main(["inspect", synthetic_output.output, "--where", "no_such_column = 1"]) == 2
     err = capsys.readouterr().err
     assert "--where 'no_such_column = 1'" in err and "no_such_column" in err
+    sneaky = f"true); COPY (SELECT 1) TO '{tmp_path}/x.csv'; SELECT (1"
+    assert cli.main(["inspect", synthetic_output.output, "--where", sneaky]) == 2
+    assert "one condition, not several SQL statements" in capsys.readouterr().err
+    assert not (tmp_path / "x.csv").exists()
 
 
 def test_save_writes_the_images_of_the_rows_shown(synthetic_output, tmp_path, capsys):

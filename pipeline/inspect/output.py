@@ -96,7 +96,11 @@ class Output:
         if self.names:
             self.con.execute(f"CREATE VIEW rows AS SELECT * FROM read_parquet({sql_list(self.locations)}, "
                              f"filename = {sql_string(SHARD)}, file_row_number = true, union_by_name = true)")
-            self.con.execute(f"CREATE VIEW shown AS SELECT * FROM rows WHERE ({self.where or 'true'})")
+            shown = f"CREATE VIEW shown AS SELECT * FROM rows WHERE ({self.where or 'true'})"
+            # A condition, not a way to run other statements (the connection could write files).
+            if len(self.con.extract_statements(shown)) != 1:
+                raise WhereError(f"--where {self.where!r}: one condition, not several SQL statements")
+            self.con.execute(shown)
 
     def location(self, name: str) -> str:
         """What DuckDB and the filesystem call the file ``name`` (relative to the output)."""
