@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench eval clean
+.PHONY: setup demo test lint bench eval clean browser
 
 setup: $(VENV)/.installed
 
@@ -36,3 +36,9 @@ eval: setup
 
 clean:
 	rm -rf demo-output .pytest_cache
+
+# Debian's Chromium, which tests/test_report.py opens the HTML report in (through Playwright, whose
+# own browser download is not used). Installed only where /usr/bin/chromium is absent.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }

@@ -44,10 +44,22 @@ def _models_build(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from pipeline.inspect_output import inspect
+    from pipeline.inspect.summary import inspect
 
-    print(inspect(args.output, args.rows, args.save))
+    if args.html:
+        from pipeline.inspect.report import write_report
+
+        print(write_report(args.output, args.html, where=args.where, sample=args.sample, seed=args.seed))
+        return 0
+    print(inspect(args.output, args.rows, args.save, where=args.where, as_json=args.json))
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from pipeline.verify import main as verify_main
+
+    return verify_main(args.output, manifest=args.manifest, deep=args.deep or args.sample is not None,
+                       sample=args.sample, seed=args.seed)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -75,11 +87,27 @@ def parser() -> argparse.ArgumentParser:
     demo.set_defaults(fn=_demo)
 
     look = sub.add_parser("inspect", allow_abbrev=False,
-                          help="summarise an output dataset: stats, columns, errors, first rows")
+                          help="summarise an output dataset: counts, errors, times, sizes, models, shards, first rows")
     look.add_argument("output")
-    look.add_argument("--rows", type=int, default=5)
-    look.add_argument("--save", help="also save the first rows' images into this folder")
+    look.add_argument("--rows", type=int, default=5, help="how many of the first rows to show")
+    look.add_argument("--save", help="also save the images of the rows shown into this folder")
+    look.add_argument("--where", help="a DuckDB SQL condition on the output's columns, e.g. \"status = 'error'\"")
+    look.add_argument("--json", action="store_true", help="print the summary as JSON")
+    look.add_argument("--html", help="write a self-contained HTML report (summary, thumbnails, charts) to this file")
+    look.add_argument("--sample", type=int, default=48, help="--html: thumbnails sampled across shards")
+    look.add_argument("--seed", type=int, default=0, help="--html: seed of the thumbnail sample")
     look.set_defaults(fn=_inspect)
+
+    check = sub.add_parser("verify", allow_abbrev=False,
+                           help="check an output dataset: _SUCCESS, footers, schema, counts, ids, images")
+    check.add_argument("output")
+    check.add_argument("--manifest", help="also check that every id of this manifest is in the output once")
+    check.add_argument("--deep", action="store_true",
+                       help="also read the images: sha256, full decode, width and height")
+    check.add_argument("--sample", type=int,
+                       help="read this many images, sampled across shards, instead of every one (implies --deep)")
+    check.add_argument("--seed", type=int, default=0, help="--sample: seed of the sample")
+    check.set_defaults(fn=_verify)
 
     bench = sub.add_parser("bench", allow_abbrev=False,
                            help="steady throughput against a plain diffusers loop (prints figures)")

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import columns, layout, storage
+from pipeline.row_groups import row_group_size
 from pipeline.spec import JobSpec, StorageSpec
 from pipeline.stats import StageStats, Stats
 
@@ -112,7 +113,7 @@ class ShardWriter:
         for chunk, start in enumerate(range(0, out.num_rows, self.rows_per_shard)):
             name = layout.shard_name(self.run_id, task_index, chunk)
             buf = pa.BufferOutputStream()
-            pq.write_table(out.slice(start, self.rows_per_shard), buf)
+            pq.write_table(out.slice(start, self.rows_per_shard), buf, row_group_size=row_group_size(out))
             storage.write_bytes(storage.join(self.output, name), buf.getvalue().to_pybytes(), self.storage)
             report.files.append(name)
         return report

@@ -98,3 +98,14 @@ def small_spec(manifest: str, output: str, **stage) -> JobSpec:
         "output": output,
         "stages": [{"kind": "text_to_image", "steps": 4, "width": 32, "height": 32, "batch_size": 4, **stage}],
     })
+
+
+@pytest.fixture(scope="session")
+def synthetic_output(tmp_path_factory):
+    """A finished output written through the sink without diffusion (tests/synthetic_output.py):
+    260 rows of 32x32 random PNGs, 26 error rows, markup prompts; 4 shards, 6 row groups."""
+    from tests.synthetic_output import build
+
+    root = tmp_path_factory.mktemp("synthetic-output")
+    return build(str(root / "out"), str(root / "manifest.parquet"), rows=260, size=32, rows_per_shard=120,
+                 rows_per_task=130)

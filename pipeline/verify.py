@@ -1,0 +1,264 @@
+"""`shardgen verify OUTPUT [--manifest M] [--deep] [--sample N]`: check that an output is whole.
+
+- _SUCCESS is present, and _stats.json and _SUCCESS count the rows the shards hold;
+- every shard's footer opens, all shards share one schema, and each declares `image` as a
+  Hugging Face Image in its `huggingface` schema metadata;
+- ids are unique and not null (the `id` column only); with a manifest, every manifest id is in the
+  output exactly once and the output holds no other;
+- `status = ok` exactly where an image is present: per row against `image_sha256`, and per row
+  group against the footer's null count of `image.bytes` (so image bytes are not read);
+- with --deep, every image (or a seeded sample of --sample N): its sha256 is `image_sha256`, it
+  decodes fully, and its size is the row's `width` x `height`; rows whose status is not ok carry
+  no image bytes.
+
+Exit 0 when every check holds; 1, with a JSON list of what failed, when one does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import pyarrow.dataset as pads
+from PIL import Image
+
+from pipeline import layout, storage
+from pipeline.errors import EXIT_FAILED, EXIT_OK
+from pipeline.inspect.output import ROW, SHARD, Output, has_image_feature, sql_list
+from pipeline.spec import StorageSpec
+
+EXAMPLES = 10  # ids or shards named per failed check
+DEEP_COLUMNS = ["id", "status", "image", "image_sha256", "width", "height"]
+IMAGE_BYTES = "image, bytes"  # the leaf column's path as parquet_metadata names it
+
+
+@dataclass
+class Failure:
+    check: str
+    message: str
+    examples: list = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    output: str
+    failures: list[Failure] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+    shards: int = 0
+    rows: int = 0
+    images_checked: int = 0
+    deep: bool = False
+
+    def fail(self, check: str, message: str, examples: list | None = None) -> None:
+        self.failures.append(Failure(check, message, list(examples or [])[:EXAMPLES]))
+
+    def to_json(self) -> str:
+        return json.dumps([asdict(f) for f in self.failures], indent=2, default=str)
+
+    def line(self) -> str:
+        deep = f", {self.images_checked} image(s) read" if self.deep else ""
+        return (f"shardgen verify: {self.output}: ok: {self.shards} shard(s), {self.rows} rows{deep}; "
+                f"checked {', '.join(self.checked)}")
+
+
+def check_footers(out: Output, report: Report) -> list[str]:
+    """Open every footer; check one schema and the huggingface metadata. Returns the readable shards."""
+    readable, schemas, broken = [], {}, []
+    for name, loc in zip(out.names, out.locations):
+        try:
+            meta = out.footer(loc)
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            broken.append(f"{name}: {type(err).__name__}: {err}")
+            continue
+        readable.append(name)
+        schemas[name] = meta.schema.to_arrow_schema()
+        report.rows += meta.num_rows
+    if broken:
+        report.fail("footers", f"{len(broken)} shard(s) whose Parquet footer does not open", broken)
+    report.checked.append("footers")
+    if schemas:
+        # The schema most shards have is the reference, so that the odd shards are the ones named.
+        plain = {n: s.remove_metadata() for n, s in schemas.items()}
+        usual = Counter(str(s) for s in plain.values()).most_common(1)[0][0]
+        differ = [f"{n}: {s}" for n, s in plain.items() if str(s) != usual]
+        if differ:
+            report.fail("schema", f"{len(differ)} shard(s) whose schema differs from that of the other "
+                        f"{len(plain) - len(differ)}", differ)
+        missing = [n for n, s in schemas.items() if not has_image_feature((s.metadata or {}).get(b"huggingface"))]
+        if missing:
+            report.fail("huggingface", f"{len(missing)} shard(s) without the huggingface schema metadata "
+                        "declaring `image` an Image", missing)
+        report.checked += ["schema", "huggingface"]
+    return readable
+
+
+def check_counts(out: Output, report: Report) -> None:
+    """_stats.json and _SUCCESS count the rows and shards there are."""
+    stats = out.stats()
+    if stats is None:
+        report.fail("stats", f"no {layout.STATS}")
+    else:
+        if stats.rows != report.rows:
+            report.fail("stats", f"{layout.STATS} counts {stats.rows} rows, the shards hold {report.rows}")
+        if stats.shards != len(out.names):
+            report.fail("stats", f"{layout.STATS} counts {stats.shards} shards, {layout.DATA}/ holds {len(out.names)} "
+                        "that open")
+    if out.exists(layout.SUCCESS):
+        try:
+            rows = json.loads(out.read(layout.SUCCESS))["rows"]
+        except (ValueError, KeyError, TypeError):
+            report.fail("success", f"{layout.SUCCESS} does not say how many rows the output holds")
+        else:
+            if rows != report.rows:
+                report.fail("success", f"{layout.SUCCESS} counts {rows} rows, the shards hold {report.rows}")
+    report.checked.append("counts")
+
+
+def check_ids(out: Output, report: Report) -> None:
+    found = out.query("SELECT count(*) FILTER (WHERE id IS NULL) AS nulls FROM rows")[0]
+    if found["nulls"]:
+        report.fail("ids", f"{found['nulls']} row(s) with a null id")
+    dup = out.query("SELECT id, count(*) AS n FROM rows WHERE id IS NOT NULL GROUP BY id HAVING n > 1 ORDER BY id")
+    if dup:
+        report.fail("ids", f"{len(dup)} id(s) in more than one row", [f"{d['id']} x{d['n']}" for d in dup])
+    report.checked.append("ids")
+
+
+def manifest_files(manifest: str, storage_spec: StorageSpec) -> list[str]:
+    """The manifest's Parquet files, as the job reads them (a file, or every file of a folder)."""
+    fs, path = storage.arrow_filesystem(manifest, storage_spec)
+    with storage.guard("list", manifest, storage_spec):
+        files = pads.dataset(path, filesystem=fs, format="parquet").files
+    return [f if not storage.is_remote(manifest) else f"{storage.scheme(manifest)}://{f}" for f in files]
+
+
+def check_manifest(out: Output, manifest: str, report: Report) -> None:
+    """Every manifest id in the output exactly once (duplicates are check_ids'), and no other id."""
+    if storage.is_remote(manifest) and storage.scheme(manifest) != storage.scheme(out.uri):
+        out.con.register_filesystem(storage.filesystem(manifest, out.storage)[0])
+    files = sql_list(manifest_files(manifest, out.storage))
+    out.con.execute(f"CREATE VIEW manifest AS SELECT id FROM read_parquet({files}, union_by_name = true)")
+    rows = out.query("SELECT count(*) AS n FROM manifest")[0]["n"]
+    if rows != report.rows:
+        report.fail("manifest", f"the manifest has {rows} rows, the output {report.rows}")
+    missing = out.query("SELECT id FROM manifest ANTI JOIN (SELECT id FROM rows) USING (id) ORDER BY id")
+    if missing:
+        report.fail("manifest", f"{len(missing)} manifest id(s) not in the output", [m["id"] for m in missing])
+    extra = out.query("SELECT id FROM rows ANTI JOIN manifest USING (id) ORDER BY id")
+    if extra:
+        report.fail("manifest", f"{len(extra)} output id(s) not in the manifest", [m["id"] for m in extra])
+    report.checked.append("manifest")
+
+
+def check_status(out: Output, report: Report) -> None:
+    """status = ok exactly where an image is: per row by image_sha256, per row group by the
+    footer's null count of image.bytes (the bytes themselves are read by --deep only)."""
+    rows = out.query("SELECT id, status FROM rows WHERE (status = 'ok') IS DISTINCT FROM (image_sha256 IS NOT NULL) "
+                     "ORDER BY id")
+    if rows:
+        report.fail("status", f"{len(rows)} row(s) whose status disagrees with image_sha256 (ok exactly where "
+                    "an image is)", [f"{r['id']}: status {r['status']}" for r in rows])
+    groups = out.query(f"""
+        WITH g AS (
+            SELECT file_name, row_group_id, row_group_num_rows AS n, stats_null_count AS nulls,
+                   sum(row_group_num_rows) OVER (PARTITION BY file_name ORDER BY row_group_id) - row_group_num_rows
+                   AS first
+            FROM parquet_metadata({sql_list(out.locations)}) WHERE path_in_schema = '{IMAGE_BYTES}'),
+        not_ok AS (SELECT {SHARD}, {ROW} FROM rows WHERE status IS DISTINCT FROM 'ok')
+        SELECT g.file_name, g.row_group_id, any_value(g.nulls) AS nulls, count(not_ok.{ROW}) AS not_ok
+        FROM g LEFT JOIN not_ok ON not_ok.{SHARD} = g.file_name AND not_ok.{ROW} >= g.first
+                                AND not_ok.{ROW} < g.first + g.n
+        GROUP BY g.file_name, g.row_group_id
+        HAVING any_value(g.nulls) IS DISTINCT FROM count(not_ok.{ROW})
+        ORDER BY g.file_name, g.row_group_id""")
+    if groups:
+        report.fail("status", f"{len(groups)} row group(s) whose rows without an image (image.bytes null) are not "
+                    "those whose status is not ok", [f"{out.name_of(g['file_name'])} row group {g['row_group_id']}: "
+                                                     f"{g['nulls']} null image(s), {g['not_ok']} row(s) not ok"
+                                                     for g in groups])
+    report.checked.append("status")
+
+
+def image_problem(row: dict) -> str | None:
+    """What is wrong with one row's image, or None."""
+    data = (row["image"] or {}).get("bytes")
+    if row["status"] != "ok":
+        return f"status {row['status']} but image bytes present" if data else None
+    if not data:
+        return "status ok but no image bytes"
+    if hashlib.sha256(data).hexdigest() != row["image_sha256"]:
+        return f"sha256 {hashlib.sha256(data).hexdigest()} is not image_sha256 {row['image_sha256']}"
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            size = img.size
+    except (OSError, ValueError, SyntaxError) as err:  # what Pillow raises for damaged data
+        return f"does not decode: {type(err).__name__}: {err}"
+    if size != (row["width"], row["height"]):
+        return f"decodes to {size[0]}x{size[1]}, the row says {row['width']}x{row['height']}"
+    return None
+
+
+def check_images(out: Output, report: Report, sample: int | None, seed: int, log) -> None:
+    """Read images one row group at a time: every one, or ``sample`` rows with an image (Output.sample)."""
+    bad = []
+    if sample is not None:
+        rows = out.read_rows(out.sample(sample, seed, view="rows"), DEEP_COLUMNS)
+    else:
+        rows = _every_row(out, log)
+    for row in rows:
+        report.images_checked += (row["image"] or {}).get("bytes") is not None
+        if problem := image_problem(row):
+            bad.append(f"{row['id']}: {problem}")
+    if bad:
+        report.fail("images", f"{len(bad)} row(s) whose image is not what the row says", bad)
+    report.deep = True
+    report.checked.append("deep" if sample is None else f"deep (sample of {sample}, seed {seed})")
+
+
+def _every_row(out: Output, log):
+    groups = out.row_groups()
+    for i, loc in enumerate(out.locations, 1):
+        log(f"shardgen verify: reading images of shard {i}/{len(out.locations)}: {out.name_of(loc)}")
+        for g in range(len(groups[loc])):
+            yield from out.read_row_group(loc, g, DEEP_COLUMNS).to_pylist()
+
+
+def verify(output: str, manifest: str | None = None, deep: bool = False, sample: int | None = None, seed: int = 0,
+           storage_spec: StorageSpec | None = None, log=lambda line: print(line, file=sys.stderr)) -> Report:
+    out = Output(output, storage_spec=storage_spec)
+    report = Report(output)
+    if not out.finished:
+        report.fail("success", f"no {layout.SUCCESS}: the run did not finish")
+    report.checked.append("success")
+    if not out.names:
+        report.fail("shards", f"no shards under {layout.DATA}/")
+        return report
+    readable = check_footers(out, report)
+    if readable != out.names:  # DuckDB reads only the shards whose footer opens
+        out = Output(output, storage_spec=storage_spec, names=readable)
+    report.shards = len(readable)
+    check_counts(out, report)
+    if not readable:
+        return report
+    check_ids(out, report)
+    if manifest:
+        check_manifest(out, manifest, report)
+    check_status(out, report)
+    if deep:
+        check_images(out, report, sample, seed, log)
+    return report
+
+
+def main(output: str, manifest: str | None = None, deep: bool = False, sample: int | None = None,
+         seed: int = 0) -> int:
+    report = verify(output, manifest, deep, sample, seed)
+    if report.failures:
+        print(report.to_json())
+        return EXIT_FAILED
+    print(report.line())
+    return EXIT_OK
