@@ -267,7 +267,7 @@ def test_unknown_pipeline_and_true_cfg_elsewhere_are_refused(tiny):
 
 
 def test_mismatch_exits_2_through_the_cli_before_any_actor(tiny, tmp_path):
-    manifest = write_manifest(str(tmp_path / "m.parquet"), manifest_rows("inpainting", 1))
+    manifest = write_manifest(str(tmp_path / "m.parquet"), manifest_rows("inpainting", 2))
     spec = tmp_path / "spec.yaml"
     output = tmp_path / "out"
     spec.write_text(yaml.safe_dump({
@@ -282,6 +282,13 @@ def test_mismatch_exits_2_through_the_cli_before_any_actor(tiny, tmp_path):
     assert "inpainting stages run" in done.stderr and "FLUX.1 Fill" in done.stderr
     assert not output.exists()  # refused before the job wrote anything or started Ray
     assert "Started a local Ray instance" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("example", sorted((Path(__file__).parents[1] / "examples" / "models").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_example_specs_are_valid(example):
+    spec = parse_spec(yaml.safe_load(example.read_text()))
+    assert all(s.model and not s.model.startswith("builtin:") for s in spec.all_stages())
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +319,7 @@ def cascades(tiny, tmp_path_factory, ray_local):
 
 def test_cascades_across_families(cascades):
     stats, out = cascades
-    assert (stats["rows"], stats["ok"]) == (10, 10), [r["error"] for r in out.values()]
+    assert (stats.rows, stats.ok) == (10, 10), [r["error"] for r in out.values()]
     expect = {"sdxl_x4": (128, ["text_to_image", "super_resolution"], ["sdxl", "sd-x4-upscaler"]),
               "flux_x4": (128, ["text_to_image", "super_resolution"], ["flux", "sd-x4-upscaler"]),
               "flux_refiner": (32, ["text_to_image", "image_to_image"], ["flux", "sdxl-refiner"])}

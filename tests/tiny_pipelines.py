@@ -36,8 +36,14 @@ from diffusers import (
     VQModel,
 )
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-from transformers import T5TokenizerFast
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from pipeline.models.builtin import small_vae
 from pipeline.models.tokenizer import WORDS, build_tokenizer
@@ -188,7 +194,8 @@ def latent_upscaler():
 
 def _uncond_unet(sample_size: int) -> UNet2DModel:
     return UNet2DModel(sample_size=sample_size, in_channels=3, out_channels=3, layers_per_block=1,
-                       block_out_channels=(32, 64), norm_num_groups=16, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       block_out_channels=(32, 64), norm_num_groups=16,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                        up_block_types=("AttnUpBlock2D", "UpBlock2D"))
 
 

@@ -305,9 +305,9 @@ class DiffusionStage:
         """Step 4: the rows' images, status, timings, records and the embeddings for the next stage."""
         n = table.num_rows
         done = {i: o for i, o in outcomes.items() if o.problem is None}
-        status = ["error" if i in outcomes and outcomes[i].problem else s for i, s in enumerate(values(table, "status"))]
-        error = [outcomes[i].problem if i in outcomes and outcomes[i].problem else e
-                 for i, e in enumerate(values(table, "error"))]
+        failed = {i: o.problem for i, o in outcomes.items() if o.problem is not None}
+        status = ["error" if i in failed else s for i, s in enumerate(values(table, "status"))]
+        error = [failed.get(i, e) for i, e in enumerate(values(table, "error"))]
         elapsed = [outcomes[i].seconds if i in outcomes else 0.0 for i in range(n)]
         table = with_pixels(table, [done[i].image if i in done else None for i in range(n)])
         widths, heights = values(table, "width"), values(table, "height")
