@@ -52,6 +52,7 @@ CASES = [
     ("sdxl", "image_to_image", 32),
     ("sdxl", "inpainting", 32),
     ("sdxl-refiner", "image_to_image", 32),
+    ("sdxl-inpaint", "inpainting", 32),
     ("sd3", "text_to_image", 32),
     ("sd3", "image_to_image", 32),
     ("sd3", "inpainting", 32),
@@ -136,12 +137,16 @@ class TestStageContract:
         for out in (ran["together"], ran["batched"], *ran["alone"]):
             assert values(out, "status") == ["ok"] * out.num_rows, values(out, "error")
 
-    def test_images_at_the_kinds_size(self, ran):
+    def test_images_at_the_kinds_size_and_inpainting_keeps_unmasked_pixels(self, ran):
         side = ran["side"]
         for out in (ran["together"], ran["batched"]):
             assert values(out, "width") == values(out, "height") == [side] * 3
             assert [im.shape for im in raw_images(out)] == [(side, side, 3)] * 3
         assert len(set(pixels(ran["together"]))) == 3  # different rows, different images
+        if ran["kind"] == "inpainting":  # the black half of the mask is kept exactly, the white half repainted
+            for out, original in zip(raw_images(ran["together"]), raw_images(ran["input"])):
+                assert np.array_equal(out[:, :16], original[:, :16])
+                assert not np.array_equal(out[:, 16:], original[:, 16:])
 
     def test_same_images_at_batch_size_1_and_3(self, ran):
         assert pixels(ran["together"]) == [pixels(out)[0] for out in ran["alone"]]
@@ -158,18 +163,17 @@ class TestStageContract:
             else:
                 assert "text_embeds" not in record and "guidance_scale" not in record
 
-    def test_inpainting_keeps_unmasked_pixels(self, ran):
-        if ran["kind"] != "inpainting":
-            return
-        for out, original in zip(raw_images(ran["together"]), raw_images(ran["input"])):
-            assert np.array_equal(out[:, :16], original[:, :16])
-            assert not np.array_equal(out[:, 16:], original[:, 16:])
+
+def test_every_kind_has_its_stage_class():
+    for name, kind in KINDS.items():
+        assert stage_class(name).kind == name
+        assert set(kind.manifest_columns) <= {"prompt", "image", "mask"}
 
 
 def test_every_family_and_kind_is_covered():
     served = {(f.name, k) for f in FAMILIES for k in f.pipelines}
     tested = {(FAMILY_OF.get(m, m), k) for m, k, _ in CASES}
-    assert served - tested == {("sdxl-inpaint", "inpainting")}  # the SDXL base serves inpainting here
+    assert served == tested
     assert all(k in KINDS for _, k in served)
 
 

@@ -30,6 +30,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionLatentUpscalePipeline,
     StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
     UNet2DModel,
@@ -89,9 +90,9 @@ def _flow_vae(latent_channels: int) -> AutoencoderKL:
                          use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
 
 
-def _sdxl_unet(cross_attention_dim: int, time_ids: int) -> UNet2DConditionModel:
+def _sdxl_unet(cross_attention_dim: int, time_ids: int, in_channels: int = 4) -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        sample_size=16, in_channels=in_channels, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         norm_num_groups=16, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=8, use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=8, cross_attention_dim=cross_attention_dim,
@@ -106,12 +107,12 @@ def _sdxl_scheduler() -> EulerDiscreteScheduler:
                                   timestep_spacing="leading")
 
 
-def sdxl():
+def sdxl(pipeline_class=StableDiffusionXLPipeline, unet_in_channels: int = 4):
     text_encoder, tokenizer = clip()
     text_encoder_2, tokenizer_2 = clip(projection=True)
-    return StableDiffusionXLPipeline(vae=small_vae((32, 32, 64)), text_encoder=text_encoder,
-                                     text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-                                     unet=_sdxl_unet(2 * DIM, 6), scheduler=_sdxl_scheduler())
+    return pipeline_class(vae=small_vae((32, 32, 64)), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                          tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=_sdxl_unet(2 * DIM, 6, unet_in_channels),
+                          scheduler=_sdxl_scheduler())
 
 
 def sdxl_refiner():
@@ -213,6 +214,8 @@ def ldm():
 BUILDERS: dict[str, Callable] = {
     "sdxl": sdxl,
     "sdxl-refiner": sdxl_refiner,
+    # 9 UNet input channels: latents, the mask and the masked image's latents.
+    "sdxl-inpaint": lambda: sdxl(StableDiffusionXLInpaintPipeline, 9),
     "sd3": sd3,
     "flux": flux,
     "flux-dev": lambda: flux(guidance=True),
