@@ -7,6 +7,6 @@ IMAGE_BYTES = "_sg_image_bytes"
 IMAGE_PATH = "_sg_image_path"
 ELAPSED_PREFIX = "_sg_elapsed_"  # + stage kind: seconds of that stage's work per row
 MASK = "_sg_mask"  # uint8 HxW masks (white = repaint), the size of the row's image
-TEXT_EMBEDS = "_sg_text_embeds"  # float32 (2, tokens, dim): negative and positive prompt embeddings
+TEXT_EMBEDS = "_sg_text_embeds"  # safetensors bytes: a row's prompt-embedding arguments, by pipeline argument name
 TEXT_ENCODER = "_sg_text_encoder"  # fingerprint of the text encoder that made TEXT_EMBEDS
 STAGE_PARAMS = "_sg_stage_params"  # JSON list: each stage's kind, model and parameters

@@ -15,15 +15,8 @@ import pyarrow.dataset as pads
 
 from pipeline import storage
 from pipeline.errors import ManifestError
+from pipeline.kinds import KINDS
 from pipeline.spec import JobSpec
-
-# The columns each first stage needs from the manifest (later stages take the previous output).
-REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
-    "text_to_image": ("prompt",),
-    "super_resolution": ("image",),
-    "inpainting": ("prompt", "image", "mask"),
-    "image_to_image": ("prompt", "image"),
-}
 
 
 def _is_image_type(t: pa.DataType) -> bool:
@@ -66,8 +59,9 @@ def check(spec: JobSpec) -> pa.Array:
     dataset = open_manifest(spec)
     schema = dataset.schema
     required = ["id", "task"] if spec.flows is not None else ["id"]
+    # Only a flow's first stage reads the manifest; later stages take the previous stage's output.
     for flow in spec.flow_map().values():
-        required += [c for c in REQUIRED_COLUMNS[flow[0].kind] if c not in required]
+        required += [c for c in KINDS[flow[0].kind].manifest_columns if c not in required]
     missing = [c for c in required if c not in schema.names]
     if missing:
         raise ManifestError(

@@ -12,12 +12,10 @@ import pyarrow as pa
 from pipeline import columns
 from pipeline.access import Access
 from pipeline.images import InputError, decode
+from pipeline.kinds import KINDS
 from pipeline.spec import LimitsSpec, StageSpec, StorageSpec
 from pipeline.tables import values, with_column, with_pixels
 
-PROMPTED_KINDS = {"text_to_image", "inpainting", "image_to_image"}
-IMAGE_INPUT_KINDS = {"super_resolution", "inpainting", "image_to_image"}
-STRENGTH_KINDS = {"inpainting", "image_to_image"}
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
@@ -49,7 +47,7 @@ class _Row:
 
     def __init__(self, i: int, cols: dict[str, list], flow: list[StageSpec], storage: StorageSpec, access: Access,
                  limits: LimitsSpec):
-        first = flow[0]
+        first, kind = flow[0], KINDS[flow[0].kind]
         self.prompt = cols["prompt"][i] or ""
         self.image: np.ndarray | None = None
         self.mask: np.ndarray | None = None
@@ -61,22 +59,24 @@ class _Row:
             if len(text) > limits.max_prompt_chars:
                 raise InputError(f"{name}: {len(text)} characters, over limits.max_prompt_chars "
                                  f"{limits.max_prompt_chars}")
-        if first.kind in PROMPTED_KINDS and not self.prompt.strip():
+        if kind.prompt_required and not self.prompt.strip():
             raise InputError("prompt: empty")
         seed = cols["seed"][i]
         if seed is not None and _int64(seed) is None:
             raise InputError(f"seed: {seed} is outside the int64 range")
         if not 1 <= self.steps <= limits.max_steps:
             raise InputError(f"steps: {self.steps} is outside 1..{limits.max_steps} (limits.max_steps)")
-        source = "size"
-        if first.kind in IMAGE_INPUT_KINDS:
+        if kind.size_from == "image":
             self.image = decode("image", cols["image"][i], "RGB", storage, access, limits)
             self.height, self.width = self.image.shape[:2]
-            source = "image"
-        problem = _size_problem(self.width, self.height, limits) or limits.flow_problem(flow, self.width, self.height)
-        if problem:
-            raise InputError(f"{source}: {problem}")
-        if any(stage.kind == "inpainting" for stage in flow):
+        if kind.size_from == "model":  # the model's own size, known once it has made the image
+            self.width = self.height = None
+        else:
+            problem = _size_problem(self.width, self.height, limits) or limits.flow_problem(flow, self.width,
+                                                                                              self.height)
+            if problem:
+                raise InputError(f"{'image' if kind.size_from == 'image' else 'size'}: {problem}")
+        if any("mask" in KINDS[stage.kind].inputs for stage in flow):
             self.mask = decode("mask", cols["mask"][i], "L", storage, access, limits)
             if self.mask.shape != (self.height, self.width):
                 raise InputError(
@@ -87,7 +87,7 @@ class _Row:
 
 def prepare_batch(table: pa.Table, flow: list[StageSpec], storage: StorageSpec, access: Access,
                   limits: LimitsSpec) -> pa.Table:
-    first = flow[0]
+    first, kind = flow[0], KINDS[flow[0].kind]
     names = ("id", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "strength", "width", "height",
              "image", "mask")
     cols = {name: values(table, name) for name in names}
@@ -101,15 +101,20 @@ def prepare_batch(table: pa.Table, flow: list[StageSpec], storage: StorageSpec, 
             errors.append(str(err))
     n = table.num_rows
     table = with_pixels(table, [r.image if r else None for r in rows])
+
+    def override(name: str, cast) -> list:
+        """The first stage's value where the row gives none and the kind takes it per row; the
+        manifest's value (or null) where the kind does not."""
+        default = getattr(first, name) if name in kind.overrides else None
+        return [default if v is None else cast(v) for v in cols[name]]
+
     fill = [
         ("prompt", [p or "" for p in cols["prompt"]], pa.string()),
         ("negative_prompt", [p or "" for p in cols["negative_prompt"]], pa.string()),
         ("seed", _seeds(cols["id"], cols["seed"]), pa.int64()),
         ("steps", [r.steps if r else _int64(s) for r, s in zip(rows, cols["steps"])], pa.int64()),
-        ("guidance_scale", [first.guidance_scale if g is None else float(g) for g in cols["guidance_scale"]],
-         pa.float64()),
-        ("strength", [first.strength if s is None and first.kind in STRENGTH_KINDS else s for s in cols["strength"]],
-         pa.float64()),
+        ("guidance_scale", override("guidance_scale", float), pa.float64()),
+        ("strength", override("strength", float), pa.float64()),
         ("width", [r.width if r else _int64(w) for r, w in zip(rows, cols["width"])], pa.int64()),
         ("height", [r.height if r else _int64(h) for r, h in zip(rows, cols["height"])], pa.int64()),
         ("status", ["error" if e else "ok" for e in errors], pa.string()),

@@ -10,18 +10,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from pipeline.errors import SpecError
+from pipeline.kinds import KINDS
 
-StageKind = Literal["text_to_image", "super_resolution", "inpainting", "image_to_image"]
+StageKind = Literal[tuple(KINDS)]  # type: ignore[valid-type]
 SchedulerName = Literal["ddpm", "ddim", "pndm", "euler", "euler_a", "dpm++", "unipc"]
-
-# How many times larger than its input a stage's image comes out (the x4 upscaler family).
-SCALE: dict[str, int] = {"super_resolution": 4}
 
 DEFAULT_MODELS: dict[str, str] = {
     "text_to_image": "builtin:tiny-sd",
     "super_resolution": "builtin:tiny-upscaler",
     "inpainting": "builtin:tiny-inpaint",
     "image_to_image": "builtin:tiny-sd",
+    "unconditional": "builtin:shapes-ddpm",
 }
 
 
@@ -85,6 +84,24 @@ class StageSpec(_Strict):
         description="run the denoiser one row at a time so images never depend on batch size; "
         "None: on for CPUs, off for GPUs (where batching is what makes them fast)",
     )
+    offload: Literal["none", "model", "sequential"] = Field(
+        default="none",
+        description="where the weights wait between uses on a GPU: none keeps the whole pipeline on the GPU "
+        "(fastest, needs the most memory); model moves one component (text encoder, denoiser, VAE) to the GPU "
+        "at a time (diffusers' enable_model_cpu_offload: about the denoiser's size in GPU memory, a few "
+        "percent slower); sequential streams each layer in when it runs (enable_sequential_cpu_offload: the "
+        "least GPU memory, several times slower). CPU actors have nothing to offload and ignore it",
+    )
+    true_cfg_scale: Annotated[float, Field(ge=1, le=50)] | None = Field(
+        default=None,
+        description="FLUX.1 only: real classifier-free guidance with the negative prompt when above 1 (two "
+        "transformer passes per step); guidance_scale stays FLUX.1-dev's embedded guidance. None: off",
+    )
+    max_sequence_length: Annotated[int, Field(ge=1, le=512)] | None = Field(
+        default=None,
+        description="T5 tokens a prompt may use, for families with a T5 text encoder (SD3: 256, FLUX.1: 512, "
+        "PixArt-Σ: 300 when None); longer prompts are truncated by the tokenizer",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -140,7 +157,7 @@ class LimitsSpec(_Strict):
         """What is wrong with the images a row that starts at ``width`` x ``height`` reaches
         along ``flow`` (a super-resolution stage makes them larger), or None."""
         for stage in flow:
-            width, height = width * SCALE.get(stage.kind, 1), height * SCALE.get(stage.kind, 1)
+            width, height = width * KINDS[stage.kind].scale, height * KINDS[stage.kind].scale
             problem = self.size_problem(width, height)
             if problem:
                 return f"{stage.kind} makes {width}x{height}: {problem}"
@@ -171,9 +188,10 @@ class JobSpec(_Strict):
             if not self.flows:
                 raise ValueError("flows: needs at least one flow")
         for name, flow in self.flow_map().items():
-            # Later stages take the previous stage's image; only the first may make one from text.
-            if any(stage.kind == "text_to_image" for stage in flow[1:]):
-                raise ValueError(f"flow {name!r}: text_to_image can only be the first stage")
+            # Later stages take the previous stage's image; only the first may make one from nothing.
+            for stage in flow[1:]:
+                if not KINDS[stage.kind].takes_image:
+                    raise ValueError(f"flow {name!r}: {stage.kind} can only be the first stage")
         return self
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ from filelock import FileLock
 
 from pipeline import storage
 from pipeline.errors import ModelError
+from pipeline.families import check_family
 from pipeline.models.checks import check_model
 from pipeline.spec import JobSpec, StorageSpec
 
@@ -81,6 +82,7 @@ def check_folder(source: str, folder: Path) -> None:
 def check_sources(spec: JobSpec) -> None:
     """Refuse, on the driver before any actor starts, a model that cannot be loaded (exit 2). A
     remote folder is checked by listing it, without copying it here."""
+    indexes: dict[str, dict] = {}
     for source in dict.fromkeys(stage.model for stage in spec.all_stages()):
         if storage.is_remote(source):
             files = storage.list_files(source, spec.storage)
@@ -89,8 +91,12 @@ def check_sources(spec: JobSpec) -> None:
             index = storage.read_bytes(storage.join(source, "model_index.json"), spec.storage) \
                 if "model_index.json" in files else None
             check_model(source, files, _model_index(index))
+            indexes[source] = _model_index(index)
         else:
-            resolve(source)
+            indexes[source] = json.loads((resolve(source) / "model_index.json").read_text())
+    # A model that no stage of its kind can run is refused here, not as a job of failed rows.
+    for stage in spec.all_stages():
+        check_family(stage.model, indexes[stage.model], stage)
 
 
 def resolve(source: str, storage_spec: StorageSpec | None = None) -> Path:

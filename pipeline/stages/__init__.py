@@ -1,19 +1,14 @@
-"""One module per diffusion stage; stage_class maps a spec's ``kind`` to its class."""
+"""One module per stage kind (pipeline/stages/<kind>.py); stage_class maps a spec's ``kind`` to its
+class, as named in pipeline/kinds.py."""
 
 from __future__ import annotations
 
 import importlib
 
-_CLASSES = {
-    "text_to_image": ("pipeline.stages.text_to_image", "TextToImageStage"),
-    "super_resolution": ("pipeline.stages.super_resolution", "SuperResolutionStage"),
-    "inpainting": ("pipeline.stages.inpainting", "InpaintingStage"),
-    "image_to_image": ("pipeline.stages.image_to_image", "ImageToImageStage"),
-}
+from pipeline.kinds import KINDS
 
 
 def stage_class(kind: str):
     # Imported on demand: a stage module pulls in torch and diffusers, which the driver of a
     # cluster job need not load.
-    module, name = _CLASSES[kind]
-    return getattr(importlib.import_module(module), name)
+    return getattr(importlib.import_module(f"pipeline.stages.{kind}"), KINDS[kind].stage_class)

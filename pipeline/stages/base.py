@@ -1,21 +1,27 @@
-"""What every diffusion stage shares: load the pipeline once per actor, split a batch into calls
-the pipeline can take, one torch.Generator per row, prompt embeddings shared along a chain, and
-per-row errors.
+"""What every diffusion stage shares: load the model family's pipeline for the stage's kind once
+per actor, split a batch into calls the pipeline can take, one torch.Generator per row, prompt
+embeddings shared along a chain between identical text encoders, and per-row errors.
 
 A stage is a callable class that Ray Data runs on an actor pool; it knows diffusers and torch,
-not Ray. It takes and returns batches as pyarrow tables.
+not Ray. It takes and returns batches as pyarrow tables. What differs between model families
+(classes, prompt encoding, call arguments) is in pipeline/families.py; what differs between
+kinds (the columns a stage reads, what it records) is in pipeline/kinds.py.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import ClassVar
 
+import diffusers
 import numpy as np
 import pyarrow as pa
 import torch
@@ -30,8 +36,12 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from PIL import Image
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from pipeline import columns
+from pipeline.families import check_family
+from pipeline.kinds import KINDS
 from pipeline.models.resolve import resolve
 from pipeline.spec import StageSpec, StorageSpec
 from pipeline.tables import raw_images, values, with_column, with_pixels
@@ -59,27 +69,45 @@ def row_generator(seed: int, position: int = 0) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(mixed)
 
 
-def _fingerprint(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for sub in ("text_encoder", "tokenizer"):
-        for f in sorted((folder / sub).glob("*")):
+def _fingerprint(folder: Path, spec: StageSpec, encoder: str) -> str:
+    """Identifies the prompt embeddings a stage makes: its text encoders and tokenizers byte for
+    byte, the way its family encodes, and the settings that shape them."""
+    digest = hashlib.sha256(f"{encoder}|{spec.max_sequence_length}|{bool(spec.true_cfg_scale)}".encode())
+    for sub in sorted(p for p in folder.iterdir() if p.name.startswith(("text_encoder", "tokenizer"))):
+        for f in sorted(sub.glob("*")):
             if f.is_file():
-                digest.update(f.name.encode())
+                digest.update(f"{sub.name}/{f.name}".encode())
                 digest.update(f.read_bytes())
     return digest.hexdigest()[:16]
 
 
+@dataclass
+class Outcome:
+    """One row's result of one pipeline call."""
+
+    image: np.ndarray | None = None
+    problem: str | None = None
+    seconds: float = 0.0
+    text: str | None = None  # its prompt embeddings: "computed", "reused", or "pipeline" (the pipeline encoded)
+    embeds: bytes | None = None  # those embeddings, for the next stage
+
+
+@dataclass
+class Text:
+    """One call's prompt arguments for the pipeline, and per row what to record and hand on."""
+
+    args: dict
+    source: str | None
+    embeds: list[bytes | None]
+
+
 class DiffusionStage:
     kind: ClassVar[str]
-    # The row columns generate() reads, as Python lists in ``batch``. "pixels" adds the rows'
-    # current images and "mask" their masks, as uint8 arrays.
-    inputs: ClassVar[tuple[str, ...]] = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale")
-    # The spec fields this stage's record lists (besides kind, model and scheduler).
-    params: ClassVar[tuple[str, ...]] = ("steps", "guidance_scale")
 
     def __init__(self, spec: StageSpec, storage: StorageSpec | None = None, position: int = 0,
                  keep_text_embeds: bool = False):
         self.spec = spec
+        self.info = KINDS[self.kind]
         self.position = position
         self.keep_text_embeds = keep_text_embeds
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,12 +115,19 @@ class DiffusionStage:
             # Ray starts actors with one torch thread; use the CPUs this actor reserved.
             torch.set_num_threads(max(1, int(spec.cpus_per_actor)))
         folder = resolve(spec.model, storage)
-        self.pipe = self.load(folder, self._dtype()).to(self.device)
+        self.family = check_family(spec.model, json.loads((folder / "model_index.json").read_text()), spec)
+        self.pipeline_class = self.family.pipelines[self.kind]
+        self.dtype = self._dtype()
+        self.pipe: DiffusionPipeline = getattr(diffusers, self.pipeline_class).from_pretrained(
+            folder, dtype=self.dtype, use_safetensors=True, local_files_only=True)
+        self.offload = self._place()
         if spec.scheduler:
             self.pipe.scheduler = SCHEDULERS[spec.scheduler].from_config(self.pipe.scheduler.config)
         self.pipe.set_progress_bar_config(disable=True)
         self.scheduler_name = type(self.pipe.scheduler).__name__
-        self.text_encoder_id = _fingerprint(folder)
+        # The arguments this pipeline class takes: which of the kind's parameters apply to it.
+        self.takes = set(inspect.signature(self.pipe.__call__).parameters)
+        self.text_encoder_id = _fingerprint(folder, spec, self.family.encode.__name__) if self.family.encode else None
         # On GPUs the kernels depend on the batch shape, and batching is the point; on CPUs
         # one row at a time makes every image independent of the batch it came in.
         self.batch_invariant = spec.batch_invariant if spec.batch_invariant is not None else self.device == "cpu"
@@ -104,18 +139,22 @@ class DiffusionStage:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
 
+    def _place(self) -> str:
+        """Put the pipeline on the device, or offload it (see StageSpec.offload); return what was done."""
+        if self.device == "cpu" or self.spec.offload == "none":
+            self.pipe.to(self.device)
+            return "none"
+        if self.spec.offload == "model":
+            self.pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            self.pipe.enable_sequential_cpu_offload(device=self.device)
+        return self.spec.offload
+
     # -- what each stage defines -------------------------------------------------------------
 
-    def load(self, path: Path, dtype: torch.dtype) -> DiffusionPipeline:
-        raise NotImplementedError
-
     def call_kwargs(self, batch: dict[str, list], rows: list[int]) -> dict:
-        """The pipeline's arguments for ``rows`` beyond prompts, steps, guidance and generators."""
+        """The pipeline's arguments for ``rows`` that come from the kind (images, sizes, strength)."""
         raise NotImplementedError
-
-    def group_extra(self, batch: dict[str, list], i: int) -> tuple:
-        """What else, besides steps and guidance, rows must share to go in one pipeline call."""
-        return ()
 
     def finish(self, image: np.ndarray, batch: dict[str, list], i: int) -> np.ndarray:
         """Last touch on one row's float image in [0, 1]."""
@@ -126,113 +165,72 @@ class DiffusionStage:
     def param(self, batch: dict[str, list], name: str, i: int):
         """The first stage of a chain honours the manifest's per-row overrides (filled in by the
         prepare step); later stages use their own spec values."""
-        if self.position == 0 and name in batch:
+        if self.position == 0 and name in self.info.overrides:
             return batch[name][i]
         return getattr(self.spec, name)
 
-    def record(self, batch: dict[str, list], i: int, width: int, height: int) -> dict:
-        return {"kind": self.kind, "model": self.spec.model, "scheduler": self.scheduler_name,
-                **{p: self.param(batch, p, i) for p in self.params}, "width": width, "height": height,
-                "text_embeds": self.text_source.get(i)}
-
-    def text_kwargs(self, batch: dict[str, list], rows: list[int]) -> dict:
-        """Prompt embeddings for ``rows``: the previous stage's where it used the same text encoder,
-        else computed here."""
-        if all(batch[columns.TEXT_ENCODER][i] == self.text_encoder_id for i in rows):
-            dim = self.pipe.text_encoder.config.hidden_size
-            stacked = np.stack([np.frombuffer(batch[columns.TEXT_EMBEDS][i], np.float32).reshape(2, -1, dim)
-                                for i in rows])
-            embeds = torch.from_numpy(stacked).to(self.device, self.pipe.text_encoder.dtype)
-            negative, positive = embeds[:, 0], embeds[:, 1]
-            source = "reused"
-        else:
-            source = "computed"
-            positive, negative = self.pipe.encode_prompt(
-                [batch["prompt"][i] for i in rows], self.device, 1, True, [batch["negative_prompt"][i] for i in rows]
-            )
-        for k, i in enumerate(rows):
-            self.text_source[i] = source
-            if self.keep_text_embeds:
-                self.text_embeds[i] = torch.stack([negative[k], positive[k]]).float().cpu().numpy().tobytes()
-        return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
-
-    def generate(self, batch: dict[str, list], rows: list[int]) -> list[np.ndarray]:
-        """Run the pipeline on ``rows`` (one group): one float HxWx3 array in [0, 1] per row."""
-        i = rows[0]
-        out = self.pipe(
-            **self.text_kwargs(batch, rows),
-            num_inference_steps=self.param(batch, "steps", i),
-            guidance_scale=self.param(batch, "guidance_scale", i),
-            generator=[row_generator(batch["seed"][r], self.position) for r in rows],
-            output_type="np",
-            **self.call_kwargs(batch, rows),
-        )
-        return [self.finish(image, batch, r) for image, r in zip(np.asarray(out.images), rows)]
+    def size(self, batch: dict[str, list], i: int) -> tuple[int, int]:
+        """The (width, height) a row is generated at: its image's, or the stage's (or row's) size."""
+        if self.info.takes_image:
+            height, width = batch["pixels"][i].shape[:2]
+            return width, height
+        return self.param(batch, "width", i), self.param(batch, "height", i)
 
     @torch.inference_mode()
     def __call__(self, table: pa.Table) -> pa.Table:
-        n = table.num_rows
-        status, error = values(table, "status"), values(table, "error")
-        batch = {name: values(table, name) for name in (*self.inputs, columns.TEXT_ENCODER, columns.TEXT_EMBEDS)
-                 if name not in ("pixels", "mask")}
-        if "pixels" in self.inputs:
-            batch["pixels"] = raw_images(table)
-        if "mask" in self.inputs:
-            batch["mask"] = raw_images(table, columns.MASK, channels=1)
-        # Per row of this batch: the prompt embeddings to pass on, and whether they were reused.
-        self.text_embeds: dict[int, bytes] = {}
-        self.text_source: dict[int, str] = {}
-        images: list[np.ndarray | None] = [None] * n
-        elapsed = [0.0] * n
-        attempted = [s == "ok" for s in status]
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i in range(n):
-            if attempted[i]:
-                key = (self.param(batch, "steps", i), self.param(batch, "guidance_scale", i), *self.group_extra(batch, i))
-                groups[key].append(i)
-        for rows in groups.values():
-            for call in ([[i] for i in rows] if self.batch_invariant else [rows]):
-                for i, image, problem, seconds in self._run(batch, call):
-                    elapsed[i] += seconds
-                    if problem is None:
-                        images[i] = image
-                    else:
-                        status[i], error[i] = "error", problem
-        table = with_pixels(table, images)
-        records = [
-            json.dumps([*json.loads(p), self.record(batch, i, w, h)]) if s == "ok" else p
-            for i, (p, s, w, h) in enumerate(
-                zip(values(table, columns.STAGE_PARAMS), status, values(table, "width"), values(table, "height")))
-        ]
-        first = self.position == 0
-        now = datetime.now(timezone.utc).replace(tzinfo=None)
-        updates = [
-            # When the row's image was made: the last stage's time wins.
-            ("created_at", [now if a else c for a, c in zip(attempted, values(table, "created_at"))],
-             pa.timestamp("us")),
-            ("status", status, pa.string()),
-            ("error", error, pa.string()),
-            ("elapsed_s", [a + b for a, b in zip(values(table, "elapsed_s"), elapsed)], pa.float64()),
-            (columns.ELAPSED_PREFIX + self.kind, elapsed, pa.float64()),
-            (columns.STAGES, [(f"{s},{self.kind}" if s else self.kind) if a else s
-                              for s, a in zip(values(table, columns.STAGES), attempted)], pa.string()),
-            (columns.STAGE_PARAMS, records, pa.string()),
-            (columns.TEXT_EMBEDS, [self.text_embeds.get(i) for i in range(n)], pa.binary()),
-            (columns.TEXT_ENCODER, [self.text_encoder_id if i in self.text_embeds else None for i in range(n)],
-             pa.string()),
-        ]
-        if first:  # The row's headline model and scheduler are those of the stage that made the image.
-            updates += [("model", [self.spec.model] * n, pa.string()), ("scheduler", [self.scheduler_name] * n, pa.string())]
-        for name, vals, type_ in updates:
-            table = with_column(table, name, vals, type_)
-        return table
+        batch = self.read(table)  # 1. the columns this kind reads
+        outcomes: dict[int, Outcome] = {}
+        for rows in self.group(batch):  # 2. the rows that may share one pipeline call
+            outcomes.update(self.run(batch, rows))  # 3. generate
+        return self.write(table, batch, outcomes)  # 4. images, status, records, embeddings
 
-    def _run(self, batch, rows: list[int]):
-        """Yield (row, image, problem, seconds) for one pipeline call; when a call with several rows
-        fails, each row is retried alone so that one bad row cannot fail its neighbours."""
+    def read(self, table: pa.Table) -> dict[str, list]:
+        """Step 1: the columns this stage declares, as lists (images as uint8 arrays under "pixels"
+        and "mask"). A declared column that is missing is a bug upstream: refused, never None."""
+        names = ["status", "seed"]
+        if "prompt" in self.info.inputs:
+            names += ["prompt", "negative_prompt"]
+        if self.position == 0:
+            names += list(self.info.overrides)
+        if self.info.takes_image:
+            names += ["height", "width", columns.PIXELS]
+        if "mask" in self.info.inputs:
+            names.append(columns.MASK)
+        missing = [n for n in dict.fromkeys(names) if n not in table.column_names]
+        if missing:
+            raise KeyError(f"{self.kind}: the batch lacks the column(s) {missing} this stage reads")
+        batch = {n: values(table, n) for n in names if n not in (columns.PIXELS, columns.MASK)}
+        if self.info.takes_image:
+            batch["pixels"] = raw_images(table)
+        if "mask" in self.info.inputs:
+            batch["mask"] = raw_images(table, columns.MASK, channels=1)
+        if self.text_encoder_id:  # only after a stage that kept its embeddings
+            batch[columns.TEXT_ENCODER] = values(table, columns.TEXT_ENCODER)
+            batch[columns.TEXT_EMBEDS] = values(table, columns.TEXT_EMBEDS)
+        return batch
+
+    def group(self, batch: dict[str, list]) -> list[list[int]]:
+        """Step 2: the ok rows grouped by what one pipeline call must share (its per-row parameters,
+        the input size, whether there is a negative prompt); one row per call when batch-invariant."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, status in enumerate(batch["status"]):
+            if status == "ok":
+                key = tuple(self.param(batch, name, i) for name in self.info.overrides)
+                if self.info.takes_image:
+                    key += (batch["pixels"][i].shape,)
+                if "prompt" in self.info.inputs:
+                    key += (bool(batch["negative_prompt"][i]),)
+                groups[key].append(i)
+        if self.batch_invariant:
+            return [[i] for rows in groups.values() for i in rows]
+        return list(groups.values())
+
+    def run(self, batch: dict[str, list], rows: list[int]) -> Iterator[tuple[int, Outcome]]:
+        """Step 3: one pipeline call for ``rows``; when a call with several rows fails, each row is
+        retried alone so that one bad row cannot fail its neighbours."""
         start = time.perf_counter()
         try:
-            images, problem = self.generate(batch, rows), None
+            (images, text), problem = self.generate(batch, rows), None
         except Exception as err:  # noqa: BLE001 - every failure becomes the row's error message
             images, problem = None, _problem(self.kind, err)
         # Retried outside the except block: the exception's traceback holds the failed call's
@@ -242,16 +240,101 @@ class DiffusionStage:
                 torch.cuda.empty_cache()
             if len(rows) > 1:
                 for i in rows:
-                    yield from self._run(batch, [i])
+                    yield from self.run(batch, [i])
                 return
-            yield rows[0], None, problem, time.perf_counter() - start
+            yield rows[0], Outcome(problem=problem, seconds=time.perf_counter() - start)
             return
         seconds = (time.perf_counter() - start) / len(rows)
-        for i, image in zip(rows, images):
+        for i, image, embeds in zip(rows, images, text.embeds):
             if not np.isfinite(image).all():
-                yield i, None, f"{self.kind}: output is not finite (NaN or inf)", seconds
+                yield i, Outcome(problem=f"{self.kind}: output is not finite (NaN or inf)", seconds=seconds)
             else:
-                yield i, to_uint8(image), None, seconds
+                yield i, Outcome(to_uint8(image), None, seconds, text.source, embeds)
+
+    def generate(self, batch: dict[str, list], rows: list[int]) -> tuple[list[np.ndarray], Text]:
+        """Run the pipeline on one call's ``rows``: one float HxWx3 array in [0, 1] per row, and how
+        their prompts were encoded."""
+        i = rows[0]
+        text = self.text(batch, rows)
+        kwargs = {**text.args, **self.call_kwargs(batch, rows), **self.family.call_args(self.pipe, self.spec,
+                                                                                         *self.size(batch, i))}
+        if "guidance_scale" in self.info.params:
+            kwargs["guidance_scale"] = self.param(batch, "guidance_scale", i)
+        out = self.pipe(**kwargs, num_inference_steps=self.param(batch, "steps", i), output_type="np",
+                        generator=[row_generator(batch["seed"][r], self.position) for r in rows])
+        return [self.finish(image, batch, r) for image, r in zip(np.asarray(out.images), rows)], text
+
+    def text(self, batch: dict[str, list], rows: list[int]) -> Text:
+        """The prompt arguments for ``rows``: the previous stage's embeddings where it had the same
+        text encoders, else embeddings computed here; prompts as text for families whose pipeline
+        encodes them itself."""
+        none = [None] * len(rows)
+        if "prompt" not in self.info.inputs:
+            return Text({}, None, none)
+        prompts = [batch["prompt"][i] for i in rows]
+        negatives = [batch["negative_prompt"][i] for i in rows]
+        if self.family.encode is None:
+            return Text({"prompt": prompts, "negative_prompt": negatives}, "pipeline", none)
+        embeds, source = self._reused(batch, rows), "reused"
+        if embeds is None:
+            embeds, source = self.family.encode(self.pipe, prompts, negatives, self.device, self.spec), "computed"
+        embeds = {name: tensor for name, tensor in embeds.items() if name in self.takes}
+        kept = [save_tensors({name: t[k].float().cpu().contiguous() for name, t in embeds.items()})
+                for k in range(len(rows))] if self.keep_text_embeds else none
+        return Text(embeds, source, kept)
+
+    def _reused(self, batch: dict[str, list], rows: list[int]) -> dict | None:
+        if self.text_encoder_id is None or any(batch[columns.TEXT_ENCODER][i] != self.text_encoder_id for i in rows):
+            return None
+        unpacked = [load_tensors(batch[columns.TEXT_EMBEDS][i]) for i in rows]
+        return {name: torch.stack([u[name] for u in unpacked]).to(self.device, self.dtype) for name in unpacked[0]}
+
+    def record(self, batch: dict[str, list], i: int, width: int, height: int, outcome: Outcome) -> dict:
+        """What this stage did to row ``i``, for the row's stage_params."""
+        params = {p: self.param(batch, p, i) for p in self.info.params if p == "steps" or p in self.takes}
+        record = {"kind": self.kind, "model": self.spec.model, "family": self.family.name,
+                  "pipeline": self.pipeline_class, "scheduler": self.scheduler_name, **params,
+                  "guidance": self.family.guidance(self.pipe), "width": width, "height": height}
+        if "prompt" in self.info.inputs:
+            record["text_embeds"] = outcome.text
+        if self.offload != "none":
+            record["offload"] = self.offload
+        return record | self.family.call_args(self.pipe, self.spec, *self.size(batch, i))
+
+    def write(self, table: pa.Table, batch: dict[str, list], outcomes: dict[int, Outcome]) -> pa.Table:
+        """Step 4: the rows' images, status, timings, records and the embeddings for the next stage."""
+        n = table.num_rows
+        done = {i: o for i, o in outcomes.items() if o.problem is None}
+        failed = {i: o.problem for i, o in outcomes.items() if o.problem is not None}
+        status = ["error" if i in failed else s for i, s in enumerate(values(table, "status"))]
+        error = [failed.get(i, e) for i, e in enumerate(values(table, "error"))]
+        elapsed = [outcomes[i].seconds if i in outcomes else 0.0 for i in range(n)]
+        table = with_pixels(table, [done[i].image if i in done else None for i in range(n)])
+        widths, heights = values(table, "width"), values(table, "height")
+        records = [json.dumps([*json.loads(p), self.record(batch, i, widths[i], heights[i], done[i])]) if i in done
+                   else p for i, p in enumerate(values(table, columns.STAGE_PARAMS))]
+        embeds = [done[i].embeds if i in done else None for i in range(n)]
+        now = datetime.now(timezone.utc).replace(tzinfo=None)
+        updates = [
+            # When the row's image was made: the last stage's time wins.
+            ("created_at", [now if i in outcomes else c for i, c in enumerate(values(table, "created_at"))],
+             pa.timestamp("us")),
+            ("status", status, pa.string()),
+            ("error", error, pa.string()),
+            ("elapsed_s", [a + b for a, b in zip(values(table, "elapsed_s"), elapsed)], pa.float64()),
+            (columns.ELAPSED_PREFIX + self.kind, elapsed, pa.float64()),
+            (columns.STAGES, [(f"{s},{self.kind}" if s else self.kind) if i in outcomes else s
+                              for i, s in enumerate(values(table, columns.STAGES))], pa.string()),
+            (columns.STAGE_PARAMS, records, pa.string()),
+            (columns.TEXT_EMBEDS, embeds, pa.binary()),
+            (columns.TEXT_ENCODER, [self.text_encoder_id if e is not None else None for e in embeds], pa.string()),
+        ]
+        if self.position == 0:  # The row's headline model and scheduler are those of the stage that made the image.
+            updates += [("model", [self.spec.model] * n, pa.string()),
+                        ("scheduler", [self.scheduler_name] * n, pa.string())]
+        for name, vals, type_ in updates:
+            table = with_column(table, name, vals, type_)
+        return table
 
 
 def _problem(kind: str, err: Exception) -> str:

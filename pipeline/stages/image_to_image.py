@@ -1,23 +1,16 @@
-"""image_to_image: text-guided image-to-image (AutoPipelineForImage2Image): the input image is
-noised to ``strength`` and denoised towards the prompt."""
+"""image_to_image: the input image is noised to ``strength`` and denoised towards the prompt
+(also the SDXL refiner's use)."""
 
 from __future__ import annotations
-
-from diffusers import AutoPipelineForImage2Image
 
 from pipeline.stages.base import DiffusionStage, to_pil
 
 
 class ImageToImageStage(DiffusionStage):
     kind = "image_to_image"
-    inputs = (*DiffusionStage.inputs, "strength", "pixels")
-    params = (*DiffusionStage.params, "strength")
-
-    def load(self, path, dtype):
-        return AutoPipelineForImage2Image.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True)
-
-    def group_extra(self, batch, i):
-        return (self.param(batch, "strength", i), batch["pixels"][i].shape)
 
     def call_kwargs(self, batch, rows):
-        return {"image": to_pil(batch["pixels"], rows), "strength": self.param(batch, "strength", rows[0])}
+        kwargs = {"image": to_pil(batch["pixels"], rows), "strength": self.param(batch, "strength", rows[0])}
+        if "height" in self.takes:  # FLUX.1 and SD3 take the output size; others keep the image's
+            kwargs["width"], kwargs["height"] = self.size(batch, rows[0])
+        return kwargs
