@@ -86,7 +86,7 @@ class DiffusionStage:
         if self.device == "cpu":
             # Ray starts actors with one torch thread; use the CPUs this actor reserved.
             torch.set_num_threads(max(1, int(spec.cpus_per_actor)))
-        folder = resolve(spec.model, storage)
+        folder = resolve(spec.model, storage, spec.revision, spec.variant)
         self.pipe = self.load(folder, self._dtype()).to(self.device)
         if spec.scheduler:
             self.pipe.scheduler = SCHEDULERS[spec.scheduler].from_config(self.pipe.scheduler.config)
