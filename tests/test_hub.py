@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline.cli import main
-from pipeline.errors import EXIT_INVALID, EXIT_OK
+from pipeline.errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK
 from pipeline.models.resolve import COMPLETE_MARKER, build_builtin, resolve
 from tests.conftest import prompts_manifest, read_output, write_manifest
 from tests.hub_server import HubServer, Repo
@@ -123,6 +123,17 @@ def test_unknown_revision_is_refused(hub_env, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     err = _refused(tmp_path, capsys, model=MODEL, revision="v9")
     assert f"revision: 'v9' is not a branch, tag or commit of {MODEL}" in err
+
+
+def test_unreachable_hub_is_exit_1(hub_env, tmp_path, capsys, monkeypatch):
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    code = main(["run", "--spec", str(_spec(tmp_path, [{"kind": "text_to_image", "model": MODEL}]))])
+    err = capsys.readouterr().err
+    assert code == EXIT_FAILED and f"model: cannot reach the Hugging Face Hub for {MODEL}" in err
+    assert TOKEN not in err
 
 
 def test_pickle_only_repo_is_refused_without_downloading_weights(hub_env, tmp_path, capsys):
