@@ -10,7 +10,8 @@ through the file API that huggingface_hub calls (point HF_ENDPOINT at ``url``):
 A revision is ``main`` or the repository's commit; anything else is 404 RevisionNotFound, and an
 unknown repository 404 RepoNotFound. A gated repository lists its files to anyone but serves them
 only with ``Authorization: Bearer TOKEN``: 401 GatedRepo without a token, 403 with another one (as
-the Hub does). ``requests`` counts the requests by (method, repository, file path or api route).
+the Hub does). ``requests`` counts the requests by (method, repository, file path or api route);
+``hold_weights_until_infos`` holds weight downloads back until that many model lookups came.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,6 +50,9 @@ class HubServer:
         self.repos = repos
         self.token = token
         self.requests: Counter[tuple[str, str, str]] = Counter()
+        # GETs of weight files wait (at most a minute) until this many model info requests came:
+        # the first download on a node is still under way when the other actors look the model up.
+        self.hold_weights_until_infos = 0
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
@@ -136,6 +141,14 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             else:
                 self._file(repo, files.get(match["path"]))
 
+        def _hold(self, repo: Repo) -> None:
+            name = next(n for n, r in hub.repos.items() if r is repo)
+            deadline = time.monotonic() + 60
+            while hub.requests[("GET", name, "/api/info")] < hub.hold_weights_until_infos:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+
         def _file(self, repo: Repo, file: Path | None) -> None:
             if repo.gated:
                 given = self.headers.get("Authorization", "")
@@ -148,6 +161,8 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if file is None:
                 self._error(404, "EntryNotFound", "Entry not found")
                 return
+            if self.command == "GET" and file.suffix == ".safetensors":
+                self._hold(repo)
             data = file.read_bytes()
             self._send(200, data, {"ETag": f'"{_etag(data)}"', "X-Repo-Commit": repo.commit,
                                    "Accept-Ranges": "bytes"}, content_type="application/octet-stream")

@@ -207,16 +207,23 @@ def downloaded(hub, tmp_path_factory):
     hub.requests.clear()
     stages = [{"kind": "text_to_image", "model": MODEL, "revision": COMMIT},
               {"kind": "image_to_image", "model": MODEL, "revision": "main"}]
-    done = _run_job(work, stages, {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "SHARDGEN_CACHE": str(cache)})
-    return done, work, cache, _downloads(hub)
+    # The weights come only once both actors looked the model up (after the driver's two checks),
+    # so that the second actor arrives while the first one downloads.
+    hub.hold_weights_until_infos = 4
+    try:
+        done = _run_job(work, stages, {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "SHARDGEN_CACHE": str(cache)})
+    finally:
+        hub.hold_weights_until_infos = 0
+    return done, work, cache, _downloads(hub), hub.requests[("GET", MODEL, "/api/info")]
 
 
 def test_hub_model_downloads_once_per_node_and_runs(downloaded, tiny_files):
-    done, work, _, gets = downloaded
+    done, work, _, gets, lookups = downloaded
     _, needed = tiny_files
     rows = read_output(str(work / "out")).to_pylist()
     assert [r["status"] for r in rows] == ["ok"] * 3
     assert all(r["stages"] == ["text_to_image", "image_to_image"] for r in rows)
+    assert lookups == 4  # the driver checked two revisions, each actor looked its own up once
     # Each file the pipeline needs came once; model_index.json also once for each revision that the
     # driver checked (the commit and main).
     assert gets == {**{f: 1 for f in needed}, "model_index.json": 3}
@@ -225,7 +232,7 @@ def test_hub_model_downloads_once_per_node_and_runs(downloaded, tiny_files):
 
 
 def test_token_is_written_nowhere(downloaded):
-    done, work, _, _ = downloaded
+    done, work, _, _, _ = downloaded
     haystacks = {"stdout": done.stdout.encode(), "stderr": done.stderr.encode(), **done.logs,
                  **{str(p): p.read_bytes() for p in (work / "out").rglob("*") if p.is_file()}}
     assert str(work / "out" / "_job.json") in haystacks
@@ -233,7 +240,7 @@ def test_token_is_written_nowhere(downloaded):
 
 
 def test_cached_hub_id_runs_offline(downloaded, hub, tmp_path):
-    _, _, cache, _ = downloaded
+    _, _, cache, _, _ = downloaded
     hub.requests.clear()
     stages = [{"kind": "text_to_image", "model": MODEL}]  # main, as the first job resolved it
     _run_job(tmp_path, stages, {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "1", "SHARDGEN_CACHE": str(cache)})

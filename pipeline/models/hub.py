@@ -190,10 +190,17 @@ def _remember(repo: str, revision: str | None, commit: str) -> None:
     os.replace(tmp, ref)
 
 
-def _offline_snapshot(repo: str, revision: str | None, variant: str | None) -> Path:
+def _cached(repo: str, revision: str | None, variant: str | None) -> Path | None:
+    """The complete folder of ``repo`` at ``revision`` in this node's cache (a branch or tag as it
+    was last resolved here), or None."""
     commit = _cached_commit(repo, revision)
     folder = _snapshot_dir(repo, commit, variant) if commit else None
-    if folder is None or not (folder / COMPLETE_MARKER).exists():
+    return folder if folder is not None and (folder / COMPLETE_MARKER).exists() else None
+
+
+def _offline_snapshot(repo: str, revision: str | None, variant: str | None) -> Path:
+    folder = _cached(repo, revision, variant)
+    if folder is None:
         raise ModelError(f"model: {_named(repo, revision)}{f' variant {variant}' if variant else ''} is not in the "
                          f"model cache on {socket.gethostname()} and HF_HUB_OFFLINE is set, so nothing is downloaded")
     return folder
@@ -217,9 +224,10 @@ def contents(repo: str, revision: str | None, variant: str | None) -> tuple[list
 
 def snapshot(repo: str, revision: str | None, variant: str | None) -> Path:
     """The local folder of ``repo`` at ``revision``, downloaded into the model cache once per node."""
-    pinned = revision if revision and COMMIT.fullmatch(revision) else None
-    if offline() or (pinned and (_snapshot_dir(repo, pinned, variant) / COMPLETE_MARKER).exists()):
+    if offline():
         return _offline_snapshot(repo, revision, variant)
+    if revision and COMMIT.fullmatch(revision) and (folder := _cached(repo, revision, variant)):
+        return folder  # a commit never changes: no request
     info = _info(repo, revision)
     sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
 
