@@ -63,7 +63,15 @@ class StorageSpec(_Strict):
 
 class StageSpec(_Strict):
     kind: StageKind
-    model: str = Field(default="", description="builtin:NAME, a local folder, an s3:// folder or a cached hub id")
+    model: str = Field(default="", description="builtin:NAME, a local folder, an s3:// folder or a Hugging Face Hub id "
+                       "(org/name)")
+    revision: str | None = Field(
+        default=None, description="for a hub id: a branch, tag or commit hash (a commit pins the model); None: main"
+    )
+    variant: str | None = Field(
+        default=None, description="for a hub id: the weights variant to download, e.g. fp16 (files named "
+        "*.fp16.safetensors); None: the plain weights"
+    )
     scheduler: SchedulerName | None = Field(default=None, description="None keeps the model's own scheduler")
     # Upper bounds for steps, width and height are the job's `limits`, checked by JobSpec.
     steps: Annotated[int, Field(ge=1)] = 20

@@ -2,9 +2,10 @@
 
 Sources: ``builtin:NAME`` (a trained model shipped in pipeline/models/trained/, or a tiny
 random-weight model built once into the cache), a local folder, a remote folder such as
-``s3://bucket/models/sd`` (copied once per node into the cache), or a hub id already in the local
-Hugging Face cache (nothing is downloaded at run time). Every folder passes the checks of
-pipeline/models/checks.py (safetensors only, no custom code) before it is handed out.
+``s3://bucket/models/sd`` (copied once per node into the cache), or a Hugging Face Hub id
+``org/name`` (its pipeline files downloaded once per node into the cache, see hub.py). Every folder
+passes the checks of pipeline/models/checks.py (safetensors only, no custom code) before it is
+handed out.
 """
 
 from __future__ import annotations
@@ -73,39 +74,66 @@ def _model_index(text: bytes | str | None) -> dict | None:
     return None if text is None else json.loads(text)
 
 
-def check_folder(source: str, folder: Path) -> None:
+def folder_contents(folder: Path) -> tuple[list[str], dict | None]:
     files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
     index = folder / "model_index.json"
-    check_model(source, files, _model_index(index.read_text() if index.is_file() else None))
+    return files, _model_index(index.read_text() if index.is_file() else None)
+
+
+def check_folder(source: str, folder: Path) -> None:
+    check_model(source, *folder_contents(folder))
+
+
+def contents(source: str, storage_spec: StorageSpec | None = None, revision: str | None = None,
+             variant: str | None = None) -> tuple[list[str], dict | None]:
+    """The file names and model_index.json of a model source. A remote folder is listed and a hub id
+    looked up, without downloading their weights."""
+    from pipeline.models import hub
+
+    if hub.is_hub_id(source):
+        return hub.contents(source, revision, variant)
+    _refuse_hub_options(source, revision, variant)
+    if storage.is_remote(source):
+        files = storage.list_files(source, storage_spec)
+        if not files:
+            raise ModelError(f"model: no files under {source}")
+        index = storage.read_bytes(storage.join(source, "model_index.json"), storage_spec) \
+            if "model_index.json" in files else None
+        return files, _model_index(index)
+    return folder_contents(_locate(source, storage_spec, revision, variant))
 
 
 def check_sources(spec: JobSpec) -> None:
-    """Refuse, on the driver before any actor starts, a model that cannot be loaded (exit 2). A
-    remote folder is checked by listing it, without copying it here."""
-    indexes: dict[str, dict] = {}
-    for source in dict.fromkeys(stage.model for stage in spec.all_stages()):
-        if storage.is_remote(source):
-            files = storage.list_files(source, spec.storage)
-            if not files:
-                raise ModelError(f"model: no files under {source}")
-            index = storage.read_bytes(storage.join(source, "model_index.json"), spec.storage) \
-                if "model_index.json" in files else None
-            check_model(source, files, _model_index(index))
-            indexes[source] = _model_index(index)
-        else:
-            indexes[source] = json.loads((resolve(source) / "model_index.json").read_text())
-    # A model that no stage of its kind can run is refused here, not as a job of failed rows.
+    """Refuse, on the driver before any actor starts, a model that cannot be loaded or that no
+    stage of its kind can run (exit 2), instead of a job of failed rows. Remote folders and hub ids
+    are listed, not downloaded."""
+    indexes: dict[tuple, dict | None] = {}
+    for key in dict.fromkeys((s.model, s.revision, s.variant) for s in spec.all_stages()):
+        files, indexes[key] = contents(key[0], spec.storage, key[1], key[2])
+        check_model(key[0], files, indexes[key])
     for stage in spec.all_stages():
-        check_family(stage.model, indexes[stage.model], stage)
+        check_family(stage.model, indexes[(stage.model, stage.revision, stage.variant)], stage)
 
 
-def resolve(source: str, storage_spec: StorageSpec | None = None) -> Path:
-    folder = _locate(source, storage_spec)
+def resolve(source: str, storage_spec: StorageSpec | None = None, revision: str | None = None,
+            variant: str | None = None) -> Path:
+    folder = _locate(source, storage_spec, revision, variant)
     check_folder(source, folder)
     return folder
 
 
-def _locate(source: str, storage_spec: StorageSpec | None) -> Path:
+def _refuse_hub_options(source: str, revision: str | None, variant: str | None) -> None:
+    if revision or variant:
+        field = "revision" if revision else "variant"
+        raise ModelError(f"{field}: only a hub id (org/name) has revisions and variants, not the model {source}")
+
+
+def _locate(source: str, storage_spec: StorageSpec | None, revision: str | None, variant: str | None) -> Path:
+    from pipeline.models import hub
+
+    if hub.is_hub_id(source):
+        return hub.snapshot(source, revision, variant)
+    _refuse_hub_options(source, revision, variant)
     if source.startswith(BUILTIN_PREFIX):
         return build_builtin(source[len(BUILTIN_PREFIX):])
     if storage.is_remote(source):
@@ -120,15 +148,4 @@ def _locate(source: str, storage_spec: StorageSpec | None) -> Path:
     local = Path(source).expanduser()
     if local.is_dir():
         return local
-    if local.is_absolute() or source.startswith("."):
-        raise ModelError(f"model: no folder at {source}")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(source, local_files_only=True))
-    except (LocalEntryNotFoundError, ValueError) as err:
-        raise ModelError(
-            f"model: {source!r} is not a built-in, a folder or a hub id in the local cache "
-            f"(nothing is downloaded at run time): {err}"
-        ) from None
+    raise ModelError(f"model: no folder at {source}")

@@ -114,7 +114,7 @@ class DiffusionStage:
         if self.device == "cpu":
             # Ray starts actors with one torch thread; use the CPUs this actor reserved.
             torch.set_num_threads(max(1, int(spec.cpus_per_actor)))
-        folder = resolve(spec.model, storage)
+        folder = resolve(spec.model, storage, spec.revision, spec.variant)
         self.family = check_family(spec.model, json.loads((folder / "model_index.json").read_text()), spec)
         self.pipeline_class = self.family.pipelines[self.kind]
         self.dtype = self._dtype()
