@@ -19,6 +19,7 @@ import os
 import re
 import shlex
 import sys
+import time
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -29,6 +30,7 @@ from pipeline.errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_ROWS_FAILED
 from pipeline.nightly import Night, Outcome, is_complete, stats_of
 
 ENTRYPOINT = ("python", "-m", "jobs.generate")
+AGENT_WAIT_S = 60
 _ATTEMPT = re.compile(r"-a(\d+)$")
 
 
@@ -111,14 +113,28 @@ def submit_night(jobs_api, spec_uri: str, night: Night, working_dir: str | None 
     metadata = {"shardgen_spec": spec_uri, "shardgen_night": night.night.isoformat(),
                 "shardgen_output": night.spec.output, "shardgen_attempt": submission_id.rsplit("-a", 1)[1]}
     try:
-        jobs_api.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
-                            metadata=metadata)
+        _submit(jobs_api, entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env,
+                metadata=metadata)
     except RuntimeError as err:
         if "already exists" in str(err):  # another submitter got this attempt's id first
             raise AlreadySubmitted(f"night {night.night} of {spec_uri} was just submitted as {submission_id} "
                                    "by someone else; not submitted again") from None
         raise ShardgenError(f"the Jobs API refused {submission_id}: {storage.redact(str(err))}") from None
     return Submitted(submission_id, night.night)
+
+
+def _submit(jobs_api, **job) -> None:
+    """Submit, waiting out a head that has just started: its Jobs API answers a little before
+    its agent takes jobs ("No available agent to submit job, please try again later")."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            jobs_api.submit_job(**job)
+            return
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 def follow(jobs_api, submission_id: str, out=sys.stdout) -> int:
