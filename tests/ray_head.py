@@ -60,37 +60,28 @@ def _stop(head: subprocess.Popen) -> None:
     _signal_group(head.pid, signal.SIGKILL)
 
 
-def _client(address: str, head: subprocess.Popen, headers: dict) -> JobSubmissionClient | None:
-    """The Jobs API client once it answers; None if the head died first (a port was taken)."""
-    deadline = time.time() + 120
-    while True:
+def _ready(address: str, head: subprocess.Popen, headers: dict) -> JobSubmissionClient | None:
+    """The Jobs API client once the head takes jobs; None if the head died first (a port was
+    taken, or on a loaded machine a part of it did not start in time). The Jobs API answers a
+    little before the head's agent takes jobs ("No available agent to submit job"): a no-op job
+    proves it does."""
+    deadline = time.time() + 180
+    client, job = None, None
+    while job is None or not client.get_job_status(job).is_terminal():
+        if head.poll() is not None:
+            return None
+        if time.time() > deadline:
+            raise RuntimeError(f"the Ray head at {address} did not take a job in 180 s")
         try:
-            return JobSubmissionClient(address, headers=headers)
-        except ConnectionError:  # the dashboard is still starting
-            if head.poll() is not None:
-                return None
-            if time.time() > deadline:
-                raise RuntimeError(f"the Ray head at {address} did not answer in 120 s") from None
-            time.sleep(1)
-
-
-def _wait_for_agent(client: JobSubmissionClient) -> None:
-    """Until the head's agent takes jobs: the Jobs API answers a little before it does ("No
-    available agent to submit job"). A no-op job proves it."""
-    deadline = time.time() + 120
-    while True:
-        try:
-            job = client.submit_job(entrypoint="true", submission_id=f"head-ready-{os.getpid()}-{time.time_ns()}")
-            break
-        except RuntimeError as err:
-            if "No available agent" not in str(err) or time.time() > deadline:
+            client = client or JobSubmissionClient(address, headers=headers)
+            job = job or client.submit_job(entrypoint="true", submission_id=f"head-ready-{time.time_ns()}")
+        except RuntimeError as err:  # a client that answers, but no agent yet
+            if "No available agent" not in str(err):
                 raise
-        except OSError:  # requests' ConnectionError: the dashboard dropped the request while starting
-            if time.time() > deadline:
-                raise
+        except OSError:  # refused or dropped connections while the dashboard starts (ConnectionError too)
+            pass
         time.sleep(1)
-    while not client.get_job_status(job).is_terminal():
-        time.sleep(0.5)
+    return client
 
 
 @contextmanager
@@ -98,6 +89,8 @@ def ray_head(env: dict[str, str] | None = None, num_cpus: int = 2) -> Iterator[H
     """Start a head with ``env`` (default: this process's environment with token authentication
     off, the same on every machine); yield it; stop it."""
     env = env if env is not None else {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # More time for the head's parts to come up on a loaded machine than Ray's defaults give.
+    env = {"RAY_agent_register_timeout_ms": "120000", "RAY_raylet_start_wait_time_s": "120", **env}
     token = env.get("RAY_AUTH_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     for start in range(STARTS):
@@ -111,12 +104,11 @@ def ray_head(env: dict[str, str] | None = None, num_cpus: int = 2) -> Iterator[H
             head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
             try:
                 address = f"http://127.0.0.1:{ports['--dashboard-port']}"
-                client = _client(address, head, headers)
+                client = _ready(address, head, headers)
                 if client is None:
                     if start + 1 == STARTS:
                         raise RuntimeError("ray head did not start:\n" + log_path.read_text())
                     continue
-                _wait_for_agent(client)
                 yield Head(address, client, log_path)
                 return
             finally:
