@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 
 from pipeline import dates, layout, storage
-from pipeline.errors import EXIT_FAILED, EXIT_OK, ShardgenError
+from pipeline.errors import EXIT_FAILED, EXIT_OK, ShardgenError, SpecError
 from pipeline.spec import JobSpec, StorageSpec, parse_spec_text
 from pipeline.stats import Stats
 
@@ -63,10 +63,11 @@ def load_nights(spec_uri: str, nights: list[date], **overrides) -> tuple[str, li
     try:
         text = storage.read_bytes(spec_uri, StorageSpec()).decode("utf-8")
     except FileNotFoundError:
-        raise ShardgenError(f"no job spec at {spec_uri}") from None
+        raise SpecError(f"no job spec at {spec_uri}") from None
     loaded = [Night(n, parse_spec_text(text, spec_uri, n, **overrides)) for n in nights]
     # Two different nights' outputs differ exactly where the night goes: the root is before it.
-    probe = [loaded[0].spec.output, parse_spec_text(text, spec_uri, date(2000, 1, 2), **overrides).output]
+    other = loaded[0].night + timedelta(days=1)
+    probe = [loaded[0].spec.output, parse_spec_text(text, spec_uri, other, **overrides).output]
     if probe[0] == probe[1]:
         raise ShardgenError(f"output {probe[0]} is the same for every night: put {dates.DATE} in it")
     common = 0

@@ -138,6 +138,29 @@ def test_history_keeps_every_night_when_nights_finish_at_once(tmp_path):
     assert nightly.describe(root).count("2026-01-01") == 1
 
 
+def test_nights_run_locally_and_catch_up(tmp_path, ray_local):
+    """`shardgen run --date` records its night; `shardgen nightly` runs the missing one here,
+    skips the finished one, and a second catch-up finds nothing to do."""
+    first, second = date(2026, 10, 1), date(2026, 10, 2)
+    for night, rows in ((first, 2), (second, 3)):
+        write_manifest(str(tmp_path / f"m-{night}.parquet"), prompts_manifest(rows))
+    spec = tmp_path / "nightly.yaml"
+    spec.write_text(yaml.safe_dump({
+        "manifest": str(tmp_path / "m-{date}.parquet"), "output": str(tmp_path / "nightly"),
+        "stages": [{"kind": "text_to_image", "model": "builtin:tiny-sd", "steps": 2, "width": 32, "height": 32}],
+    }))
+    code, out = _cli("run", "--spec", str(spec), "--date", str(first))
+    assert code == 0 and f"date={first}" in out, out
+    code, out = _cli("nightly", "--spec", str(spec), "--from", str(first), "--to", str(second))
+    assert code == 0, out
+    table = [line.split()[:5] for line in out.splitlines() if line.startswith("2026-")]
+    assert table == [[str(first), "complete", "2", "2", "0"], [str(second), "done", "3", "3", "0"]], out
+    history = nightly.history(str(tmp_path / "nightly"))
+    assert [(e.night, e.rows) for e in history] == [(str(first), 2), (str(second), 3)]
+    code, out = _cli("nightly", "--spec", str(spec), "--missing", "--to", str(second))
+    assert code == 0 and f"every night from {first} to {second} is complete" in out, out
+
+
 # --- against the head ------------------------------------------------------------------------------
 
 
