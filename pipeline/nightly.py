@@ -13,6 +13,7 @@ one shared index). A rerun of a night replaces its own line.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta, timezone
@@ -69,11 +70,8 @@ def load_nights(spec_uri: str, nights: list[date], **overrides) -> tuple[str, li
     other = loaded[0].night + timedelta(days=1)
     probe = [loaded[0].spec.output, parse_spec_text(text, spec_uri, other, **overrides).output]
     if probe[0] == probe[1]:
-        raise ShardgenError(f"output {probe[0]} is the same for every night: put {dates.DATE} in it")
-    common = 0
-    while probe[0][common] == probe[1][common]:
-        common += 1
-    return probe[0][:common].rsplit("/", 1)[0], loaded
+        raise SpecError(f"output: {probe[0]} is the same for every night; put {dates.DATE} in it")
+    return os.path.commonprefix(probe).rsplit("/", 1)[0], loaded
 
 
 def is_complete(spec: JobSpec) -> bool:
@@ -191,7 +189,7 @@ def command(args) -> int:
         root, (night,) = load_nights(args.spec, [last], **overrides)
         first = min(first_night(root, night.spec.storage) or last, last)
     else:
-        raise ShardgenError("--from: give the first night, or --missing for every night since the first one")
+        raise SpecError("--from: give the first night, or --missing for every night since the first one")
     if args.address:
         from pipeline import submit
 

@@ -20,8 +20,6 @@ import re
 import shlex
 import sys
 import time
-from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 
 from pipeline import storage
@@ -39,12 +37,6 @@ class AlreadySubmitted(ShardgenError):
     output twice at once."""
 
     exit_code = EXIT_INVALID
-
-
-@dataclass
-class Submitted:
-    submission_id: str | None  # None: nothing submitted, the night was complete already
-    night: date
 
 
 def auth_headers() -> dict[str, str]:
@@ -96,8 +88,9 @@ def attempts(jobs, base: str) -> dict[int, object]:
 
 
 def submit_night(jobs_api, spec_uri: str, night: Night, working_dir: str | None = None,
-                 overrides: dict[str, str | None] | None = None) -> Submitted:
-    """Submit ``night`` unless it is complete; refuse while an attempt of it has not ended."""
+                 overrides: dict[str, str | None] | None = None) -> str | None:
+    """Submit ``night`` unless it is complete, and return its submission id (None: the night was
+    complete, nothing submitted); refuse while an attempt of it has not ended."""
     base = base_id(spec_uri, night)
     tried = attempts(jobs_api.list_jobs(), base)
     running = [j.submission_id for j in tried.values() if not j.status.is_terminal()]
@@ -105,7 +98,7 @@ def submit_night(jobs_api, spec_uri: str, night: Night, working_dir: str | None 
         raise AlreadySubmitted(f"night {night.night} of {spec_uri} is already on the cluster as {running[0]} "
                                f"(not ended); not submitted again (follow it: ray job logs --follow {running[0]})")
     if is_complete(night.spec):
-        return Submitted(None, night.night)
+        return None
     submission_id = f"{base}-a{max(tried, default=0) + 1}"
     flags = [a for k, v in (overrides or {}).items() if v is not None for a in (f"--{k}", v)]
     entrypoint = shlex.join([*ENTRYPOINT, "--spec", spec_uri, "--date", night.night.isoformat(), *flags])
@@ -120,7 +113,7 @@ def submit_night(jobs_api, spec_uri: str, night: Night, working_dir: str | None 
             raise AlreadySubmitted(f"night {night.night} of {spec_uri} was just submitted as {submission_id} "
                                    "by someone else; not submitted again") from None
         raise ShardgenError(f"the Jobs API refused {submission_id}: {storage.redact(str(err))}") from None
-    return Submitted(submission_id, night.night)
+    return submission_id
 
 
 def _submit(jobs_api, **job) -> None:
@@ -161,17 +154,17 @@ def run_remote(jobs_api, spec_uri: str, working_dir: str | None, overrides: dict
 
     def run(night: Night) -> Outcome:
         try:
-            submitted = submit_night(jobs_api, spec_uri, night, working_dir, overrides)
+            submission_id = submit_night(jobs_api, spec_uri, night, working_dir, overrides)
         except AlreadySubmitted as err:
             return Outcome(night.night, "running", EXIT_INVALID, error=str(err))
-        if submitted.submission_id is None:
+        if submission_id is None:
             return Outcome(night.night, "complete", EXIT_OK, stats_of(night.spec))
-        log(f"shardgen nightly: submitted {submitted.submission_id}")
-        code = follow(jobs_api, submitted.submission_id)
+        log(f"shardgen nightly: submitted {submission_id}")
+        code = follow(jobs_api, submission_id)
         status = {EXIT_OK: "done", EXIT_INVALID: "refused", EXIT_ROWS_FAILED: "too many errors"}.get(code, "failed")
         stats = stats_of(night.spec)
         return Outcome(night.night, status, code, stats if is_complete(night.spec) else None,
-                       "" if code == EXIT_OK else f"job {submitted.submission_id} exited {code}")
+                       "" if code == EXIT_OK else f"job {submission_id} exited {code}")
 
     return run
 
@@ -183,12 +176,12 @@ def command(args) -> int:
     overrides = {"manifest": args.manifest, "output": args.output}
     _, (night,) = load_nights(args.spec, [parse_night(args.date)], **overrides)
     jobs_api = client(args.address)
-    submitted = submit_night(jobs_api, args.spec, night, args.working_dir, overrides)
-    if submitted.submission_id is None:
+    submission_id = submit_night(jobs_api, args.spec, night, args.working_dir, overrides)
+    if submission_id is None:
         print(f"shardgen: night {night.night}: {night.spec.output} is already complete; nothing submitted")
         return EXIT_OK
-    print(f"shardgen: submitted night {night.night} as {submitted.submission_id} -> {night.spec.output}")
+    print(f"shardgen: submitted night {night.night} as {submission_id} -> {night.spec.output}")
     if not args.wait:
-        print(f"  follow it: ray job logs --follow {submitted.submission_id}")
+        print(f"  follow it: ray job logs --follow {submission_id}")
         return EXIT_OK
-    return follow(jobs_api, submitted.submission_id)
+    return follow(jobs_api, submission_id)
