@@ -130,9 +130,11 @@ def _submit(jobs_api, **job) -> None:
             time.sleep(1)
 
 
-def follow(jobs_api, submission_id: str, out=sys.stdout) -> int:
+def follow(jobs_api, submission_id: str, out=None) -> int:
     """Print the job's log as it comes and return its own exit code (0, 1, 2 or 3, as the
     shardgen run inside it ended; 1 where the job never ran its entry point)."""
+
+    out = out or sys.stdout  # looked up now: a caller may have redirected it
 
     async def tail() -> None:
         async for lines in jobs_api.tail_job_logs(submission_id):

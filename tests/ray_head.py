@@ -62,6 +62,15 @@ def _stop(head: subprocess.Popen) -> None:
     _signal_group(head.pid, signal.SIGKILL)
 
 
+def _first_in_line() -> None:
+    """Run the head's start ahead of other work on this machine where allowed (root): its raylet
+    gives its dashboard agent a fixed 15 s, which a busy machine's agent can overrun."""
+    try:
+        os.nice(-10)
+    except PermissionError:
+        pass
+
+
 def _ready(address: str, head: subprocess.Popen, headers: dict) -> JobSubmissionClient | None:
     """The Jobs API client once the head takes jobs; None if the head died first (a port was
     taken, or on a loaded machine a part of it did not start in time). The Jobs API answers a
@@ -101,7 +110,8 @@ def ray_head(env: dict[str, str] | None = None, num_cpus: int = 2) -> Iterator[H
                "--min-worker-port=0", "--max-worker-port=0", *[f"{k}={v}" for k, v in ports.items()]]
         log_path = Path(temp_dir) / "head.log"
         with open(log_path, "w") as log:
-            head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+            head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+                                    preexec_fn=_first_in_line)
             try:
                 address = f"http://127.0.0.1:{ports['--dashboard-port']}"
                 client = _ready(address, head, headers)
@@ -109,6 +119,7 @@ def ray_head(env: dict[str, str] | None = None, num_cpus: int = 2) -> Iterator[H
                     if start + 1 == STARTS:
                         raise RuntimeError("ray head did not start:\n" + log_path.read_text())
                     continue
+                os.setpriority(os.PRIO_PGRP, head.pid, 0)  # started: the jobs run at the usual priority
                 yield Head(address, client, log_path)
                 return
             finally:

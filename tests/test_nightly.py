@@ -14,6 +14,7 @@ import contextlib
 import io
 import os
 import secrets
+import subprocess
 import sys
 import threading
 from datetime import date
@@ -167,6 +168,17 @@ def test_nights_run_locally_and_catch_up(tmp_path, ray_local):
 def test_the_head_wants_the_token(cluster):
     with pytest.raises(Exception, match=r"(?i)auth|401|unauthori"):
         JobSubmissionClient(cluster["head"].address).list_jobs()
+
+
+def test_ray_job_submit_as_the_readme_shows_it(cluster):
+    """`ray job submit` sends the token only with RAY_AUTH_MODE=token, as the README says."""
+    ray = str(Path(sys.executable).with_name("ray"))
+    cmd = [ray, "job", "submit", "--address", cluster["head"].address, "--", "python", "-m", "jobs.generate", "--help"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower(), refused
+    done = subprocess.run(cmd, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "--spec" in done.stdout, done
 
 
 def test_submit_a_night_then_again_is_refused(cluster):
