@@ -20,7 +20,7 @@ from datetime import date, datetime, timedelta, timezone
 
 from pipeline import dates, layout, storage
 from pipeline.errors import EXIT_FAILED, EXIT_OK, ShardgenError, SpecError
-from pipeline.spec import JobSpec, StorageSpec, parse_spec_text
+from pipeline.spec import JobSpec, StorageSpec
 from pipeline.stats import Stats
 
 INDEX = "_nights"
@@ -60,15 +60,12 @@ class Outcome:
 
 def load_nights(spec_uri: str, nights: list[date], **overrides) -> tuple[str, list[Night]]:
     """The spec at ``spec_uri`` filled in for each night, and the nightly root their outputs
-    share (read once)."""
-    try:
-        text = storage.read_bytes(spec_uri, StorageSpec()).decode("utf-8")
-    except FileNotFoundError:
-        raise SpecError(f"no job spec at {spec_uri}") from None
-    loaded = [Night(n, parse_spec_text(text, spec_uri, n, **overrides)) for n in nights]
+    share."""
+    from pipeline.job import load_spec
+
+    loaded = [Night(n, load_spec(spec_uri, n, **overrides)) for n in nights]
     # Two different nights' outputs differ exactly where the night goes: the root is before it.
-    other = loaded[0].night + timedelta(days=1)
-    probe = [loaded[0].spec.output, parse_spec_text(text, spec_uri, other, **overrides).output]
+    probe = [loaded[0].spec.output, load_spec(spec_uri, loaded[0].night + timedelta(days=1), **overrides).output]
     if probe[0] == probe[1]:
         raise SpecError(f"output: {probe[0]} is the same for every night; put {dates.DATE} in it")
     return os.path.commonprefix(probe).rsplit("/", 1)[0], loaded
