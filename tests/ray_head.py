@@ -66,7 +66,7 @@ def _first_in_line() -> None:
     """Run the head's start ahead of other work on this machine where allowed (root): its raylet
     gives its dashboard agent a fixed 15 s, which a busy machine's agent can overrun."""
     try:
-        os.nice(-10)
+        os.nice(-19)
     except PermissionError:
         pass
 
