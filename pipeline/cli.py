@@ -12,11 +12,25 @@ from pipeline.errors import EXIT_FAILED, ShardgenError
 
 def _run(args: argparse.Namespace) -> int:
     from pipeline.job import exit_code, load_spec, run_job, summary_line
+    from pipeline.nightly import record
 
-    spec = load_spec(args.spec, manifest=args.manifest, output=args.output)
+    spec = load_spec(args.spec, night=args.date, manifest=args.manifest, output=args.output)
     stats = run_job(spec, overwrite=args.overwrite)
+    record(spec, stats)
     print(summary_line(spec, stats))
     return exit_code(spec, stats)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from pipeline import submit
+
+    return submit.command(args)
+
+
+def _nightly(args: argparse.Namespace) -> int:
+    from pipeline import nightly
+
+    return nightly.command(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -79,7 +93,33 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--manifest", help="override the spec's manifest URI")
     run.add_argument("--output", help="override the spec's output URI")
     run.add_argument("--overwrite", action="store_true", help="delete the output first and start again")
+    run.add_argument("--date", help="the night (UTC YYYY-MM-DD) for {date} and {yesterday} in the spec; default today")
     run.set_defaults(fn=_run)
+
+    night_help = "override the spec's %s URI ({date} and {yesterday} are filled in)"
+    submit = sub.add_parser("submit", allow_abbrev=False,
+                            help="submit one night of a spec to a Ray cluster's Jobs API, once (cluster/README.md)")
+    submit.add_argument("--spec", required=True, help="where the cluster reads the spec (s3://…, or in --working-dir)")
+    submit.add_argument("--date", help="the night (UTC YYYY-MM-DD, today or yesterday); default today")
+    submit.add_argument("--address", help="the Jobs API, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)")
+    submit.add_argument("--working-dir", help="ship this folder as the job's code (default: the installed package)")
+    submit.add_argument("--manifest", help=night_help % "manifest")
+    submit.add_argument("--output", help=night_help % "output")
+    submit.add_argument("--wait", action="store_true", help="follow the log; exit with the job's own exit code")
+    submit.set_defaults(fn=_submit)
+
+    nightly = sub.add_parser("nightly", allow_abbrev=False,
+                             help="run or submit every night of a range that is not complete, in date order")
+    nightly.add_argument("--spec", required=True)
+    nightly.add_argument("--from", dest="from_", metavar="FROM", help="the first night (UTC YYYY-MM-DD)")
+    nightly.add_argument("--to", help="the last night (default today)")
+    nightly.add_argument("--missing", action="store_true",
+                         help="list only nights without _SUCCESS; without --from, since the first night at the root")
+    nightly.add_argument("--address", help="submit to this Jobs API and wait for each night (default: run here)")
+    nightly.add_argument("--working-dir", help="with --address: ship this folder as the jobs' code")
+    nightly.add_argument("--manifest", help=night_help % "manifest")
+    nightly.add_argument("--output", help=night_help % "output")
+    nightly.set_defaults(fn=_nightly)
 
     demo = sub.add_parser("demo", allow_abbrev=False, help="run the embedded default job (local Ray, built-in models)")
     demo.add_argument("--output", default="demo-output", help="folder for the manifest and the dataset")

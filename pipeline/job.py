@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Any
 
 from pipeline import layout, manifest, storage
@@ -13,13 +13,14 @@ from pipeline.spec import JobSpec, StorageSpec, parse_spec_text
 from pipeline.stats import Stats
 
 
-def load_spec(uri: str, **overrides: Any) -> JobSpec:
-    """Read a YAML or JSON spec from a local path or object storage (credentials from AWS_*)."""
+def load_spec(uri: str, night: date | str | None = None, **overrides: Any) -> JobSpec:
+    """Read a YAML or JSON spec from a local path or object storage (credentials from AWS_*),
+    for ``night`` where it is dated (pipeline/dates.py)."""
     try:
         text = storage.read_bytes(uri, StorageSpec()).decode("utf-8")
     except FileNotFoundError:
         raise SpecError(f"no job spec at {uri}") from None
-    return parse_spec_text(text, uri, **overrides)
+    return parse_spec_text(text, uri, night, **overrides)
 
 
 def _finished(spec: JobSpec, overwrite: bool) -> Stats | None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from pipeline import dates
 from pipeline.errors import SpecError
 from pipeline.kinds import KINDS
 
@@ -242,25 +244,26 @@ def _error_text(err: ValidationError) -> str:
     return "invalid job spec:\n" + "\n".join(lines)
 
 
-def parse_spec(data: Any, **overrides: Any) -> JobSpec:
-    """Validate a spec from a mapping; ``overrides`` (command-line flags) win when not None."""
+def parse_spec(data: Any, night: date | str | None = None, **overrides: Any) -> JobSpec:
+    """Validate a spec from a mapping; ``overrides`` (command-line flags) win when not None.
+    ``{date}`` and ``{yesterday}`` are filled in for ``night`` (pipeline/dates.py)."""
     if not isinstance(data, dict):
         raise SpecError("invalid job spec: expected a mapping of fields at the top level")
-    data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    data = dates.resolve({**data, **{k: v for k, v in overrides.items() if v is not None}}, night)
     try:
         return JobSpec.model_validate(data)
     except ValidationError as err:
         raise SpecError(_error_text(err)) from None
 
 
-def parse_spec_text(text: str, source: str, **overrides: Any) -> JobSpec:
+def parse_spec_text(text: str, source: str, night: date | str | None = None, **overrides: Any) -> JobSpec:
     try:
         data = json.loads(text) if source.endswith(".json") else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as err:
         raise SpecError(f"cannot parse job spec {source}: {err}") from None
-    return parse_spec(data or {}, **overrides)
+    return parse_spec(data or {}, night, **overrides)
 
 
-def load_spec_file(path: str | Path, **overrides: Any) -> JobSpec:
+def load_spec_file(path: str | Path, night: date | str | None = None, **overrides: Any) -> JobSpec:
     path = Path(path)
-    return parse_spec_text(path.read_text(), str(path), **overrides)
+    return parse_spec_text(path.read_text(), str(path), night, **overrides)

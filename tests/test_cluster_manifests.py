@@ -1,8 +1,9 @@
-"""cluster/ agrees with the code: every YAML parses; the entrypoints run jobs.generate with flags
-its parser accepts; the image and the clusters are at the installed Ray version; the image
+"""cluster/ agrees with the code: every YAML parses; the entrypoints run jobs.generate or
+shardgen with flags its parser accepts; the nightly schedulers catch up a dated spec under
+deterministic submission ids, with deadlines; the image and the clusters are at the installed Ray version; the image
 installs this package; credentials come only from Secrets; the head runs no actors; GPU workers
 ask for their GPUs; the model cache is mounted where SHARDGEN_CACHE points; the example job spec
-fits a GPU worker. Static checks: no cluster and no network."""
+fits a GPU worker. Static checks: no cluster and no network (the schemas: test_cluster_schemas.py)."""
 
 from __future__ import annotations
 
@@ -22,25 +23,8 @@ from pipeline.spec import load_spec_file
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 ENTRYPOINT = "-m jobs.generate"
+SHARDGEN = re.compile(r"(^|\s)shardgen\s+(run|submit|nightly)\b")
 CREDENTIAL = re.compile(r"AWS_ACCESS_KEY_ID|AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|SECRET|TOKEN|PASSWORD|KEY")
-
-# Top-level fields of the KubeRay CRDs (ray-operator/apis/ray/v1/*_types.go, v1.6): the API server
-# drops an unknown (misspelt) field without a word, so a typo would silently change behaviour.
-RAYJOB_FIELDS = {
-    "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
-    "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint", "runtimeEnvYAML",
-    "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus", "entrypointNumGpus",
-    "ttlSecondsAfterFinished", "preRunningDeadlineSeconds", "shutdownAfterJobFinishes", "suspend",
-}
-RAYCLUSTER_FIELDS = {
-    "upgradeStrategy", "authOptions", "suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations",
-    "enableInTreeAutoscaling", "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion", "workerGroupSpecs",
-}
-WORKER_GROUP_FIELDS = {
-    "suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds", "resources",
-    "labels", "rayStartParams", "template", "scaleStrategy", "numOfHosts",
-}
-
 
 def _documents() -> list[tuple[str, dict]]:
     docs = [(p.name, d) for p in sorted(CLUSTER.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text())]
@@ -91,21 +75,35 @@ def _cpus(quantity) -> float:
     return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
-def _entrypoint_args(command: str) -> list[str]:
-    """The arguments after `python -m jobs.generate` in one shell command line."""
-    line = next(line for line in command.replace("\\\n", " ").splitlines() if ENTRYPOINT in line)
-    before, _, after = line.partition(ENTRYPOINT)
-    assert shlex.split(before)[-1:] == ["python"], f"not run as `python {ENTRYPOINT}`: {line!r}"
-    return shlex.split(after.split(";")[0])
+def _entrypoint_args(command: str) -> tuple[str, list[str]]:
+    """The shardgen command and its arguments in one shell command line: `python -m
+    jobs.generate ARGS` is `shardgen run ARGS`."""
+    lines = command.replace("\\\n", " ").splitlines()
+    line = next(line for line in lines if ENTRYPOINT in line or SHARDGEN.search(line))
+    if ENTRYPOINT in line:
+        before, _, after = line.partition(ENTRYPOINT)
+        assert shlex.split(before)[-1:] == ["python"], f"not run as `python {ENTRYPOINT}`: {line!r}"
+        return "run", shlex.split(after.split(";")[0])
+    words = shlex.split(line[SHARDGEN.search(line).start():].split(";")[0])
+    return words[1], words[2:]
 
 
-def _check_entrypoint(command: str) -> None:
-    args = _entrypoint_args(command)
+def _check_entrypoint(command: str):
+    name, args = _entrypoint_args(command)
     try:
-        parsed = parser().parse_args(["run", *args])
+        parsed = parser().parse_args([name, *args])
     except SystemExit:
-        raise AssertionError(f"shardgen run refuses the arguments {args} of {command!r}") from None
+        raise AssertionError(f"shardgen {name} refuses the arguments {args} of {command!r}") from None
     assert parsed.spec.startswith("s3://") and parsed.spec.endswith((".yaml", ".yml", ".json")), parsed.spec
+    return parsed
+
+
+def _commands() -> list[str]:
+    """Every command line in cluster/'s objects: RayJob entrypoints, shell scripts, and container
+    commands given as lists."""
+    lists = [shlex.join(c["command"] + c.get("args", [])) for c in _containers(_objects()) if "command" in c
+             and "bash" not in c["command"]]
+    return [s for s in _strings(_objects()) + lists if ENTRYPOINT in s or SHARDGEN.search(s)]
 
 
 def test_every_yaml_is_a_kubernetes_object_or_a_valid_job_spec():
@@ -117,14 +115,14 @@ def test_every_yaml_is_a_kubernetes_object_or_a_valid_job_spec():
             kinds.add(doc["kind"])
         else:
             load_spec_file(CLUSTER / name)  # raises SpecError naming the field
-    assert {"RayCluster", "RayJob", "CronJob"} <= kinds
+    assert {"RayCluster", "RayJob", "CronJob", "RayCronJob"} <= kinds
 
 
-def test_entrypoints_run_jobs_generate_with_flags_it_accepts():
+def test_entrypoints_run_shardgen_with_flags_it_accepts():
     spec = importlib.util.find_spec("jobs.generate")
     assert spec is not None and Path(spec.origin) == REPO / "jobs" / "generate.py"
-    commands = [s for obj in _objects() for s in _strings(obj) if ENTRYPOINT in s]
-    assert len(commands) >= 2, commands  # the RayJob's and the nightly CronJob's
+    commands = _commands()
+    assert len(commands) >= 3, commands  # the RayJob's, the CronJob's and the RayCronJob's
     for command in commands:
         _check_entrypoint(command)
 
@@ -136,6 +134,8 @@ def test_the_entrypoint_check_refuses_what_shardgen_run_refuses():
         _check_entrypoint("python -m jobs.generate --output s3://b/x")  # --spec is required
     with pytest.raises(AssertionError, match="python"):
         _check_entrypoint("python3.9 -m jobs.generate --spec s3://b/job.yaml")
+    with pytest.raises(AssertionError, match="refuses"):
+        _check_entrypoint("shardgen nightly --spec s3://b/job.yaml --missing --adress http://h:8265")
 
 
 def test_image_and_clusters_are_at_the_installed_ray_version():
@@ -204,10 +204,8 @@ def test_head_takes_no_work_and_serves_the_jobs_api():
 
 def test_gpu_workers_request_their_resources_and_autoscale():
     for spec in _cluster_specs():
-        assert set(spec) <= RAYCLUSTER_FIELDS, set(spec) - RAYCLUSTER_FIELDS
         assert spec["enableInTreeAutoscaling"] is True
         group, container = _gpu_worker(spec)
-        assert set(group) <= WORKER_GROUP_FIELDS, set(group) - WORKER_GROUP_FIELDS
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"] and group["maxReplicas"] >= 1
         resources = container["resources"]
         assert int(resources["limits"]["nvidia.com/gpu"]) >= 1
@@ -230,20 +228,31 @@ def test_model_cache_volume_is_mounted_at_shardgen_cache():
 
 def test_rayjob_runs_on_the_raycluster_spec_and_cleans_up():
     job = _one("RayJob")["spec"]
-    assert set(job) <= RAYJOB_FIELDS, set(job) - RAYJOB_FIELDS
     assert job["rayClusterSpec"] == _one("RayCluster")["spec"], "cluster/rayjob.yaml drifted from raycluster.yaml"
     assert job["shutdownAfterJobFinishes"] is True and job["ttlSecondsAfterFinished"] > 0
     assert job["backoffLimit"] >= 0
 
 
-def test_nightly_submits_a_dated_run_to_the_raycluster():
-    cron = _one("CronJob")["spec"]
-    assert cron["concurrencyPolicy"] == "Forbid"
-    script = next(s for s in _strings(cron) if ENTRYPOINT in s)
-    assert f"--address http://{_one('RayCluster')['metadata']['name']}-head-svc:8265" in script
-    args = parser().parse_args(["run", *_entrypoint_args(script)])
-    # A fixed output would be finished after the first night, and every later run would do nothing.
-    assert "$" in args.output and "$" in args.manifest, (args.output, args.manifest)
+def test_nightly_schedulers_catch_up_a_dated_spec_on_the_raycluster_with_deadlines():
+    cluster = _one("RayCluster")["metadata"]["name"]
+    cron, ray_cron = _one("CronJob")["spec"], _one("RayCronJob")["spec"]
+    assert cron["concurrencyPolicy"] == "Forbid" and cron["startingDeadlineSeconds"] > 0
+    assert 0 < cron["jobTemplate"]["spec"]["activeDeadlineSeconds"] < 86400  # ends before the next night
+    assert 0 < ray_cron["jobTemplate"]["activeDeadlineSeconds"] < 86400
+    # The RayCronJob's RayJobs run on the long-running cluster, where the submission ids guard.
+    assert ray_cron["jobTemplate"]["clusterSelector"] == {"ray.io/cluster": cluster}
+    assert cron["schedule"] == ray_cron["schedule"] and cron["timeZone"] == ray_cron["timeZone"] == "Etc/UTC"
+    nightly = [_check_entrypoint(c) for c in _commands() if SHARDGEN.search(c)]
+    assert len(nightly) == 2, nightly
+    for args in nightly:
+        assert args.command == "nightly" and args.missing and args.address == f"http://{cluster}-head-svc:8265"
+    # The spec they name is cluster/nightly-job.yaml uploaded: dated, so each night has its output.
+    (spec_uri,) = {args.spec for args in nightly}
+    assert spec_uri.endswith("/jobs/nightly.yaml")
+    text = (CLUSTER / "nightly-job.yaml").read_text()
+    assert "{date}" in text and f"s3://BUCKET/jobs/{Path(spec_uri).name}" in text
+    first, second = (load_spec_file(CLUSTER / "nightly-job.yaml", night=d) for d in ("2026-11-27", "2026-11-28"))
+    assert first.output != second.output and second.output.endswith("/date=2026-11-28")
 
 
 def test_example_job_spec_fits_one_gpu_worker():

@@ -1,80 +1,26 @@
-"""`jobs.generate` submitted through the Ray Jobs API to a real head started by this test.
-
-The head gets its own 127.0.0.1 ports and temp dir, runs in its own process group, and is
-stopped by killing that group's processes (never `ray stop`, which would kill every Ray here).
-"""
+"""`jobs.generate` submitted through the Ray Jobs API to a real head started by this test
+(tests/ray_head.py)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.job_submission import JobStatus
 
-from tests.conftest import free_port, prompts_manifest, read_output, write_manifest
+from tests import ray_head as heads
+from tests.conftest import prompts_manifest, read_output, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _wait_for_jobs_api(address: str, head: subprocess.Popen, log: Path) -> JobSubmissionClient:
-    deadline = time.time() + 120
-    while True:
-        try:
-            return JobSubmissionClient(address)
-        except ConnectionError:  # the dashboard is still starting
-            if head.poll() is not None or time.time() > deadline:
-                raise RuntimeError("ray head did not start:\n" + log.read_text()) from None
-            time.sleep(1)
 
 
 @pytest.fixture
 def ray_head():
-    temp_dir = tempfile.mkdtemp(prefix="sgray", dir="/tmp")  # short: Ray's socket paths are length-limited
-    dashboard = free_port()
-    ports = {
-        "--port": free_port(), "--dashboard-port": dashboard, "--ray-client-server-port": free_port(),
-        "--node-manager-port": free_port(), "--object-manager-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-        "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port(),
-    }
-    cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-           "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}",
-           "--min-worker-port=0", "--max-worker-port=0",
-           *[f"{k}={v}" for k, v in ports.items()]]
-    log = open(Path(temp_dir) / "head.log", "w")
-    # Token auth would turn itself on where ~/.ray/auth_token exists; this head serves loopback
-    # only, so it runs without, the same on every machine.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    try:
-        yield _wait_for_jobs_api(f"http://127.0.0.1:{dashboard}", head, Path(temp_dir) / "head.log")
-    finally:
-        # Stop exactly the processes this test started: the head's process group (a graceful
-        # SIGTERM first, then SIGKILL for whatever of the group is left).
-        _signal_group(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-        _signal_group(head.pid, signal.SIGKILL)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
+    with heads.ray_head() as head:
+        yield head.client
 
 
 def test_generate_job_through_jobs_api(ray_head, tmp_path, environment):
