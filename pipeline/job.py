@@ -45,7 +45,7 @@ def run_job(spec: JobSpec, overwrite: bool = False, log=print) -> Stats:
             "(--overwrite starts again)")
         return replace(finished, skipped=True)
     check_sources(spec)
-    from pipeline import plan, resume, sink
+    from pipeline import job_record, plan, resume, sink
 
     written = resume.scan(spec, log)
     if written.files:
@@ -59,7 +59,7 @@ def run_job(spec: JobSpec, overwrite: bool = False, log=print) -> Stats:
     log(f"shardgen: run {run_id}: {todo} rows from {spec.manifest} -> {spec.output}, "
         f"flows: {'; '.join(' -> '.join(s.kind for s in f) for f in spec.flow_map().values())}")
     started = datetime.now(timezone.utc)
-    sink.write_job_file(spec, run_id, started)
+    job_record.write_job_file(spec, run_id, started)
     reports = plan.execute(spec, todo, run_id, written.done()) if todo else []
     files, table = resume.settle(spec, written, [f for r in reports for f in r.files], len(ids), log)
     return sink.finalize(spec, run_id, reports, files, table, started, datetime.now(timezone.utc))

@@ -20,9 +20,9 @@ from pipeline.encode import encode_batch
 from pipeline.errors import SpecError
 from pipeline.prepare import prepare_batch, unrouted_batch
 from pipeline.resume import drop_done
-from pipeline.sink import ShardReport, ShardWriter
 from pipeline.spec import JobSpec, StageSpec
 from pipeline.stages import stage_class
+from pipeline.writers.shards import ShardReport, ShardWriter
 
 # Reading, prepare, encode and writing are light next to diffusion: a quarter CPU each lets them
 # run beside actor pools that reserve most CPUs of a node (a task that asked for a whole CPU
