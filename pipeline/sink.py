@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections import Counter
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -20,6 +21,8 @@ from pipeline.card import dataset_card
 from pipeline.job_record import put_text, write_job_file
 from pipeline.spec import JobSpec
 from pipeline.stats import StageStats, Stats
+from pipeline.synth import filters
+from pipeline.synth.filters import FilterReport
 from pipeline.writers.shards import ShardReport, combine
 
 
@@ -32,14 +35,18 @@ def _error_kind(message: str) -> str:
 
 
 def finalize(spec: JobSpec, run_id: str, reports: list[ShardReport], files: list[str], written: pa.Table,
-             started: datetime, ended: datetime) -> Stats:
+             started: datetime, ended: datetime, filtered: FilterReport | None = None) -> Stats:
     """Write _stats.json, _job.json and README.md, then _SUCCESS; return the stats.
 
     ``files`` and ``written`` (their id, status and error columns) are every shard of the output,
-    resumed runs' included; ``reports`` are this run's writes, for its speed and stage times."""
+    resumed runs' included; ``reports`` are this run's writes, for its speed and stage times;
+    ``filtered`` is what the filters did (its status column replaces ``written``'s)."""
     this_run = combine(reports)
     wall = (ended - started).total_seconds()
+    if filtered is not None:
+        written = filtered.written
     ok = int(pc.sum(pc.equal(written.column("status"), "ok")).as_py() or 0)
+    n_filtered = filtered.filtered if filtered else 0
     errors = dict(Counter(_error_kind(m) for m in written.column("error").to_pylist() if m is not None))
     runs = sorted({layout.run_of(name) for name in files} | {run_id})
     stats = Stats(
@@ -47,7 +54,7 @@ def finalize(spec: JobSpec, run_id: str, reports: list[ShardReport], files: list
         runs=runs,
         rows=written.num_rows,
         ok=ok,
-        error=written.num_rows - ok,
+        error=written.num_rows - ok - n_filtered,
         errors_by_kind=errors,
         shards=len(files),
         rows_this_run=this_run.rows,
@@ -56,8 +63,12 @@ def finalize(spec: JobSpec, run_id: str, reports: list[ShardReport], files: list
         stages=[StageStats(kind, round(this_run.stage_busy_s.get(kind, 0.0), 3))
                 for kind in dict.fromkeys(s.kind for s in spec.all_stages())],
     )
+    if filtered is not None:
+        stats = replace(stats, filtered=n_filtered, filtered_by_reason=filtered.by_reason,
+                        per_class=filtered.per_class, filter_pass_rate=filters.pass_rate(filtered),
+                        duplicate_rate=filters.duplicate_rate(filtered))
     put_text(spec, layout.STATS, stats.to_json())
     write_job_file(spec, run_id, started, ended, runs)
-    put_text(spec, layout.CARD, dataset_card(spec, stats))
+    put_text(spec, layout.CARD, dataset_card(spec, stats, files))
     put_text(spec, layout.SUCCESS, json.dumps({"run_id": run_id, "rows": written.num_rows}) + "\n")
     return stats

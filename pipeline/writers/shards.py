@@ -55,8 +55,21 @@ class ShardWriter:
                 report.stage_busy_s[name[len(columns.ELAPSED_PREFIX):]] = float(pc.sum(table.column(name)).as_py() or 0)
         out = to_output_table(table)
         report.ok = int(pc.sum(pc.equal(out.column("status"), "ok")).as_py() or 0)
-        for chunk, start in enumerate(range(0, out.num_rows, self.rows_per_shard)):
-            name = layout.shard_name(self.run_id, task_index, chunk)
-            self.format.publish(storage.join(self.output, name), out.slice(start, self.rows_per_shard), self.storage)
-            report.files.append(name)
+        chunk = 0
+        for split, part in _by_split(out):
+            for start in range(0, part.num_rows, self.rows_per_shard):
+                name = layout.shard_name(self.run_id, task_index, chunk, split)
+                self.format.publish(storage.join(self.output, name), part.slice(start, self.rows_per_shard),
+                                    self.storage)
+                report.files.append(name)
+                chunk += 1
         return report
+
+
+def _by_split(table: pa.Table) -> list[tuple[str | None, pa.Table]]:
+    """The table's rows by split folder (sorted, so a retried task names its shards the same), or
+    the whole table when it has no split column."""
+    if layout.SPLIT_COLUMN not in table.column_names:
+        return [(None, table)]
+    folders = pa.array([layout.split_folder(s) for s in table.column(layout.SPLIT_COLUMN).to_pylist()], pa.string())
+    return [(f, table.filter(pc.equal(folders, f))) for f in sorted(set(folders.to_pylist()))]
