@@ -53,7 +53,7 @@ class Config:
     steps: int = 20  # sampler steps (the model's DPM-Solver++)
     train_seeds: int = 3
     eval_images: int = 2000
-    train_steps: int = 300  # CNN optimiser steps per arm
+    train_steps: int = 250  # CNN optimiser steps per arm
     batch_size: int = 16  # generation batch
     manifest_seed: int = 0
 
@@ -118,11 +118,11 @@ class SmallCNN(torch.nn.Module):
     def __init__(self, classes: int):
         super().__init__()
         self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(),
         )
-        self.head = torch.nn.Linear(64, classes)
+        self.head = torch.nn.Linear(32, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).amax(dim=(2, 3)))
@@ -276,10 +276,13 @@ def write_doc(doc: Path, text: str) -> None:
 
 
 def start_ray(tries: int = 5) -> None:
-    """A local Ray of 2 CPUs. On a loaded machine its raylet can miss Ray's fixed 30 s start-up
-    window; say so and try again."""
+    """The Ray in RAY_ADDRESS, else a local Ray of 2 CPUs. On a loaded machine a local raylet can
+    miss Ray's fixed start-up windows; say so and try again."""
     import ray
 
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(include_dashboard=False, log_to_driver=False)
+        return
     for attempt in range(1, tries + 1):
         try:
             ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
