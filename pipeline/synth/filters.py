@@ -167,9 +167,10 @@ def apply(spec: JobSpec, files: list[str], log=print) -> FilterReport:
     report = FilterReport(written=whole.select(["id", "error"]).add_column(1, "status", pa.array(new_status)),
                           candidates=sum(candidate))
     report.by_reason = dict(Counter(r.split(":", 1)[0] for r in reasons if r))
-    for name, s in zip(col(label), new_status):
-        counts = report.per_class.setdefault(str(name), {"ok": 0, FILTERED: 0, "error": 0})
-        counts[s if s in counts else "error"] += 1
+    if label in whole.column_names:
+        for name, s in zip(col(label), new_status):
+            counts = report.per_class.setdefault(str(name), {"ok": 0, FILTERED: 0, "error": 0})
+            counts[s if s in counts else "error"] += 1
 
     start = 0
     for name, table in tables.items():

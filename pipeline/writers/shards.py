@@ -71,5 +71,6 @@ def _by_split(table: pa.Table) -> list[tuple[str | None, pa.Table]]:
     the whole table when it has no split column."""
     if layout.SPLIT_COLUMN not in table.column_names:
         return [(None, table)]
-    folders = pa.array([layout.split_folder(s) for s in table.column(layout.SPLIT_COLUMN).to_pylist()], pa.string())
+    splits = table.column(layout.SPLIT_COLUMN).to_pylist()
+    folders = pa.array([layout.split_folder(None if s is None else str(s)) for s in splits], pa.string())
     return [(f, table.filter(pc.equal(folders, f))) for f in sorted(set(folders.to_pylist()))]
