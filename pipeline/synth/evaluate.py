@@ -53,7 +53,7 @@ class Config:
     steps: int = 20  # sampler steps (the model's DPM-Solver++)
     train_seeds: int = 3
     eval_images: int = 2000
-    train_steps: int = 250  # CNN optimiser steps per arm
+    train_steps: int = 300  # CNN optimiser steps per arm
     batch_size: int = 16  # generation batch
     manifest_seed: int = 0
 
@@ -71,13 +71,19 @@ def classes_and_templates(work: Path) -> tuple[Path, Path]:
     return classes, templates
 
 
+def folder_of(config: Config, guidance: float) -> Path:
+    return config.work / f"g{guidance:g}"
+
+
 def generate(config: Config, guidance: float, log=print) -> tuple[Path, Stats]:
     """One guidance scale's images, through shardgen: manifest, then run_job (resumed or skipped
     when the output is already there)."""
     from pipeline.job import run_job
 
+    if not (folder_of(config, guidance) / "output" / "_SUCCESS").exists():
+        start_ray()
     classes, templates = classes_and_templates(config.work)
-    folder = config.work / f"g{guidance:g}"
+    folder = folder_of(config, guidance)
     manifest_path = folder / "manifest.parquet"
     if not manifest_path.exists():
         folder.mkdir(parents=True, exist_ok=True)
@@ -118,9 +124,9 @@ class SmallCNN(torch.nn.Module):
     def __init__(self, classes: int):
         super().__init__()
         self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
         )
         self.head = torch.nn.Linear(32, classes)
 
@@ -280,6 +286,8 @@ def start_ray(tries: int = 5) -> None:
     miss Ray's fixed start-up windows; say so and try again."""
     import ray
 
+    if ray.is_initialized():
+        return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(include_dashboard=False, log_to_driver=False)
         return
@@ -310,7 +318,6 @@ def main(argv: list[str] | None = None) -> None:
                     tuple(float(g) for g in args.guidances.split(",")), args.steps, args.train_seeds,
                     args.eval_images, args.train_steps)
     torch.set_num_threads(1)  # a shared machine; Ray's actors run their own threads
-    start_ray()
     start = time.time()
     arms, figures = run(config)
     text = table(config, arms, figures) + f"\n\n{_provenance()} Wall time {(time.time() - start) / 60:.1f} min."
