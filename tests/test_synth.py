@@ -31,6 +31,9 @@ def test_balanced_per_class_and_split():
     assert Counter(r["label_name"] for r in rows) == {s: 50 for s in SHAPES}
     per_class_split = Counter((r["label_name"], r["split"]) for r in rows)
     assert all(per_class_split[(s, "train")] == 40 and per_class_split[(s, "test")] == 5 for s in SHAPES)
+    # Counts that do not divide evenly still add up, each within one row of per_class x fraction.
+    uneven = Counter((r["label_name"], r["split"]) for r in _build(per_class=7).to_pylist())
+    assert all((uneven[(s, "train")], uneven[(s, "validation")], uneven[(s, "test")]) == (5, 1, 1) for s in SHAPES)
 
 
 def test_shuffled_not_class_sorted():
