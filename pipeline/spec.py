@@ -150,8 +150,10 @@ class LimitsSpec(_Strict):
 class ConfidenceFilterSpec(_Strict):
     """Keep a row only if a classifier gives its class a probability above ``threshold``."""
 
-    model: str = Field(default="builtin:shape-classifier",
-                       description="the classifier: builtin:shape-classifier (the shapes set) or a folder in its format")
+    model: str = Field(
+        default="builtin:shape-classifier",
+        description="the classifier: builtin:shape-classifier (the shapes set) or a folder in its format",
+    )
     threshold: Annotated[float, Field(ge=0, le=1)] | None = Field(
         default=None, description="None: 1/C for a classifier of C classes (He et al., ICLR 2023)")
     label_column: str = Field(default="label_name",
