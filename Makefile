@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench eval clean browser
+.PHONY: setup demo test lint bench eval synth-eval clean browser
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ bench: setup
 # Prompt adherence, super-resolution PSNR and inpainting figures of the trained shape models.
 eval: setup
 	$(BIN)/shardgen train eval
+
+# The synthetic-data experiment (docs/synthetic-data.md): generate through shardgen, filter, train
+# small classifiers, test on held-out real renders; writes its table into the doc. CPU only.
+synth-eval: setup
+	$(BIN)/python -m pipeline.synth.evaluate --work synth-eval --doc docs/synthetic-data.md --json synth-eval/figures.json $(SYNTH_EVAL_ARGS)
 
 clean:
 	rm -rf demo-output .pytest_cache

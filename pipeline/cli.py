@@ -83,6 +83,23 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _manifest_synth(args: argparse.Namespace) -> int:
+    from pipeline.synth.manifest import main
+
+    table = main(args.classes, args.templates, args.per_class, args.seed, args.splits, args.output,
+                 args.guidance, args.guidance_range)
+    print(f"shardgen: {table.num_rows} rows -> {args.output}")
+    return 0
+
+
+def _export_webdataset(args: argparse.Namespace) -> int:
+    from pipeline.export import export_webdataset
+
+    summary = export_webdataset(args.output, args.dest, args.rows_per_shard, args.include_filtered)
+    print(f"shardgen: exported {args.output} -> {args.dest}: {summary}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shardgen", description="Dataset-scale image generation on Ray Data.",
                                 allow_abbrev=False)
@@ -158,6 +175,30 @@ def parser() -> argparse.ArgumentParser:
     # Listed for --help only: main() hands `train …` whole to the training entry point.
     sub.add_parser("train", allow_abbrev=False,
                    help="train or evaluate the shape models: shardgen train {vae,t2i,sr,inpaint,all,eval} …")
+
+    manifest = sub.add_parser("manifest", allow_abbrev=False, help="write a manifest")
+    manifest_sub = manifest.add_subparsers(dest="manifest_command", required=True)
+    synth = manifest_sub.add_parser("synth", allow_abbrev=False,
+                                    help="classes x prompt templates x seeds, balanced, split, labelled")
+    synth.add_argument("--classes", required=True, help="YAML/JSON/CSV of classes (name, synonyms, description)")
+    synth.add_argument("--templates", required=True, help="YAML/JSON (templates, slots, distinct) or .txt")
+    synth.add_argument("--per-class", type=int, required=True, help="rows per class")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--splits", default="train=0.8,validation=0.1,test=0.1")
+    synth.add_argument("--guidance", help="guidance_scale values, comma-separated, balanced over each class's rows")
+    synth.add_argument("--guidance-range", help="a:b, guidance_scale drawn uniformly per row")
+    synth.add_argument("--output", required=True, help="the manifest to write (.parquet, local or s3://)")
+    synth.set_defaults(fn=_manifest_synth)
+
+    export = sub.add_parser("export", allow_abbrev=False, help="a finished output in another format")
+    export_sub = export.add_subparsers(dest="export_command", required=True)
+    wds = export_sub.add_parser("webdataset", allow_abbrev=False,
+                                help="WebDataset tar shards {split}-000000.tar (key.png, key.cls, key.json); resumable")
+    wds.add_argument("output", help="a finished shardgen output (local or s3://)")
+    wds.add_argument("dest", help="the folder for the tar shards (local or s3://)")
+    wds.add_argument("--rows-per-shard", type=int, default=1000)
+    wds.add_argument("--include-filtered", action="store_true", help="also export rows with status: filtered")
+    wds.set_defaults(fn=_export_webdataset)
 
     models = sub.add_parser("models", allow_abbrev=False, help="built-in models")
     models_sub = models.add_subparsers(dest="models_command", required=True)

@@ -39,14 +39,18 @@ def _finished(spec: JobSpec, overwrite: bool) -> Stats | None:
 def run_job(spec: JobSpec, overwrite: bool = False, log=print) -> Stats:
     """Run ``spec`` to completion and return its stats (see _stats.json). An output left by a run
     that did not finish is resumed: only the ids that no published shard holds are generated."""
+    from pipeline.synth import filters
+
     ids = manifest.check(spec)
+    if spec.filters:
+        filters.check(spec)
     finished = _finished(spec, overwrite)
     if finished is not None:
         log(f"shardgen: {spec.output} is already complete (run {finished.run_id}); nothing to do "
             "(--overwrite starts again)")
         return replace(finished, skipped=True)
     check_sources(spec)
-    from pipeline import plan, resume, sink
+    from pipeline import job_record, plan, resume, sink
 
     written = resume.scan(spec, log)
     if written.files:
@@ -60,10 +64,11 @@ def run_job(spec: JobSpec, overwrite: bool = False, log=print) -> Stats:
     log(f"shardgen: run {run_id}: {todo} rows from {spec.manifest} -> {spec.output}, "
         f"flows: {'; '.join(' -> '.join(s.kind for s in f) for f in spec.flow_map().values())}")
     started = datetime.now(timezone.utc)
-    sink.write_job_file(spec, run_id, started)
+    job_record.write_job_file(spec, run_id, started)
     reports = plan.execute(spec, todo, run_id, written.done()) if todo else []
     files, table = resume.settle(spec, written, [f for r in reports for f in r.files], len(ids), log)
-    return sink.finalize(spec, run_id, reports, files, table, started, datetime.now(timezone.utc))
+    filtered = filters.apply(spec, files, log) if spec.filters else None
+    return sink.finalize(spec, run_id, reports, files, table, started, datetime.now(timezone.utc), filtered)
 
 
 def over_error_fraction(spec: JobSpec, stats: Stats) -> bool:

@@ -3,6 +3,7 @@ takes them from here.
 
 OUTPUT/
   data/part-{run_id}-{task:05d}-{chunk:04d}.parquet   the shards (published whole)
+  data/{split}/part-….parquet    the same, when the manifest has a `split` column (one folder per split)
   _job.json      the spec as run, without credentials (written first, again at the end)
   _stats.json    the run's counts and times
   README.md      the dataset card
@@ -10,6 +11,8 @@ OUTPUT/
 """
 
 from __future__ import annotations
+
+import re
 
 DATA = "data"
 JOB = "_job.json"
@@ -20,10 +23,27 @@ SHARD_PREFIX = "part-"
 SHARD_SUFFIX = ".parquet"
 
 
-def shard_name(run_id: str, task_index: int, chunk: int) -> str:
+SPLIT_COLUMN = "split"
+NO_SPLIT = "unsplit"  # the folder of rows whose split is null
+
+
+def split_folder(split: str | None) -> str:
+    """A split's folder name: the split with anything but letters, digits, '-' and '_' replaced,
+    so that no value can point outside data/."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", split) if split else NO_SPLIT
+
+
+def shard_name(run_id: str, task_index: int, chunk: int, split: str | None = None) -> str:
     """A shard's name relative to the output; unique per run, write task and chunk, so a retried
-    write task reuses it (idempotent) and no two tasks or runs collide."""
-    return f"{DATA}/{SHARD_PREFIX}{run_id}-{task_index:05d}-{chunk:04d}{SHARD_SUFFIX}"
+    write task reuses it (idempotent) and no two tasks or runs collide. ``split``: its folder."""
+    folder = f"{DATA}/{split}" if split else DATA
+    return f"{folder}/{SHARD_PREFIX}{run_id}-{task_index:05d}-{chunk:04d}{SHARD_SUFFIX}"
+
+
+def split_of(name: str) -> str | None:
+    """The split folder a shard lies in (see shard_name), or None."""
+    parts = name.split("/")
+    return parts[1] if len(parts) == 3 else None
 
 
 def run_of(name: str) -> str:

@@ -20,9 +20,10 @@ from pipeline.encode import encode_batch
 from pipeline.errors import SpecError
 from pipeline.prepare import prepare_batch, unrouted_batch
 from pipeline.resume import drop_done
-from pipeline.sink import ShardReport, ShardWriter
 from pipeline.spec import JobSpec, StageSpec
 from pipeline.stages import stage_class
+from pipeline.synth.filters import score_batch
+from pipeline.writers.shards import ShardReport, ShardWriter
 
 # Reading, prepare, encode and writing are light next to diffusion: a quarter CPU each lets them
 # run beside actor pools that reserve most CPUs of a node (a task that asked for a whole CPU
@@ -130,7 +131,11 @@ def build(spec: JobSpec, rows: int, done: pa.Array) -> ray.data.Dataset:
         unrouted = ds.filter(lambda row: row["task"] not in names, num_cpus=CPU_STEP_CPUS).map_batches(
             unrouted_batch, fn_kwargs={"flows": names}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
         ds = branches[0].union(*branches[1:], unrouted)
-    return ds.map_batches(encode_batch, fn_kwargs={"fmt": spec.format}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
+    ds = ds.map_batches(encode_batch, fn_kwargs={"fmt": spec.format}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
+    if spec.filters:  # per-row scores; the filters decide once the whole output is written
+        ds = ds.map_batches(score_batch, fn_kwargs={"filters": spec.filters}, batch_format="pyarrow",
+                            num_cpus=CPU_STEP_CPUS)
+    return ds
 
 
 def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array) -> list[ShardReport]:

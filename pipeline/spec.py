@@ -174,6 +174,30 @@ class LimitsSpec(_Strict):
         return None
 
 
+class ConfidenceFilterSpec(_Strict):
+    """Keep a row only if a classifier gives its class a probability above ``threshold``."""
+
+    model: str = Field(
+        default="builtin:shape-classifier",
+        description="the classifier: builtin:shape-classifier (the shapes set) or a folder in its format",
+    )
+    threshold: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None, description="None: 1/C for a classifier of C classes (He et al., ICLR 2023)")
+    label_column: str = Field(default="label_name",
+                              description="the manifest column that names each row's class as the classifier does")
+
+
+class FiltersSpec(_Strict):
+    """Filters mark rows `status: filtered` with the reason in `filter_reason`; no row is dropped.
+    They run over the whole output once every shard is written (pipeline/synth/filters.py)."""
+
+    exact_duplicates: bool = Field(default=True, description="filter rows whose image_sha256 an earlier id has")
+    near_duplicate_distance: Annotated[int, Field(ge=0, le=64)] | None = Field(
+        default=2, description="filter rows whose 64-bit perceptual hash (imagehash.phash) is at most this many "
+        "bits from a kept earlier id's; None: off")
+    confidence: ConfidenceFilterSpec | None = Field(default=None, description="the classifier-confidence filter")
+
+
 class JobSpec(_Strict):
     manifest: str
     output: str
@@ -185,6 +209,7 @@ class JobSpec(_Strict):
     )
     format: FormatSpec = FormatSpec()
     limits: LimitsSpec = LimitsSpec()
+    filters: FiltersSpec | None = Field(default=None, description="duplicate and confidence filters; None: off")
     max_error_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
         default=0.0,
         description="the share of error rows a finished job tolerates and still exits 0; above it, exit 3",

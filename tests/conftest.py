@@ -109,3 +109,27 @@ def synthetic_output(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic-output")
     return build(str(root / "out"), str(root / "manifest.parquet"), rows=260, size=32, rows_per_shard=120,
                  rows_per_task=130)
+SYNTH_CLASSES = ["circle", "square", "triangle"]
+
+
+@pytest.fixture(scope="session")
+def synth_output(tmp_path_factory, ray_local):
+    """A small labelled, split and filtered output, made from a class list and a template by the
+    synthetic-data manifest builder: (output folder, manifest table, stats)."""
+    from pipeline.job import run_job
+    from pipeline.synth import manifest as synth_manifest
+
+    root = tmp_path_factory.mktemp("synth")
+    (root / "classes.yaml").write_text("classes: [circle, {name: square, synonyms: [box]}, triangle]\n")
+    (root / "templates.yaml").write_text(
+        'templates: ["{a_colour} {class} on {a_background} background"]\n'
+        "slots: {colour: [red, orange, blue], background: [white, black]}\n")
+    table = synth_manifest.main(str(root / "classes.yaml"), str(root / "templates.yaml"), per_class=4, seed=3,
+                                splits="train=0.5,validation=0.25,test=0.25", output=str(root / "m.parquet"))
+    spec = parse_spec({
+        "manifest": str(root / "m.parquet"), "output": str(root / "out"),
+        "stages": [{"kind": "text_to_image", "model": "builtin:shapes-t2i", "steps": 4, "width": 32, "height": 32,
+                    "batch_size": 4}],
+        "filters": {"confidence": {}},
+    })
+    return root / "out", table, run_job(spec)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.job import run_job
-from pipeline.sink import OUTPUT_SCHEMA
+from pipeline.output_schema import OUTPUT_SCHEMA
 from tests.conftest import prompts_manifest, read_output, small_spec, write_manifest
 
 

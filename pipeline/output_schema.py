@@ -1,0 +1,62 @@
+"""The output schema: the fixed columns of every output row, in order (docs/contract.md), and the
+shaping of a pipeline table into it. Pass-through manifest columns follow the fixed ones."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+from pipeline import columns
+
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+OUTPUT_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("image", IMAGE_TYPE),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("prompt", pa.string()),
+    ("negative_prompt", pa.string()),
+    ("seed", pa.int64()),
+    ("width", pa.int64()),
+    ("height", pa.int64()),
+    ("steps", pa.int64()),
+    ("guidance_scale", pa.float64()),
+    ("strength", pa.float64()),
+    ("model", pa.string()),
+    ("scheduler", pa.string()),
+    ("stages", pa.list_(pa.string())),
+    ("stage_params", pa.string()),
+    ("image_sha256", pa.string()),
+    ("elapsed_s", pa.float64()),
+    ("created_at", pa.timestamp("us")),
+])
+# Input columns that the generated image replaces.
+CONSUMED_INPUTS = ("image", "mask")
+# Lets `datasets.load_dataset("parquet", ...)` decode `image` as PIL images without a cast.
+HF_METADATA = {b"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}}).encode()}
+
+
+def to_output_table(table: pa.Table) -> pa.Table:
+    """Shape a table that the pipeline produced into the output schema (docs/contract.md)."""
+    n = table.num_rows
+    image = pa.StructArray.from_arrays(
+        [table.column(columns.IMAGE_BYTES).combine_chunks().cast(pa.binary()),
+         table.column(columns.IMAGE_PATH).combine_chunks().cast(pa.string())],
+        fields=list(IMAGE_TYPE),
+    )
+    stages = pa.array([s.split(",") if s else [] for s in table.column(columns.STAGES).to_pylist()],
+                      pa.list_(pa.string()))
+    computed = {"image": image, "stages": stages, "stage_params": table.column(columns.STAGE_PARAMS)}
+    arrays, fields = [], []
+    for f in OUTPUT_SCHEMA:
+        col = computed.get(f.name, table.column(f.name) if f.name in table.column_names else pa.nulls(n))
+        arrays.append(col.cast(f.type))
+        fields.append(f)
+    for name in table.column_names:
+        if name in OUTPUT_SCHEMA.names or name in CONSUMED_INPUTS or name.startswith(columns.INTERNAL_PREFIX):
+            continue
+        arrays.append(table.column(name))
+        fields.append(table.schema.field(name))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=HF_METADATA))

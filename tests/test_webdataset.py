@@ -1,0 +1,81 @@
+"""`shardgen export webdataset`: tar shards {split}-%06d.tar with key.png / key.cls / key.json,
+read back by the `webdataset` package and by `datasets`; published whole, resumable."""
+
+import json
+
+import datasets
+import pytest
+import webdataset as wds
+
+from pipeline.cli import main as cli_main
+from pipeline.export import export_webdataset
+from pipeline.writers.webdataset import sample_key
+from tests.conftest import SYNTH_CLASSES, read_output
+
+
+@pytest.fixture(scope="module")
+def exported(synth_output, tmp_path_factory):
+    output, _, _ = synth_output
+    dest = tmp_path_factory.mktemp("wds")
+    summary = export_webdataset(str(output), str(dest), rows_per_shard=2, include_filtered=True, log=lambda *_: None)
+    return output, dest, summary
+
+
+def test_shards_per_split(exported):
+    _, dest, summary = exported
+    assert summary == {"train": {"shards": 3, "samples": 6}, "test": {"shards": 2, "samples": 3},
+                       "validation": {"shards": 2, "samples": 3}}
+    assert sorted(p.name for p in dest.glob("*.tar")) == [
+        "test-000000.tar", "test-000001.tar", "train-000000.tar", "train-000001.tar", "train-000002.tar",
+        "validation-000000.tar", "validation-000001.tar"]
+
+
+def test_webdataset_package_reads_samples(exported):
+    output, dest, _ = exported
+    rows = {r["id"]: r for r in read_output(str(output)).to_pylist()}
+    samples = list(wds.WebDataset(str(dest / "train-{000000..000002}.tar"), shardshuffle=False).decode("pil"))
+    assert len(samples) == 6
+    for sample in samples:
+        meta = sample["json"]
+        row = rows[meta["id"]]
+        assert sample["__key__"] == sample_key(row["id"])
+        assert sample["png"].size == (32, 32)
+        assert sample["cls"] == row["label"] and SYNTH_CLASSES[sample["cls"]] == meta["label_name"]
+        assert meta["split"] == "train" and meta["prompt"] == row["prompt"] and meta["seed"] == row["seed"]
+
+
+def test_datasets_loads_the_tars(exported, tmp_path):
+    _, dest, _ = exported
+    ds = datasets.load_dataset("webdataset", data_files={"test": str(dest / "test-*.tar")}, split="test",
+                               cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == 3
+    assert isinstance(ds.features["png"], datasets.Image) and ds[0]["png"].size == (32, 32)
+    assert ds[0]["cls"] in range(len(SYNTH_CLASSES)) and ds[0]["json"]["split"] == "test"
+
+
+def test_ok_rows_only_by_default(synth_output, tmp_path):
+    output, _, stats = synth_output
+    summary = export_webdataset(str(output), str(tmp_path / "ok"), rows_per_shard=100, log=lambda *_: None)
+    assert sum(s["samples"] for s in summary.values()) == stats.ok
+
+
+def test_rerun_writes_only_missing_tars_and_same_bytes(exported, tmp_path):
+    output, dest, _ = exported
+    before = (dest / "train-000001.tar").read_bytes()
+    (dest / "train-000001.tar").unlink()
+    written = []
+    export_webdataset(str(output), str(dest), rows_per_shard=2, include_filtered=True, log=written.append)
+    assert written == ["shardgen: train-000001.tar: 2 samples"]
+    assert (dest / "train-000001.tar").read_bytes() == before
+    assert json.loads((dest / "_webdataset.json").read_text())["splits"]["train"]["samples"] == 6
+
+
+def test_refuses_other_options_and_unfinished_outputs(exported, tmp_path):
+    output, dest, _ = exported
+    assert cli_main(["export", "webdataset", str(output), str(dest), "--rows-per-shard", "3"]) == 2
+    assert cli_main(["export", "webdataset", str(tmp_path), str(tmp_path / "d")]) == 2
+
+
+def test_sample_keys_have_no_dots():
+    assert sample_key("row-001") == "row-001"
+    assert sample_key("a.b/c").startswith("a_b_c_") and sample_key("a.b/c") != sample_key("a_b_c")
