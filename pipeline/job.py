@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections import Counter
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from pipeline import layout, manifest, storage
+import pyarrow as pa
+
+from pipeline import layout, manifest, resume, storage
 from pipeline.errors import EXIT_OK, EXIT_ROWS_FAILED, SpecError
 from pipeline.models.resolve import check_sources
 from pipeline.spec import JobSpec, StorageSpec, parse_spec_text
@@ -22,34 +25,81 @@ def load_spec(uri: str, **overrides: Any) -> JobSpec:
     return parse_spec_text(text, uri, **overrides)
 
 
-def _finished(spec: JobSpec, overwrite: bool) -> Stats | None:
-    """Return the stats of an already finished output (nothing to do); with ``overwrite`` delete
-    the output first."""
+def _delete_output(spec: JobSpec) -> None:
     fs, path = storage.filesystem(spec.output, spec.storage)
     with storage.guard("check", spec.output, spec.storage):
-        if overwrite and fs.exists(path):
+        if fs.exists(path):
             fs.rm(path, recursive=True)
-            return None
+
+
+def finished_stats(spec: JobSpec) -> Stats | None:
+    """The stats of an already finished output (one with _SUCCESS), else None."""
+    fs, path = storage.filesystem(spec.output, spec.storage)
+    with storage.guard("check", spec.output, spec.storage):
         if fs.exists(f"{path}/{layout.SUCCESS}"):
             return Stats.from_json(fs.cat_file(f"{path}/{layout.STATS}"))
     return None
 
 
-def run_job(spec: JobSpec, overwrite: bool = False, log=print) -> Stats:
+def noise_warning(spec: JobSpec) -> str | None:
+    """One line naming the random-weight built-ins the job runs, if any."""
+    noisy = list(dict.fromkeys(s.model for s in spec.all_stages() if s.draws_noise))
+    if not noisy:
+        return None
+    return (f"shardgen: warning: {', '.join(noisy)} {'has' if len(noisy) == 1 else 'have'} random weights and "
+            "draw(s) noise, not pictures (for testing the plumbing); leave `model` unset for the trained built-in")
+
+
+@dataclass
+class Checked:
+    """What the checks before a run found: the manifest's ids and the output's state."""
+
+    ids: pa.Array
+    finished: Stats | None  # the output is complete: nothing to do
+
+
+def check(spec: JobSpec, overwrite: bool = False) -> Checked:
+    """Everything that refuses a job (exit 2) before any model loads: the manifest's columns and
+    ids, an output written by another spec, the model sources. With ``overwrite``, the output is
+    deleted once the manifest passed; without, nothing is written."""
+    ids = manifest.check(spec)
+    if overwrite:
+        _delete_output(spec)
+    finished = finished_stats(spec)
+    resume.check_same_job(spec)
+    if finished is None:
+        check_sources(spec)
+    return Checked(ids, finished)
+
+
+def stage_totals(spec: JobSpec, todo: int, done: set[str]) -> dict[str, int]:
+    """How many of the rows to generate each stage kind will see."""
+    if spec.flows is None:
+        return {s.kind: todo for s in spec.stages}
+    tasks = Counter(task for row_id, task in manifest.ids_and_tasks(spec) if row_id not in done)
+    totals: dict[str, int] = {}
+    for name, flow in spec.flows.items():
+        for kind in dict.fromkeys(s.kind for s in flow):
+            totals[kind] = totals.get(kind, 0) + tasks.get(name, 0)
+    return totals
+
+
+def run_job(spec: JobSpec, overwrite: bool = False, log=print, verbose: bool = False) -> Stats:
     """Run ``spec`` to completion and return its stats (see _stats.json). An output left by a run
     that did not finish is resumed: only the ids that no published shard holds are generated."""
-    ids = manifest.check(spec)
-    finished = _finished(spec, overwrite)
-    if finished is not None:
-        log(f"shardgen: {spec.output} is already complete (run {finished.run_id}); nothing to do "
+    checked = check(spec, overwrite)
+    if checked.finished is not None:
+        log(f"shardgen: {spec.output} is already complete (run {checked.finished.run_id}); nothing to do "
             "(--overwrite starts again)")
-        return replace(finished, skipped=True)
-    check_sources(spec)
-    from pipeline import plan, resume, sink
+        return replace(checked.finished, skipped=True)
+    warning = noise_warning(spec)
+    if warning:
+        log(warning)
+    from pipeline import plan, sink
 
+    ids = checked.ids
     written = resume.scan(spec, log)
     if written.files:
-        resume.check_same_job(spec)
         resume.check_ids(written, ids, spec)
     todo = len(ids) - len(written.ids)
     run_id = sink.new_run_id()
@@ -60,7 +110,10 @@ def run_job(spec: JobSpec, overwrite: bool = False, log=print) -> Stats:
         f"flows: {'; '.join(' -> '.join(s.kind for s in f) for f in spec.flow_map().values())}")
     started = datetime.now(timezone.utc)
     sink.write_job_file(spec, run_id, started)
-    reports = plan.execute(spec, todo, run_id, written.done()) if todo else []
+    reports = []
+    if todo:
+        totals = stage_totals(spec, todo, written.ids)
+        reports = plan.execute(spec, todo, run_id, written.done(), totals, verbose=verbose, log=log)
     files, table = resume.settle(spec, written, [f for r in reports for f in r.files], len(ids), log)
     return sink.finalize(spec, run_id, reports, files, table, started, datetime.now(timezone.utc))
 

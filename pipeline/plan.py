@@ -6,7 +6,10 @@ Stages chain in one streaming job; images pass between them in memory.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import socket
 from collections.abc import Iterable
 
 import pyarrow as pa
@@ -14,10 +17,11 @@ import ray
 from ray.data import ActorPoolStrategy
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
+from ray.data.expressions import col
 
-from pipeline import access, storage
+from pipeline import access, progress, storage
 from pipeline.encode import encode_batch
-from pipeline.errors import SpecError
+from pipeline.errors import ShardgenError, SpecError
 from pipeline.prepare import prepare_batch, unrouted_batch
 from pipeline.resume import drop_done
 from pipeline.sink import ShardReport, ShardWriter
@@ -29,24 +33,124 @@ from pipeline.stages import stage_class
 # could wait forever behind actors that wait for its rows).
 CPU_STEP_CPUS = 0.25
 MAX_READ_BLOCKS = 4096
+# How long a cluster address may take to answer before the run gives up on it.
+CONNECT_TIMEOUT_S = 10
+# Notices that Ray prints on every run and that a user cannot act on (shown with --verbose).
+_NOTICES = {
+    "ray._private.authentication.authentication_token_setup": "Token authentication is enabled",
+    "ray.data._internal.progress": "Progress bars disabled",
+}
 
 
-def ensure_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS (or the one this job was submitted to), else start
-    a local Ray."""
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
+class _DropNotice(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
 
 
-def check_fits(spec: JobSpec, log=print) -> None:
+def cluster_address() -> str | None:
+    """The cluster ray.init would join: RAY_ADDRESS, else the one a `ray start` on this machine
+    recorded; None when Ray would start a local instance."""
+    from ray._private.services import get_ray_address_from_environment
+
+    address = get_ray_address_from_environment(None, None)
+    return None if address in (None, "local") else address
+
+
+def _check_answers(address: str) -> None:
+    """Fail fast, naming the address, when nothing listens there: ray.init would retry a dead
+    address for minutes."""
+    source = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "the address a `ray start` on this machine recorded"
+    host, _, port = address.split("://")[-1].rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as err:
+        raise ShardgenError(
+            f"no Ray cluster answers at {address} ({source}): {err}. Start it, point RAY_ADDRESS at one that "
+            "runs, or run locally instead with RAY_ADDRESS=local (a `ray start` that was stopped leaves its "
+            "address behind until `ray start` runs again)") from None
+
+
+def ensure_ray(verbose: bool = False) -> None:
+    """Connect to the cluster in RAY_ADDRESS (or the one this job was submitted to, or one that
+    `ray start` runs here), else start a local Ray. Unless ``verbose``, the workers' output (model
+    loading bars, library warnings) stays in Ray's log files and Ray Data shows no progress of its own."""
+    if ray.is_initialized():
+        return
+    address = cluster_address()
+    if address is not None and not address.startswith("ray://") and address != "auto":
+        _check_answers(address)
+    if not verbose:
+        for name, start in _NOTICES.items():
+            logging.getLogger(name).addFilter(_DropNotice(start))
+    ray.init(address=address, include_dashboard=False, log_to_driver=verbose,
+             logging_level=logging.INFO if verbose else logging.WARNING)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = verbose
+    if not verbose:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _node_cpus() -> float:
+    """The CPUs of the largest live node: no actor can reserve more."""
+    return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+
+
+def fit_resources(spec: JobSpec, have_cpu: float, have_gpu: float, node_cpu: float) -> JobSpec:
+    """``spec`` with every stage's CPUs and GPUs per actor decided. Fields the spec sets are kept
+    as written. Unset ones: a GPU when the cluster has GPUs (with 1 CPU); on a cluster without
+    GPUs, no GPU and the CPUs left beside the explicit stages and the light CPU steps, shared
+    among the unset stages' minimum actors (whole CPUs when there is at least one each)."""
+    stages = spec.all_stages()
+    unset = [s for s in stages if s.cpus_per_actor is None]
+    if have_gpu >= 1:
+        share = 1.0
+    else:
+        left = have_cpu - CPU_STEP_CPUS - sum(s.actors[0] * s.cpus_per_actor for s in stages if s not in unset)
+        share = left / max(1, sum(s.actors[0] for s in unset))
+        share = min(float(math.floor(share)) if share >= 1 else math.floor(share * 100) / 100, node_cpu or share)
+        share = max(share, 0.01)  # a cluster too small for any share is refused by check_fits
+
+    def fitted(stage: StageSpec) -> StageSpec:
+        gpus = stage.gpus_per_actor if stage.gpus_per_actor is not None else (1.0 if have_gpu >= 1 else 0.0)
+        cpus = stage.cpus_per_actor if stage.cpus_per_actor is not None else share
+        return stage.model_copy(update={"gpus_per_actor": gpus, "cpus_per_actor": cpus})
+
+    if spec.flows is None:
+        return spec.model_copy(update={"stages": [fitted(s) for s in spec.stages]})
+    return spec.model_copy(update={"flows": {name: [fitted(s) for s in flow] for name, flow in spec.flows.items()}})
+
+
+def cluster_resources() -> tuple[float, float, float]:
+    """CPUs and GPUs of the cluster, and the CPUs of its largest node."""
+    have = ray.cluster_resources()
+    return have.get("CPU", 0), have.get("GPU", 0), _node_cpus()
+
+
+def resources_for_run() -> tuple[float, float, float, str]:
+    """What a run would have: CPUs, GPUs, the largest node's CPUs, and which Ray that is. A local
+    Ray is not started for this: it would get this machine's CPUs and GPUs."""
+    address = cluster_address()
+    if address is None and not ray.is_initialized():
+        import torch
+        from ray._private.utils import get_num_cpus
+
+        cpus = float(get_num_cpus())
+        return cpus, float(torch.cuda.device_count()), cpus, "a local Ray on this machine"
+    ensure_ray()
+    return (*cluster_resources(), f"the Ray cluster at {address or 'this driver'}")
+
+
+def check_fits(spec: JobSpec, have_cpu: float, have_gpu: float, log=print) -> None:
     """Every pool starts its minimum actors at once; if they cannot all fit beside the light CPU
     steps, the job would wait forever. Refuse such a job on a fixed cluster; on one that may
-    grow (an autoscaler), say so and go on."""
+    grow (an autoscaler), say so and go on. ``spec`` has its resources fitted (fit_resources)."""
     stages = spec.all_stages()
     need_cpu = sum(s.actors[0] * s.cpus_per_actor for s in stages) + CPU_STEP_CPUS
-    need_gpu = sum(s.actors[0] * _gpus(s) for s in stages)
-    have = ray.cluster_resources()
-    have_cpu, have_gpu = have.get("CPU", 0), have.get("GPU", 0)
+    need_gpu = sum(s.actors[0] * s.gpus_per_actor for s in stages)
     if need_cpu <= have_cpu and need_gpu <= have_gpu:
         return
     message = (f"the stages' minimum actors need {need_cpu:g} CPUs and {need_gpu:g} GPUs (with "
@@ -58,9 +162,38 @@ def check_fits(spec: JobSpec, log=print) -> None:
         raise SpecError(f"{message} (set SHARDGEN_AUTOSCALING=1 where the cluster grows on demand)")
 
 
+@ray.remote(num_cpus=0)
+class _Counter:
+    """Rows finished per stage and rows written, for the progress line."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def add(self, key: str, rows: int) -> None:
+        self.counts[key] = self.counts.get(key, 0) + rows
+
+    def get(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+def _counted(cls: type, counter, key: str) -> type:
+    """``cls`` that also counts the rows it returns. It keeps the stage's class name, which names
+    its actors (`MapWorker(MapBatches(TextToImageStage))`)."""
+
+    class Counted(cls):
+        def __call__(self, table: pa.Table) -> pa.Table:
+            out = super().__call__(table)
+            counter.add.remote(key, out.num_rows)
+            return out
+
+    Counted.__name__ = Counted.__qualname__ = cls.__name__
+    return Counted
+
+
 class ShardDatasink(Datasink[ShardReport]):
-    def __init__(self, writer: ShardWriter):
+    def __init__(self, writer: ShardWriter, counter=None):
         self.writer = writer
+        self.counter = counter
         self.reports: list[ShardReport] = []
 
     @property
@@ -72,27 +205,26 @@ class ShardDatasink(Datasink[ShardReport]):
         tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
         if not tables:  # every row of these blocks was done by an earlier run
             return ShardReport()
-        return self.writer.write(pa.concat_tables(tables, promote_options="permissive"), ctx.task_idx)
+        report = self.writer.write(pa.concat_tables(tables, promote_options="permissive"), ctx.task_idx)
+        if self.counter is not None:
+            self.counter.add.remote(progress.WRITTEN, report.rows)
+            self.counter.add.remote(progress.OK, report.ok)
+        return report
 
     def on_write_complete(self, write_result) -> None:
         self.reports = list(write_result.write_returns)
 
 
-def _gpus(stage: StageSpec) -> float:
-    if stage.gpus_per_actor is not None:
-        return stage.gpus_per_actor
-    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-
-
-def _flow(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec) -> ray.data.Dataset:
+def _flow(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec, counter) -> ray.data.Dataset:
     ds = ds.map_batches(prepare_batch,
                         fn_kwargs={"flow": flow, "storage": spec.storage, "access": access.for_job(spec),
                                    "limits": spec.limits},
                         batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
     for position, stage in enumerate(flow):
         low, high = stage.actors
+        cls = stage_class(stage.kind)
         ds = ds.map_batches(
-            stage_class(stage.kind),
+            cls if counter is None else _counted(cls, counter, stage.kind),
             fn_constructor_kwargs={"spec": stage, "storage": spec.storage, "position": position,
                                    # Prompt embeddings travel on to the next stage, which reuses
                                    # them when it has the same text encoder.
@@ -100,14 +232,15 @@ def _flow(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec) -> ray.dat
             batch_size=stage.batch_size,
             batch_format="pyarrow",
             compute=ActorPoolStrategy(min_size=low, max_size=high),
-            num_gpus=_gpus(stage),
+            num_gpus=stage.gpus_per_actor,
             num_cpus=stage.cpus_per_actor,
         )
     return ds
 
 
-def build(spec: JobSpec, rows: int, done: pa.Array) -> ray.data.Dataset:
-    """The whole job as one dataset; ``rows`` are to be generated, the ids in ``done`` skipped."""
+def build(spec: JobSpec, rows: int, done: pa.Array, counter=None) -> ray.data.Dataset:
+    """The whole job as one dataset; ``rows`` are to be generated, the ids in ``done`` skipped.
+    ``spec`` has its resources fitted (fit_resources)."""
     # Ray's newer Parquet reader lists files in a step that asks for a whole CPU and takes no
     # resource arguments: behind actor pools that hold most CPUs of a small node it can wait
     # forever. The classic reader runs with the CPU share given below.
@@ -118,25 +251,35 @@ def build(spec: JobSpec, rows: int, done: pa.Array) -> ray.data.Dataset:
     blocks = max(1, min(MAX_READ_BLOCKS, -(-rows // min(s.batch_size for s in spec.all_stages()))))
     ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"], num_cpus=CPU_STEP_CPUS,
                                override_num_blocks=blocks)
+    if spec.columns:
+        ds = ds.rename_columns({source: name for name, source in spec.columns.items()}, num_cpus=CPU_STEP_CPUS)
     if len(done):
         ds = ds.map_batches(drop_done, fn_kwargs={"done": done}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
     if spec.flows is None:
-        ds = _flow(ds, spec.stages, spec)
+        ds = _flow(ds, spec.stages, spec, counter)
     else:
         names = sorted(spec.flows)
-        branches = [_flow(ds.filter(lambda row, name=name: row["task"] == name, num_cpus=CPU_STEP_CPUS),
-                          spec.flows[name], spec)
+        branches = [_flow(ds.filter(expr=col("task") == name, num_cpus=CPU_STEP_CPUS), spec.flows[name], spec,
+                          counter)
                     for name in names]
-        unrouted = ds.filter(lambda row: row["task"] not in names, num_cpus=CPU_STEP_CPUS).map_batches(
+        unrouted = ds.filter(expr=col("task").is_null() | col("task").not_in(names),
+                             num_cpus=CPU_STEP_CPUS).map_batches(
             unrouted_batch, fn_kwargs={"flows": names}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
         ds = branches[0].union(*branches[1:], unrouted)
     return ds.map_batches(encode_batch, fn_kwargs={"fmt": spec.format}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
 
 
-def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array) -> list[ShardReport]:
-    """Run the whole job, skipping the ids in ``done``; return what each write task wrote."""
-    ensure_ray()
-    check_fits(spec)
-    sink = ShardDatasink(ShardWriter(spec.output, spec.storage, run_id, spec.format.rows_per_shard))
-    build(spec, rows, done).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})
+def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array, totals: dict[str, int],
+            verbose: bool = False, log=print) -> list[ShardReport]:
+    """Run the whole job, skipping the ids in ``done``; return what each write task wrote.
+    ``totals`` are the rows each stage kind will see, for the progress line."""
+    ensure_ray(verbose)
+    have_cpu, have_gpu, node_cpu = cluster_resources()
+    spec = fit_resources(spec, have_cpu, have_gpu, node_cpu)
+    check_fits(spec, have_cpu, have_gpu, log)
+    counter = _Counter.remote()
+    sink = ShardDatasink(ShardWriter(spec.output, spec.storage, run_id, spec.format.rows_per_shard), counter)
+    with progress.Progress(rows, totals, lambda: ray.get(counter.get.remote()), log):
+        build(spec, rows, done, counter).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})
+    ray.kill(counter)
     return sink.reports
