@@ -87,6 +87,9 @@ def stage_totals(spec: JobSpec, todo: int, done: set[str]) -> dict[str, int]:
 def run_job(spec: JobSpec, overwrite: bool = False, log=print, verbose: bool = False) -> Stats:
     """Run ``spec`` to completion and return its stats (see _stats.json). An output left by a run
     that did not finish is resumed: only the ids that no published shard holds are generated."""
+    from pipeline.cluster import check_address
+
+    check_address()  # a cluster that does not answer fails in seconds, before the checks' imports
     checked = check(spec, overwrite)
     if checked.finished is not None:
         log(f"shardgen: {spec.output} is already complete (run {checked.finished.run_id}); nothing to do "

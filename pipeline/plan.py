@@ -6,10 +6,8 @@ Stages chain in one streaming job; images pass between them in memory.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
-import socket
 from collections.abc import Iterable
 
 import pyarrow as pa
@@ -20,8 +18,9 @@ from ray.data.datasource import Datasink
 from ray.data.expressions import col
 
 from pipeline import access, progress, storage
+from pipeline.cluster import cluster_address, ensure_ray
 from pipeline.encode import encode_batch
-from pipeline.errors import ShardgenError, SpecError
+from pipeline.errors import SpecError
 from pipeline.prepare import prepare_batch, unrouted_batch
 from pipeline.resume import drop_done
 from pipeline.sink import ShardReport, ShardWriter
@@ -33,67 +32,6 @@ from pipeline.stages import stage_class
 # could wait forever behind actors that wait for its rows).
 CPU_STEP_CPUS = 0.25
 MAX_READ_BLOCKS = 4096
-# How long a cluster address may take to answer before the run gives up on it.
-CONNECT_TIMEOUT_S = 10
-# Notices that Ray prints on every run and that a user cannot act on (shown with --verbose).
-_NOTICES = {
-    "ray._private.authentication.authentication_token_setup": "Token authentication is enabled",
-    "ray.data._internal.progress": "Progress bars disabled",
-}
-
-
-class _DropNotice(logging.Filter):
-    def __init__(self, start: str):
-        super().__init__()
-        self.start = start
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.start)
-
-
-def cluster_address() -> str | None:
-    """The cluster ray.init would join: RAY_ADDRESS, else the one a `ray start` on this machine
-    recorded; None when Ray would start a local instance."""
-    from ray._private.services import get_ray_address_from_environment
-
-    address = get_ray_address_from_environment(None, None)
-    return None if address in (None, "local") else address
-
-
-def _check_answers(address: str) -> None:
-    """Fail fast, naming the address, when nothing listens there: ray.init would retry a dead
-    address for minutes."""
-    source = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "the address a `ray start` on this machine recorded"
-    host, _, port = address.split("://")[-1].rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except (OSError, ValueError) as err:
-        raise ShardgenError(
-            f"no Ray cluster answers at {address} ({source}): {err}. Start it, point RAY_ADDRESS at one that "
-            "runs, or run locally instead with RAY_ADDRESS=local (a `ray start` that was stopped leaves its "
-            "address behind until `ray start` runs again)") from None
-
-
-def ensure_ray(verbose: bool = False) -> None:
-    """Connect to the cluster in RAY_ADDRESS (or the one this job was submitted to, or one that
-    `ray start` runs here), else start a local Ray. Unless ``verbose``, the workers' output (model
-    loading bars, library warnings) stays in Ray's log files and Ray Data shows no progress of its own."""
-    if ray.is_initialized():
-        return
-    address = cluster_address()
-    if address is not None and not address.startswith("ray://") and address != "auto":
-        _check_answers(address)
-    if not verbose:
-        for name, start in _NOTICES.items():
-            logging.getLogger(name).addFilter(_DropNotice(start))
-    ray.init(address=address, include_dashboard=False, log_to_driver=verbose,
-             logging_level=logging.INFO if verbose else logging.WARNING)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = verbose
-    if not verbose:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
 def _node_cpus() -> float:
     """The CPUs of the largest live node: no actor can reserve more."""
     return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
