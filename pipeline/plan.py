@@ -32,6 +32,8 @@ from pipeline.stages import stage_class
 # could wait forever behind actors that wait for its rows).
 CPU_STEP_CPUS = 0.25
 MAX_READ_BLOCKS = 4096
+# The progress line skips an update rather than wait longer than this for the counts.
+READ_COUNTS_S = 5
 def _node_cpus() -> float:
     """The CPUs of the largest live node: no actor can reserve more."""
     return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
@@ -43,7 +45,7 @@ def fit_resources(spec: JobSpec, have_cpu: float, have_gpu: float, node_cpu: flo
     GPUs, no GPU and the CPUs left beside the explicit stages and the light CPU steps, shared
     among the unset stages' minimum actors (whole CPUs when there is at least one each)."""
     stages = spec.all_stages()
-    unset = [s for s in stages if s.cpus_per_actor is None]
+    unset = [s for s in stages if s.fits_cpus]
     if have_gpu >= 1:
         share = 1.0
     else:
@@ -54,7 +56,7 @@ def fit_resources(spec: JobSpec, have_cpu: float, have_gpu: float, node_cpu: flo
 
     def fitted(stage: StageSpec) -> StageSpec:
         gpus = stage.gpus_per_actor if stage.gpus_per_actor is not None else (1.0 if have_gpu >= 1 else 0.0)
-        cpus = stage.cpus_per_actor if stage.cpus_per_actor is not None else share
+        cpus = share if stage.fits_cpus else stage.cpus_per_actor
         return stage.model_copy(update={"gpus_per_actor": gpus, "cpus_per_actor": cpus})
 
     if spec.flows is None:
@@ -217,7 +219,9 @@ def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array, totals: dict[
     check_fits(spec, have_cpu, have_gpu, log)
     counter = _Counter.remote()
     sink = ShardDatasink(ShardWriter(spec.output, spec.storage, run_id, spec.format.rows_per_shard), counter)
-    with progress.Progress(rows, totals, lambda: ray.get(counter.get.remote()), log):
-        build(spec, rows, done, counter).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})
-    ray.kill(counter)
+    try:
+        with progress.Progress(rows, totals, lambda: ray.get(counter.get.remote(), timeout=READ_COUNTS_S), log):
+            build(spec, rows, done, counter).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})
+    finally:
+        ray.kill(counter)
     return sink.reports

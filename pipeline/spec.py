@@ -117,9 +117,11 @@ class StageSpec(_Strict):
     gpus_per_actor: Annotated[float, Field(ge=0)] | None = Field(
         default=None, description="null: 1 when the cluster has GPUs, else 0; fractions share a GPU"
     )
-    cpus_per_actor: Annotated[float, Field(gt=0)] | None = Field(
-        default=None, description="CPUs each actor reserves, also torch's thread count on CPUs; null: 1 on a "
-        "cluster with GPUs, else the node's CPUs shared among the stages' actors")
+    # Left unset (or null), the plan fits it to the cluster (plan.fit_resources); 1 is what an actor
+    # built outside a plan reserves.
+    cpus_per_actor: Annotated[float, Field(gt=0)] = Field(
+        default=1, description="CPUs each actor reserves, also torch's thread count on CPUs; unset or null: 1 "
+        "on a cluster with GPUs, else the node's CPUs shared among the stages' actors")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="auto: bf16 (or fp16) on GPUs, fp32 on CPUs")
     batch_invariant: bool | None = Field(
@@ -135,6 +137,8 @@ class StageSpec(_Strict):
     def _model_defaults(cls, data: Any, handler) -> "StageSpec":
         if not isinstance(data, dict):
             return handler(data)
+        if data.get("cpus_per_actor", 0) is None:
+            data = {k: v for k, v in data.items() if k != "cpus_per_actor"}
         if not data.get("model") and data.get("kind") in DEFAULT_MODELS:
             data = {**data, "model": DEFAULT_MODELS[data["kind"]]}
         applied = {k: v for k, v in RECOMMENDED.get(data.get("model"), {}).items() if data.get(k) is None}
@@ -146,6 +150,11 @@ class StageSpec(_Strict):
     def recommended(self) -> dict[str, Any]:
         """The built-in model's recommended settings applied to fields the spec left unset."""
         return dict(self._recommended)
+
+    @property
+    def fits_cpus(self) -> bool:
+        """Whether cpus_per_actor was left for the plan to fit to the cluster."""
+        return "cpus_per_actor" not in self.model_fields_set
 
     @property
     def draws_noise(self) -> bool:

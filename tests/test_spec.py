@@ -13,8 +13,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_defaults_fill_every_field():
     spec = parse_spec(BASE)
     stage = spec.stages[0]
-    assert (stage.kind, stage.model, stage.actors, stage.gpus_per_actor, stage.cpus_per_actor) == (
-        "text_to_image", "builtin:shapes-t2i", (1, 1), None, None)
+    assert (stage.kind, stage.model, stage.actors, stage.gpus_per_actor, stage.fits_cpus) == (
+        "text_to_image", "builtin:shapes-t2i", (1, 1), None, True)
     assert spec.format.image == "png" and spec.format.rows_per_shard == 1000 and spec.columns == {}
 
 
