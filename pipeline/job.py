@@ -59,16 +59,14 @@ class Checked:
 
 
 def check(spec: JobSpec, overwrite: bool = False) -> Checked:
-    """Everything that refuses a job (exit 2) before any model loads: the manifest's columns and
-    ids, an output written by another spec, the model sources. With ``overwrite``, the output is
-    deleted once the manifest passed; without, nothing is written."""
+    """What refuses a job (exit 2) before it touches Ray: the manifest's columns and ids, an output
+    written by another spec. With ``overwrite``, the output is deleted once the manifest passed;
+    without, nothing is written. The model sources are checked next (check_sources)."""
     ids = manifest.check(spec)
     if overwrite:
         _delete_output(spec)
     finished = finished_stats(spec)
     resume.check_same_job(spec)
-    if finished is None:
-        check_sources(spec)
     return Checked(ids, finished)
 
 
@@ -87,14 +85,15 @@ def stage_totals(spec: JobSpec, todo: int, done: set[str]) -> dict[str, int]:
 def run_job(spec: JobSpec, overwrite: bool = False, log=print, verbose: bool = False) -> Stats:
     """Run ``spec`` to completion and return its stats (see _stats.json). An output left by a run
     that did not finish is resumed: only the ids that no published shard holds are generated."""
-    from pipeline.cluster import check_address
-
-    check_address()  # a cluster that does not answer fails in seconds, before the checks' imports
     checked = check(spec, overwrite)
     if checked.finished is not None:
         log(f"shardgen: {spec.output} is already complete (run {checked.finished.run_id}); nothing to do "
             "(--overwrite starts again)")
         return replace(checked.finished, skipped=True)
+    from pipeline.cluster import check_address
+
+    check_address()  # a cluster that does not answer fails in seconds, before the models' imports
+    check_sources(spec)
     warning = noise_warning(spec)
     if warning:
         log(warning)

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import access, job, layout, manifest, storage
+from pipeline.models.resolve import check_sources
 from pipeline.prepare import prepare_batch
 from pipeline.spec import JobSpec, StageSpec
 
@@ -85,6 +86,8 @@ def validate(spec: JobSpec, log=print) -> None:
     from pipeline import plan
 
     checked = job.check(spec)
+    if checked.finished is None:
+        check_sources(spec)
     ids: pa.Array = checked.ids
     log(f"shardgen: manifest {spec.manifest}: {len(ids)} rows, {_columns(spec)}")
     log(f"  output {spec.output}: {_output_state(spec, checked)}")
