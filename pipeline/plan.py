@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy
 from ray.data.block import Block, BlockAccessor
@@ -116,24 +117,36 @@ class _Counter:
         return dict(self.counts)
 
 
-def _counted(cls: type, counter, key: str) -> type:
+def _count(counter, table: pa.Table, kind: str, last: bool) -> None:
+    counter.add.remote(kind, table.num_rows)
+    if last:  # the rows are done: they only wait for their shard now
+        counter.add.remote(progress.DONE, table.num_rows)
+        counter.add.remote(progress.OK, int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0))
+
+
+def _counted(cls: type, counter, kind: str, last: bool) -> type:
     """``cls`` that also counts the rows it returns. It keeps the stage's class name, which names
     its actors (`MapWorker(MapBatches(TextToImageStage))`)."""
 
     class Counted(cls):
         def __call__(self, table: pa.Table) -> pa.Table:
             out = super().__call__(table)
-            counter.add.remote(key, out.num_rows)
+            _count(counter, out, kind, last)
             return out
 
     Counted.__name__ = Counted.__qualname__ = cls.__name__
     return Counted
 
 
+def _unrouted(table: pa.Table, flows: list[str], counter) -> pa.Table:
+    out = unrouted_batch(table, flows)
+    _count(counter, out, progress.UNROUTED, last=True)
+    return out
+
+
 class ShardDatasink(Datasink[ShardReport]):
-    def __init__(self, writer: ShardWriter, counter=None):
+    def __init__(self, writer: ShardWriter):
         self.writer = writer
-        self.counter = counter
         self.reports: list[ShardReport] = []
 
     @property
@@ -145,11 +158,7 @@ class ShardDatasink(Datasink[ShardReport]):
         tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
         if not tables:  # every row of these blocks was done by an earlier run
             return ShardReport()
-        report = self.writer.write(pa.concat_tables(tables, promote_options="permissive"), ctx.task_idx)
-        if self.counter is not None:
-            self.counter.add.remote(progress.WRITTEN, report.rows)
-            self.counter.add.remote(progress.OK, report.ok)
-        return report
+        return self.writer.write(pa.concat_tables(tables, promote_options="permissive"), ctx.task_idx)
 
     def on_write_complete(self, write_result) -> None:
         self.reports = list(write_result.write_returns)
@@ -164,7 +173,7 @@ def _flow(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec, counter) -
         low, high = stage.actors
         cls = stage_class(stage.kind)
         ds = ds.map_batches(
-            cls if counter is None else _counted(cls, counter, stage.kind),
+            cls if counter is None else _counted(cls, counter, stage.kind, position == len(flow) - 1),
             fn_constructor_kwargs={"spec": stage, "storage": spec.storage, "position": position,
                                    # Prompt embeddings travel on to the next stage, which reuses
                                    # them when it has the same text encoder.
@@ -204,7 +213,9 @@ def build(spec: JobSpec, rows: int, done: pa.Array, counter=None) -> ray.data.Da
                     for name in names]
         unrouted = ds.filter(expr=col("task").is_null() | col("task").not_in(names),
                              num_cpus=CPU_STEP_CPUS).map_batches(
-            unrouted_batch, fn_kwargs={"flows": names}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
+            unrouted_batch if counter is None else _unrouted,
+            fn_kwargs={"flows": names, **({} if counter is None else {"counter": counter})}, batch_format="pyarrow",
+            num_cpus=CPU_STEP_CPUS)
         ds = branches[0].union(*branches[1:], unrouted)
     return ds.map_batches(encode_batch, fn_kwargs={"fmt": spec.format}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
 
@@ -218,7 +229,7 @@ def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array, totals: dict[
     spec = fit_resources(spec, have_cpu, have_gpu, node_cpu)
     check_fits(spec, have_cpu, have_gpu, log)
     counter = _Counter.remote()
-    sink = ShardDatasink(ShardWriter(spec.output, spec.storage, run_id, spec.format.rows_per_shard), counter)
+    sink = ShardDatasink(ShardWriter(spec.output, spec.storage, run_id, spec.format.rows_per_shard))
     try:
         with progress.Progress(rows, totals, lambda: ray.get(counter.get.remote(), timeout=READ_COUNTS_S), log):
             build(spec, rows, done, counter).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})

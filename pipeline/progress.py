@@ -14,8 +14,10 @@ import time
 import warnings
 from collections.abc import Callable
 
-# Counter keys besides the stage kinds: rows written to shards, and how many of them are ok.
-WRITTEN = "_written"
+# Counter keys besides the stage kinds: rows done (through every stage, waiting for their shard),
+# and how many of them are ok.
+DONE = "_done"
+UNROUTED = "_unrouted"  # rows whose `task` names no flow
 OK = "_ok"
 LOG_INTERVAL_S = 15.0
 TTY_INTERVAL_S = 0.5
@@ -43,9 +45,9 @@ def _duration(seconds: float) -> str:
 
 
 def line(total: int, totals: dict[str, int], counts: dict[str, int], elapsed: float, bar: bool = False) -> str:
-    """One progress line: rows written of ``total``, ok / error, images/s, time left, and the rows
+    """One progress line: rows done of ``total``, ok / error, images/s, time left, and the rows
     each stage finished where there are several."""
-    done, ok = counts.get(WRITTEN, 0), counts.get(OK, 0)
+    done, ok = counts.get(DONE, 0), counts.get(OK, 0)
     text = f"{done}/{total} rows ({ok} ok, {done - ok} error)"
     if bar:
         filled = BAR_WIDTH * done // max(1, total)

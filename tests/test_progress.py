@@ -22,7 +22,7 @@ TOTALS = {"text_to_image": 36, "super_resolution": 36, "inpainting": 12}
 
 
 def test_line_says_rows_rate_and_time_left_per_stage():
-    counts = {progress.WRITTEN: 24, progress.OK: 23, "text_to_image": 30, "super_resolution": 24, "inpainting": 12}
+    counts = {progress.DONE: 24, progress.OK: 23, "text_to_image": 30, "super_resolution": 24, "inpainting": 12}
     assert progress.line(48, TOTALS, counts, 26.0) == (
         "shardgen: 24/48 rows (23 ok, 1 error), 0.88 images/s, 26 s left | "
         "text_to_image 30/36, super_resolution 24/36, inpainting 12/12")
@@ -31,19 +31,19 @@ def test_line_says_rows_rate_and_time_left_per_stage():
 def test_line_before_the_first_row_and_at_the_end():
     start = progress.line(8, {"text_to_image": 8}, {}, 75.0)
     assert start == "shardgen: 0/8 rows (0 ok, 0 error), starting (1 min 15 s)"
-    done = progress.line(8, {"text_to_image": 8}, {progress.WRITTEN: 8, progress.OK: 8}, 4.0, bar=True)
+    done = progress.line(8, {"text_to_image": 8}, {progress.DONE: 8, progress.OK: 8}, 4.0, bar=True)
     assert done == "shardgen: [####################] 8/8 rows (8 ok, 0 error), 2.00 images/s, done"
-    half = progress.line(3600 * 4, {"t": 1}, {progress.WRITTEN: 3600, progress.OK: 3600}, 3600.0, bar=True)
+    half = progress.line(3600 * 4, {"t": 1}, {progress.DONE: 3600, progress.OK: 3600}, 3600.0, bar=True)
     assert "[#####...............]" in half and "3 h 00 min left" in half
 
 
 def test_a_line_every_interval_through_log(monkeypatch):
     monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.05)
-    counts = {progress.WRITTEN: 0, progress.OK: 0}
+    counts = {progress.DONE: 0, progress.OK: 0}
     lines: list[str] = []
     with progress.Progress(4, {"text_to_image": 4}, lambda: dict(counts), lines.append):
         time.sleep(0.3)
-        counts.update({progress.WRITTEN: 4, progress.OK: 3})
+        counts.update({progress.DONE: 4, progress.OK: 3})
         time.sleep(0.3)
     assert len(lines) >= 4 and lines[0].startswith("shardgen: 0/4 rows")
     assert lines[-1].startswith("shardgen: 4/4 rows (3 ok, 1 error)") and lines[-1].endswith("done")
