@@ -1,5 +1,5 @@
-"""What a person watching a run sees: one progress line (a bar redrawn in a terminal, a line every
-LOG_INTERVAL_S seconds in a log), and no library chatter unless --verbose.
+"""What a person watching a run sees: one progress line (a bar redrawn in a terminal, now and then
+a line in a log), and no library chatter unless --verbose.
 
 It reads counts through a function it is given (the plan counts rows with a small Ray actor), so
 this module knows no Ray.
@@ -20,6 +20,7 @@ DONE = "_done"
 UNROUTED = "_unrouted"  # rows whose `task` names no flow
 OK = "_ok"
 LOG_INTERVAL_S = 15.0
+LOG_INTERVAL_MAX_S = 600.0
 TTY_INTERVAL_S = 0.5
 BAR_WIDTH = 20
 
@@ -65,8 +66,8 @@ def line(total: int, totals: dict[str, int], counts: dict[str, int], elapsed: fl
 class Progress:
     """While the ``with`` block runs, show a line from ``read()`` (counts by key) now and then: a
     bar redrawn in place when ``log`` is print to a terminal, else a line through ``log`` every
-    LOG_INTERVAL_S seconds. In a terminal the bar's last state stays; in a log, the summary that
-    follows says it."""
+    LOG_INTERVAL_S seconds at first, less often as the job ages. In a terminal the bar's last state
+    stays; in a log, the summary that follows says it."""
 
     def __init__(self, total: int, totals: dict[str, int], read: Callable[[], dict[str, int]], log=print):
         self.total, self.totals, self.read, self.log = total, totals, read, log
@@ -87,8 +88,13 @@ class Progress:
             self._show(final=True)
 
     def _loop(self) -> None:
-        while not self.stop.wait(self.interval):
+        wait = self.interval
+        while not self.stop.wait(wait):
             self._show()
+            if not self.tty:
+                # In a log the lines thin out as the job ages: a line every LOG_INTERVAL_S at first,
+                # then every quarter of the time so far, at most every LOG_INTERVAL_MAX_S.
+                wait = min(LOG_INTERVAL_MAX_S, max(self.interval, (time.monotonic() - self.start) / 4))
 
     def _show(self, final: bool = False) -> None:
         try:
