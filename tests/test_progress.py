@@ -39,6 +39,7 @@ def test_line_before_the_first_row_and_at_the_end():
 
 def test_a_line_every_interval_through_log(monkeypatch):
     monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.05)
+    monkeypatch.setattr(progress, "LOG_INTERVAL_MAX_S", 0.05)
     counts = {progress.DONE: 0, progress.OK: 0}
     lines: list[str] = []
     with progress.Progress(4, {"text_to_image": 4}, lambda: dict(counts), lines.append):
@@ -53,7 +54,8 @@ def test_a_line_every_interval_through_log(monkeypatch):
 
 
 def test_a_cascade_reports_each_stage(tmp_path, ray_local, monkeypatch):
-    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.5)
+    for name in ("LOG_INTERVAL_S", "LOG_INTERVAL_MAX_S"):  # a line every half second, however long it runs
+        monkeypatch.setattr(progress, name, 0.5)
     manifest = write_manifest(str(tmp_path / "m.parquet"), prompts_manifest(4))
     spec = parse_spec({"manifest": manifest, "output": str(tmp_path / "out"), "stages": [
         {"kind": "text_to_image", "steps": 2, "batch_size": 2}, {"kind": "super_resolution", "steps": 2}]})
