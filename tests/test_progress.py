@@ -81,3 +81,12 @@ def test_a_run_prints_a_few_lines_and_the_summary_last(tmp_path):
     assert len(lines) <= 6, done.stdout
     assert lines[0].startswith("shardgen: run ") and lines[-1].startswith("shardgen: 2 rows (2 ok, 0 error) in ")
     assert all(line.startswith("shardgen: ") for line in lines), done.stdout
+
+
+def test_lines_thin_out_as_the_run_ages(monkeypatch):
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.05)
+    lines: list[str] = []
+    with progress.Progress(4, {"text_to_image": 4}, dict, lines.append):
+        time.sleep(1.6)
+    # Every 0.05 s would be 32 lines; a quarter of the age once that is longer makes about 12.
+    assert 3 <= len(lines) <= 20, len(lines)
