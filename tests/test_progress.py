@@ -19,6 +19,10 @@ from tests.conftest import prompts_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 TOTALS = {"text_to_image": 36, "super_resolution": 36, "inpainting": 12}
+# What a run printed before: library warnings and loading bars of every actor, Ray's notices, Ray
+# Data's operator table and its filter warning.
+NOISE = ("[transformers]", "torchvision", "Loading pipeline components", "Loading weights", "Token authentication",
+         "UserWarning", "INFO", "Running Dataset", "Parquet dataset sampling")
 
 
 def test_line_says_rows_rate_and_time_left_per_stage():
@@ -78,9 +82,10 @@ def test_a_run_prints_a_few_lines_and_the_summary_last(tmp_path):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     lines = done.stdout.splitlines()
     assert done.returncode == 0, done.stdout
-    assert len(lines) <= 6, done.stdout
+    assert len(lines) <= 8, done.stdout
     assert lines[0].startswith("shardgen: run ") and lines[-1].startswith("shardgen: 2 rows (2 ok, 0 error) in ")
-    assert all(line.startswith("shardgen: ") for line in lines), done.stdout
+    noise = [line for line in lines if any(n in line for n in NOISE)]
+    assert not noise, noise
 
 
 def test_lines_thin_out_as_the_run_ages(monkeypatch):
