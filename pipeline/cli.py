@@ -1,10 +1,13 @@
-"""`shardgen`: run a job, run the demo, build the built-in models. Parses, then calls the library."""
+"""`shardgen`: run or validate a job, run the demo, make manifests, build the built-in models. Parses,
+then calls the library."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from pipeline.errors import EXIT_FAILED, ShardgenError
@@ -15,7 +18,7 @@ def _run(args: argparse.Namespace) -> int:
     from pipeline.nightly import record
 
     spec = load_spec(args.spec, night=args.date, manifest=args.manifest, output=args.output)
-    stats = run_job(spec, overwrite=args.overwrite)
+    stats = run_job(spec, overwrite=args.overwrite, verbose=args.verbose)
     record(spec, stats)
     print(summary_line(spec, stats))
     return exit_code(spec, stats)
@@ -33,6 +36,28 @@ def _nightly(args: argparse.Namespace) -> int:
     return nightly.command(args)
 
 
+def _validate(args: argparse.Namespace) -> int:
+    from pipeline.job import load_spec
+    from pipeline.validate import validate
+
+    validate(load_spec(args.spec, night=args.date, manifest=args.manifest, output=args.output))
+    return 0
+
+
+def _spec_schema(args: argparse.Namespace) -> int:
+    from pipeline.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def _manifest_from(args: argparse.Namespace) -> int:
+    from pipeline.manifest_from import manifest_from
+
+    manifest_from(args.file, args.output)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from pipeline.demo import demo_spec
     from pipeline.job import exit_code, run_job, summary_line
@@ -42,7 +67,7 @@ def _demo(args: argparse.Namespace) -> int:
     spec = demo_spec(Path(args.output).absolute(), args.rows)
     for stage in spec.all_stages():
         resolve(stage.model)
-    stats = run_job(spec, overwrite=True)
+    stats = run_job(spec, overwrite=True, verbose=args.verbose)
     print(summary_line(spec, stats))
     print(f"shardgen demo: manifest {spec.manifest}; dataset {spec.output} "
           f"(look: shardgen inspect {spec.output}); wall time {time.perf_counter() - start:.1f} s")
@@ -100,17 +125,33 @@ def _export_webdataset(args: argparse.Namespace) -> int:
     return 0
 
 
+VERBOSE_HELP = "also show Ray Data's progress, Ray's notices and the workers' output (model loading, warnings)"
+
+
+def _version() -> str:
+    try:
+        return version("shardgen")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def _spec_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", required=True)
+    p.add_argument("--manifest", help="override the spec's manifest URI")
+    p.add_argument("--output", help="override the spec's output URI")
+    p.add_argument("--date", help="the night (UTC YYYY-MM-DD) for {date} and {yesterday} in the spec; default today")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shardgen", description="Dataset-scale image generation on Ray Data.",
                                 allow_abbrev=False)
+    p.add_argument("--version", action="version", version=f"shardgen {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", allow_abbrev=False, help="run a job spec (YAML or JSON, local path or s3:// URI)")
-    run.add_argument("--spec", required=True)
-    run.add_argument("--manifest", help="override the spec's manifest URI")
-    run.add_argument("--output", help="override the spec's output URI")
+    _spec_arguments(run)
     run.add_argument("--overwrite", action="store_true", help="delete the output first and start again")
-    run.add_argument("--date", help="the night (UTC YYYY-MM-DD) for {date} and {yesterday} in the spec; default today")
+    run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     run.set_defaults(fn=_run)
 
     night_help = "override the spec's %s URI ({date} and {yesterday} are filled in)"
@@ -138,9 +179,29 @@ def parser() -> argparse.ArgumentParser:
     nightly.add_argument("--output", help=night_help % "output")
     nightly.set_defaults(fn=_nightly)
 
+    check = sub.add_parser("validate", allow_abbrev=False,
+                           help="check a job spec without generating: spec, manifest, models, resources, the plan")
+    _spec_arguments(check)
+    check.set_defaults(fn=_validate)
+
+    spec = sub.add_parser("spec", allow_abbrev=False, help="the job spec's format")
+    spec.add_argument("--schema", action="store_true", required=True,
+                      help="print the spec's JSON Schema (for editors and the YAML language server)")
+    spec.set_defaults(fn=_spec_schema)
+
+    manifest = sub.add_parser("manifest", allow_abbrev=False, help="make manifests")
+    manifest_sub = manifest.add_subparsers(dest="manifest_command", required=True)
+    convert = manifest_sub.add_parser(
+        "from", allow_abbrev=False,
+        help="a text file of prompts (one a line), CSV or JSONL (local or s3://) to a Parquet manifest")
+    convert.add_argument("file")
+    convert.add_argument("--output", help="the Parquet manifest to write (default: FILE with .parquet)")
+    convert.set_defaults(fn=_manifest_from)
+
     demo = sub.add_parser("demo", allow_abbrev=False, help="run the embedded default job (local Ray, built-in models)")
     demo.add_argument("--output", default="demo-output", help="folder for the manifest and the dataset")
     demo.add_argument("--rows", type=int, default=32)
+    demo.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     demo.set_defaults(fn=_demo)
 
     look = sub.add_parser("inspect", allow_abbrev=False,
@@ -176,8 +237,6 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("train", allow_abbrev=False,
                    help="train or evaluate the shape models: shardgen train {vae,t2i,sr,inpaint,all,eval} …")
 
-    manifest = sub.add_parser("manifest", allow_abbrev=False, help="write a manifest")
-    manifest_sub = manifest.add_subparsers(dest="manifest_command", required=True)
     synth = manifest_sub.add_parser("synth", allow_abbrev=False,
                                     help="classes x prompt templates x seeds, balanced, split, labelled")
     synth.add_argument("--classes", required=True, help="YAML/JSON/CSV of classes (name, synonyms, description)")
@@ -216,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         training_main(argv[1:])
         return 0
     args = parser().parse_args(argv)
+    # Progress lines must reach a log as they happen, not when a block buffer fills.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    if not getattr(args, "verbose", False):
+        from pipeline.progress import quiet_libraries
+
+        quiet_libraries()
     try:
         return args.fn(args)
     except ShardgenError as err:

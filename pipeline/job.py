@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections import Counter
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timezone
 from typing import Any
 
-from pipeline import layout, manifest, storage
+import pyarrow as pa
+
+from pipeline import layout, manifest, resume, storage
 from pipeline.errors import EXIT_OK, EXIT_ROWS_FAILED, SpecError
 from pipeline.models.resolve import check_sources
 from pipeline.spec import JobSpec, StorageSpec, parse_spec_text
@@ -23,38 +26,88 @@ def load_spec(uri: str, night: date | str | None = None, **overrides: Any) -> Jo
     return parse_spec_text(text, uri, night, **overrides)
 
 
-def _finished(spec: JobSpec, overwrite: bool) -> Stats | None:
-    """Return the stats of an already finished output (nothing to do); with ``overwrite`` delete
-    the output first."""
+def _delete_output(spec: JobSpec) -> None:
     fs, path = storage.filesystem(spec.output, spec.storage)
     with storage.guard("check", spec.output, spec.storage):
-        if overwrite and fs.exists(path):
+        if fs.exists(path):
             fs.rm(path, recursive=True)
-            return None
+
+
+def finished_stats(spec: JobSpec) -> Stats | None:
+    """The stats of an already finished output (one with _SUCCESS), else None."""
+    fs, path = storage.filesystem(spec.output, spec.storage)
+    with storage.guard("check", spec.output, spec.storage):
         if fs.exists(f"{path}/{layout.SUCCESS}"):
             return Stats.from_json(fs.cat_file(f"{path}/{layout.STATS}"))
     return None
 
 
-def run_job(spec: JobSpec, overwrite: bool = False, log=print) -> Stats:
-    """Run ``spec`` to completion and return its stats (see _stats.json). An output left by a run
-    that did not finish is resumed: only the ids that no published shard holds are generated."""
-    from pipeline.synth import filters
+def noise_warning(spec: JobSpec) -> str | None:
+    """One line naming the random-weight built-ins the job runs, if any."""
+    noisy = list(dict.fromkeys(s.model for s in spec.all_stages() if s.draws_noise))
+    if not noisy:
+        return None
+    return (f"shardgen: warning: {', '.join(noisy)} {'has' if len(noisy) == 1 else 'have'} random weights and "
+            "draw(s) noise, not pictures (for testing the plumbing); leave `model` unset for the trained built-in")
 
+
+@dataclass
+class Checked:
+    """What the checks before a run found: the manifest's ids and the output's state."""
+
+    ids: pa.Array
+    finished: Stats | None  # the output is complete: nothing to do
+
+
+def check(spec: JobSpec, overwrite: bool = False) -> Checked:
+    """What refuses a job (exit 2) before it touches Ray: the manifest's columns and ids, an output
+    written by another spec. With ``overwrite``, the output is deleted once the manifest passed;
+    without, nothing is written. The model sources are checked next (check_sources)."""
     ids = manifest.check(spec)
     if spec.filters:
-        filters.check(spec)
-    finished = _finished(spec, overwrite)
-    if finished is not None:
-        log(f"shardgen: {spec.output} is already complete (run {finished.run_id}); nothing to do "
-            "(--overwrite starts again)")
-        return replace(finished, skipped=True)
-    check_sources(spec)
-    from pipeline import job_record, plan, resume, sink
+        from pipeline.synth import filters
 
+        filters.check(spec)
+    if overwrite:
+        _delete_output(spec)
+    finished = finished_stats(spec)
+    resume.check_same_job(spec)
+    return Checked(ids, finished)
+
+
+def stage_totals(spec: JobSpec, todo: int, done: set[str]) -> dict[str, int]:
+    """How many of the rows to generate each stage kind will see."""
+    if spec.flows is None:
+        return {s.kind: todo for s in spec.stages}
+    tasks = Counter(task for row_id, task in manifest.ids_and_tasks(spec) if row_id not in done)
+    totals: dict[str, int] = {}
+    for name, flow in spec.flows.items():
+        for kind in dict.fromkeys(s.kind for s in flow):
+            totals[kind] = totals.get(kind, 0) + tasks.get(name, 0)
+    return totals
+
+
+def run_job(spec: JobSpec, overwrite: bool = False, log=print, verbose: bool = False) -> Stats:
+    """Run ``spec`` to completion and return its stats (see _stats.json). An output left by a run
+    that did not finish is resumed: only the ids that no published shard holds are generated."""
+    checked = check(spec, overwrite)
+    if checked.finished is not None:
+        log(f"shardgen: {spec.output} is already complete (run {checked.finished.run_id}); nothing to do "
+            "(--overwrite starts again)")
+        return replace(checked.finished, skipped=True)
+    from pipeline.cluster import check_address
+
+    check_address()  # a cluster that does not answer fails in seconds, before the models' imports
+    check_sources(spec)
+    warning = noise_warning(spec)
+    if warning:
+        log(warning)
+    from pipeline import job_record, plan, sink
+    from pipeline.synth import filters
+
+    ids = checked.ids
     written = resume.scan(spec, log)
     if written.files:
-        resume.check_same_job(spec)
         resume.check_ids(written, ids, spec)
     todo = len(ids) - len(written.ids)
     run_id = sink.new_run_id()
@@ -65,7 +118,10 @@ def run_job(spec: JobSpec, overwrite: bool = False, log=print) -> Stats:
         f"flows: {'; '.join(' -> '.join(s.kind for s in f) for f in spec.flow_map().values())}")
     started = datetime.now(timezone.utc)
     job_record.write_job_file(spec, run_id, started)
-    reports = plan.execute(spec, todo, run_id, written.done()) if todo else []
+    reports = []
+    if todo:
+        totals = stage_totals(spec, todo, written.ids)
+        reports = plan.execute(spec, todo, run_id, written.done(), totals, verbose=verbose, log=log)
     files, table = resume.settle(spec, written, [f for r in reports for f in r.files], len(ids), log)
     filtered = filters.apply(spec, files, log) if spec.filters else None
     return sink.finalize(spec, run_id, reports, files, table, started, datetime.now(timezone.utc), filtered)

@@ -6,16 +6,20 @@ Stages chain in one streaming job; images pass between them in memory.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
+from ray.data.expressions import col
 
-from pipeline import access, storage
+from pipeline import access, progress, storage
+from pipeline.cluster import cluster_address, ensure_ray
 from pipeline.encode import encode_batch
 from pipeline.errors import SpecError
 from pipeline.prepare import prepare_batch, unrouted_batch
@@ -30,24 +34,65 @@ from pipeline.writers.shards import ShardReport, ShardWriter
 # could wait forever behind actors that wait for its rows).
 CPU_STEP_CPUS = 0.25
 MAX_READ_BLOCKS = 4096
+# The progress line skips an update rather than wait longer than this for the counts.
+READ_COUNTS_S = 5
+def _node_cpus() -> float:
+    """The CPUs of the largest live node: no actor can reserve more."""
+    return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
 
 
-def ensure_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS (or the one this job was submitted to), else start
-    a local Ray."""
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
+def fit_resources(spec: JobSpec, have_cpu: float, have_gpu: float, node_cpu: float) -> JobSpec:
+    """``spec`` with every stage's CPUs and GPUs per actor decided. Fields the spec sets are kept
+    as written. Unset ones: a GPU when the cluster has GPUs (with 1 CPU); on a cluster without
+    GPUs, no GPU and the CPUs left beside the explicit stages and the light CPU steps, shared
+    among the unset stages' minimum actors (whole CPUs when there is at least one each)."""
+    stages = spec.all_stages()
+    unset = [s for s in stages if s.fits_cpus]
+    if have_gpu >= 1:
+        share = 1.0
+    else:
+        left = have_cpu - CPU_STEP_CPUS - sum(s.actors[0] * s.cpus_per_actor for s in stages if s not in unset)
+        share = left / max(1, sum(s.actors[0] for s in unset))
+        share = min(float(math.floor(share)) if share >= 1 else math.floor(share * 100) / 100, node_cpu or share)
+        share = max(share, 0.01)  # a cluster too small for any share is refused by check_fits
+
+    def fitted(stage: StageSpec) -> StageSpec:
+        gpus = stage.gpus_per_actor if stage.gpus_per_actor is not None else (1.0 if have_gpu >= 1 else 0.0)
+        cpus = share if stage.fits_cpus else stage.cpus_per_actor
+        return stage.model_copy(update={"gpus_per_actor": gpus, "cpus_per_actor": cpus})
+
+    if spec.flows is None:
+        return spec.model_copy(update={"stages": [fitted(s) for s in spec.stages]})
+    return spec.model_copy(update={"flows": {name: [fitted(s) for s in flow] for name, flow in spec.flows.items()}})
 
 
-def check_fits(spec: JobSpec, log=print) -> None:
+def cluster_resources() -> tuple[float, float, float]:
+    """CPUs and GPUs of the cluster, and the CPUs of its largest node."""
+    have = ray.cluster_resources()
+    return have.get("CPU", 0), have.get("GPU", 0), _node_cpus()
+
+
+def resources_for_run() -> tuple[float, float, float, str]:
+    """What a run would have: CPUs, GPUs, the largest node's CPUs, and which Ray that is. A local
+    Ray is not started for this: it would get this machine's CPUs and GPUs."""
+    address = cluster_address()
+    if address is None and not ray.is_initialized():
+        import torch
+        from ray._private.utils import get_num_cpus
+
+        cpus = float(get_num_cpus())
+        return cpus, float(torch.cuda.device_count()), cpus, "a local Ray on this machine"
+    ensure_ray()
+    return (*cluster_resources(), f"the Ray cluster at {address or 'this driver'}")
+
+
+def check_fits(spec: JobSpec, have_cpu: float, have_gpu: float, log=print) -> None:
     """Every pool starts its minimum actors at once; if they cannot all fit beside the light CPU
     steps, the job would wait forever. Refuse such a job on a fixed cluster; on one that may
-    grow (an autoscaler), say so and go on."""
+    grow (an autoscaler), say so and go on. ``spec`` has its resources fitted (fit_resources)."""
     stages = spec.all_stages()
     need_cpu = sum(s.actors[0] * s.cpus_per_actor for s in stages) + CPU_STEP_CPUS
-    need_gpu = sum(s.actors[0] * _gpus(s) for s in stages)
-    have = ray.cluster_resources()
-    have_cpu, have_gpu = have.get("CPU", 0), have.get("GPU", 0)
+    need_gpu = sum(s.actors[0] * s.gpus_per_actor for s in stages)
     if need_cpu <= have_cpu and need_gpu <= have_gpu:
         return
     message = (f"the stages' minimum actors need {need_cpu:g} CPUs and {need_gpu:g} GPUs (with "
@@ -57,6 +102,47 @@ def check_fits(spec: JobSpec, log=print) -> None:
         log(f"shardgen: warning: {message}; waiting for the autoscaler")
     else:
         raise SpecError(f"{message} (set SHARDGEN_AUTOSCALING=1 where the cluster grows on demand)")
+
+
+@ray.remote(num_cpus=0)
+class _Counter:
+    """Rows finished per stage and rows written, for the progress line."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def add(self, key: str, rows: int) -> None:
+        self.counts[key] = self.counts.get(key, 0) + rows
+
+    def get(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+def _count(counter, table: pa.Table, kind: str, last: bool) -> None:
+    counter.add.remote(kind, table.num_rows)
+    if last:  # the rows are done: they only wait for their shard now
+        counter.add.remote(progress.DONE, table.num_rows)
+        counter.add.remote(progress.OK, int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0))
+
+
+def _counted(cls: type, counter, kind: str, last: bool) -> type:
+    """``cls`` that also counts the rows it returns. It keeps the stage's class name, which names
+    its actors (`MapWorker(MapBatches(TextToImageStage))`)."""
+
+    class Counted(cls):
+        def __call__(self, table: pa.Table) -> pa.Table:
+            out = super().__call__(table)
+            _count(counter, out, kind, last)
+            return out
+
+    Counted.__name__ = Counted.__qualname__ = cls.__name__
+    return Counted
+
+
+def _unrouted(table: pa.Table, flows: list[str], counter) -> pa.Table:
+    out = unrouted_batch(table, flows)
+    _count(counter, out, progress.UNROUTED, last=True)
+    return out
 
 
 class ShardDatasink(Datasink[ShardReport]):
@@ -79,21 +165,16 @@ class ShardDatasink(Datasink[ShardReport]):
         self.reports = list(write_result.write_returns)
 
 
-def _gpus(stage: StageSpec) -> float:
-    if stage.gpus_per_actor is not None:
-        return stage.gpus_per_actor
-    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-
-
-def _flow(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec) -> ray.data.Dataset:
+def _flow(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec, counter) -> ray.data.Dataset:
     ds = ds.map_batches(prepare_batch,
                         fn_kwargs={"flow": flow, "storage": spec.storage, "access": access.for_job(spec),
                                    "limits": spec.limits},
                         batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
     for position, stage in enumerate(flow):
         low, high = stage.actors
+        cls = stage_class(stage.kind)
         ds = ds.map_batches(
-            stage_class(stage.kind),
+            cls if counter is None else _counted(cls, counter, stage.kind, position == len(flow) - 1),
             fn_constructor_kwargs={"spec": stage, "storage": spec.storage, "position": position,
                                    # Prompt embeddings travel on to the next stage, which reuses
                                    # them when it has the same text encoder.
@@ -101,14 +182,15 @@ def _flow(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec) -> ray.dat
             batch_size=stage.batch_size,
             batch_format="pyarrow",
             compute=ActorPoolStrategy(min_size=low, max_size=high),
-            num_gpus=_gpus(stage),
+            num_gpus=stage.gpus_per_actor,
             num_cpus=stage.cpus_per_actor,
         )
     return ds
 
 
-def build(spec: JobSpec, rows: int, done: pa.Array) -> ray.data.Dataset:
-    """The whole job as one dataset; ``rows`` are to be generated, the ids in ``done`` skipped."""
+def build(spec: JobSpec, rows: int, done: pa.Array, counter=None) -> ray.data.Dataset:
+    """The whole job as one dataset; ``rows`` are to be generated, the ids in ``done`` skipped.
+    ``spec`` has its resources fitted (fit_resources)."""
     # Ray's newer Parquet reader lists files in a step that asks for a whole CPU and takes no
     # resource arguments: behind actor pools that hold most CPUs of a small node it can wait
     # forever. The classic reader runs with the CPU share given below.
@@ -119,17 +201,22 @@ def build(spec: JobSpec, rows: int, done: pa.Array) -> ray.data.Dataset:
     blocks = max(1, min(MAX_READ_BLOCKS, -(-rows // min(s.batch_size for s in spec.all_stages()))))
     ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"], num_cpus=CPU_STEP_CPUS,
                                override_num_blocks=blocks)
+    if spec.columns:
+        ds = ds.rename_columns({source: name for name, source in spec.columns.items()}, num_cpus=CPU_STEP_CPUS)
     if len(done):
         ds = ds.map_batches(drop_done, fn_kwargs={"done": done}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
     if spec.flows is None:
-        ds = _flow(ds, spec.stages, spec)
+        ds = _flow(ds, spec.stages, spec, counter)
     else:
         names = sorted(spec.flows)
-        branches = [_flow(ds.filter(lambda row, name=name: row["task"] == name, num_cpus=CPU_STEP_CPUS),
-                          spec.flows[name], spec)
+        branches = [_flow(ds.filter(expr=col("task") == name, num_cpus=CPU_STEP_CPUS), spec.flows[name], spec,
+                          counter)
                     for name in names]
-        unrouted = ds.filter(lambda row: row["task"] not in names, num_cpus=CPU_STEP_CPUS).map_batches(
-            unrouted_batch, fn_kwargs={"flows": names}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
+        unrouted = ds.filter(expr=col("task").is_null() | col("task").not_in(names),
+                             num_cpus=CPU_STEP_CPUS).map_batches(
+            unrouted_batch if counter is None else _unrouted,
+            fn_kwargs={"flows": names, **({} if counter is None else {"counter": counter})}, batch_format="pyarrow",
+            num_cpus=CPU_STEP_CPUS)
         ds = branches[0].union(*branches[1:], unrouted)
     ds = ds.map_batches(encode_batch, fn_kwargs={"fmt": spec.format}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
     if spec.filters:  # per-row scores; the filters decide once the whole output is written
@@ -138,10 +225,19 @@ def build(spec: JobSpec, rows: int, done: pa.Array) -> ray.data.Dataset:
     return ds
 
 
-def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array) -> list[ShardReport]:
-    """Run the whole job, skipping the ids in ``done``; return what each write task wrote."""
-    ensure_ray()
-    check_fits(spec)
+def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array, totals: dict[str, int],
+            verbose: bool = False, log=print) -> list[ShardReport]:
+    """Run the whole job, skipping the ids in ``done``; return what each write task wrote.
+    ``totals`` are the rows each stage kind will see, for the progress line."""
+    ensure_ray(verbose)
+    have_cpu, have_gpu, node_cpu = cluster_resources()
+    spec = fit_resources(spec, have_cpu, have_gpu, node_cpu)
+    check_fits(spec, have_cpu, have_gpu, log)
+    counter = _Counter.remote()
     sink = ShardDatasink(ShardWriter(spec.output, spec.storage, run_id, spec.format.rows_per_shard))
-    build(spec, rows, done).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})
+    try:
+        with progress.Progress(rows, totals, lambda: ray.get(counter.get.remote(), timeout=READ_COUNTS_S), log):
+            build(spec, rows, done, counter).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})
+    finally:
+        ray.kill(counter)
     return sink.reports

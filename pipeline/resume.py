@@ -34,7 +34,9 @@ from pipeline.spec import JobSpec
 # What the final stats are computed from.
 STATS_COLUMNS = ["id", "status", "error"]
 # The spec fields that decide what a row becomes.
-ROW_FIELDS = ("manifest", "stages", "flows", "format", "limits")
+ROW_FIELDS = ("manifest", "columns", "stages", "flows", "format", "limits")
+# Stage fields that size the actor pools, not the rows: a rerun may change them.
+POOL_FIELDS = ("actors", "cpus_per_actor", "gpus_per_actor")
 
 
 @dataclass
@@ -89,18 +91,30 @@ def _read_columns(fs, path: str, names: list[str]) -> pa.Table:
         return pq.read_table(f, columns=names)
 
 
+def _differences(before, now, where: str) -> list[str]:
+    """The paths (``stages.0.model``) where two JSON values differ, each with both values."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        # A field missing from before is one that version of shardgen did not have: it ran as its default.
+        keys = [k for k in before if k not in POOL_FIELDS]
+        return [d for k in keys for d in _differences(before[k], now.get(k), f"{where}.{k}")]
+    if isinstance(before, list) and isinstance(now, list) and len(before) == len(now):
+        return [d for i, (b, n) in enumerate(zip(before, now)) for d in _differences(b, n, f"{where}.{i}")]
+    return [] if before == now else [f"{where} ({json.dumps(before)} -> {json.dumps(now)})"]
+
+
 def check_same_job(spec: JobSpec) -> None:
-    """A resumed run must be the same job: the spec fields that shape its rows must be those that
-    the first run wrote to _job.json (storage options and max_error_fraction may change)."""
+    """A rerun on an output, finished or not, must be the same job: the spec fields that shape its
+    rows must be those that the first run wrote to _job.json (storage options, resources and
+    max_error_fraction may change)."""
     uri = storage.join(spec.output, layout.JOB)
     if not storage.exists(uri, spec.storage):
         return
     before = json.loads(storage.read_bytes(uri, spec.storage))["spec"]
     now = spec.public_dict()
-    changed = [k for k in ROW_FIELDS if before.get(k) != now.get(k)]
+    changed = [d for k in ROW_FIELDS if k in before for d in _differences(before[k], now.get(k), k)]
     if changed:
-        raise SpecError(f"output {spec.output} holds part of a run of another spec (changed: {', '.join(changed)}); "
-                        "rerun with the same spec to resume, or pass --overwrite to start again")
+        raise SpecError(f"output {spec.output} holds a run of another spec (changed: {'; '.join(changed)}); "
+                        "rerun with the same spec, or pass --overwrite to delete the output and start again")
 
 
 def check_ids(written: Written, manifest_ids: pa.Array, spec: JobSpec) -> None:

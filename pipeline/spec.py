@@ -1,4 +1,5 @@
-"""The job spec: what to read, which stages to run, where and how to write (docs/contract.md says what each part means)."""
+"""The job spec: what to read, which stages to run, where and how to write. Every field has a
+description; `shardgen spec --schema` prints them as a JSON Schema."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline import dates
 from pipeline.errors import SpecError
@@ -17,13 +27,27 @@ from pipeline.kinds import KINDS
 StageKind = Literal[tuple(KINDS)]  # type: ignore[valid-type]
 SchedulerName = Literal["ddpm", "ddim", "pndm", "euler", "euler_a", "dpm++", "unipc"]
 
+# A stage without `model` runs the trained built-in of its kind, never a random-weight one: the
+# tiny-* built-ins draw noise and run only when named.
 DEFAULT_MODELS: dict[str, str] = {
-    "text_to_image": "builtin:tiny-sd",
-    "super_resolution": "builtin:tiny-upscaler",
-    "inpainting": "builtin:tiny-inpaint",
-    "image_to_image": "builtin:tiny-sd",
+    "text_to_image": "builtin:shapes-t2i",
+    "super_resolution": "builtin:shapes-sr",
+    "inpainting": "builtin:shapes-inpaint",
+    "image_to_image": "builtin:shapes-t2i",
     "unconditional": "builtin:shapes-ddpm",
 }
+# Settings a built-in model was trained for, applied to the stage fields a spec leaves unset
+# (other models keep the plain defaults). `shardgen validate` shows which ones it applied.
+RECOMMENDED: dict[str, dict[str, Any]] = {
+    "builtin:shapes-t2i": {"guidance_scale": 4.0, "width": 32, "height": 32},
+    "builtin:shapes-sr": {"guidance_scale": 1.0, "noise_level": 20},
+    "builtin:shapes-inpaint": {"guidance_scale": 4.0},
+}
+# Built-ins with random weights: they prove the plumbing and draw noise.
+NOISE_MODEL_PREFIX = "builtin:tiny-"
+# The manifest columns shardgen reads by name; `columns:` maps them to a manifest's own names.
+ManifestColumn = Literal["id", "task", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width",
+                         "height", "strength", "image", "mask"]
 
 
 class _Strict(BaseModel):
@@ -33,12 +57,15 @@ class _Strict(BaseModel):
 class StorageSpec(_Strict):
     """Object storage options. Unset fields fall back to the usual AWS_* variables."""
 
-    endpoint_url: str | None = None
-    key: SecretStr | None = None
-    secret: SecretStr | None = None
-    token: SecretStr | None = None
-    region: str | None = None
-    anon: bool = False
+    endpoint_url: str | None = Field(default=None, description="an S3-compatible endpoint (MinIO, R2, moto); "
+                                     "unset: AWS_ENDPOINT_URL or AWS's own")
+    key: SecretStr | None = Field(default=None, description="access key id (a secret: never printed or written); "
+                                  "unset: AWS_ACCESS_KEY_ID or the usual AWS credential chain")
+    secret: SecretStr | None = Field(default=None, description="secret access key (a secret); unset: "
+                                     "AWS_SECRET_ACCESS_KEY")
+    token: SecretStr | None = Field(default=None, description="session token (a secret); unset: AWS_SESSION_TOKEN")
+    region: str | None = Field(default=None, description="the bucket's region; unset: AWS_DEFAULT_REGION")
+    anon: bool = Field(default=False, description="read public buckets without credentials")
     allowed_prefixes: list[str] = Field(
         default=[],
         description="where manifest image and mask URIs may point besides the manifest's own bucket or folder",
@@ -64,35 +91,51 @@ class StorageSpec(_Strict):
 
 
 class StageSpec(_Strict):
-    kind: StageKind
-    model: str = Field(default="", description="builtin:NAME, a local folder, an s3:// folder or a Hugging Face Hub id "
-                       "(org/name)")
+    """One diffusion stage: the model it runs, its parameters, and the actor pool that runs it."""
+
+    kind: StageKind = Field(description="what the stage does: text_to_image | image_to_image | inpainting | "
+                            "super_resolution | unconditional")
+    model: str = Field(default="", description="builtin:NAME, a local folder, an s3:// folder or a Hugging Face Hub "
+                       "id (org/name); unset: the kind's trained built-in (builtin:shapes-t2i, shapes-sr, "
+                       "shapes-inpaint, shapes-ddpm)")
     revision: str | None = Field(
-        default=None, description="for a hub id: a branch, tag or commit hash (a commit pins the model); None: main"
+        default=None, description="for a hub id: a branch, tag or commit hash (a commit pins the model); null: main"
     )
     variant: str | None = Field(
         default=None, description="for a hub id: the weights variant to download, e.g. fp16 (files named "
-        "*.fp16.safetensors); None: the plain weights"
+        "*.fp16.safetensors); null: the plain weights"
     )
-    scheduler: SchedulerName | None = Field(default=None, description="None keeps the model's own scheduler")
+    scheduler: SchedulerName | None = Field(default=None, description="null keeps the model's own scheduler")
     # Upper bounds for steps, width and height are the job's `limits`, checked by JobSpec.
-    steps: Annotated[int, Field(ge=1)] = 20
-    guidance_scale: Annotated[float, Field(ge=0, le=50)] = 7.5
-    width: Annotated[int, Field(ge=8, multiple_of=8)] = 64
-    height: Annotated[int, Field(ge=8, multiple_of=8)] = 64
-    strength: Annotated[float, Field(gt=0, le=1)] = 0.75
-    noise_level: Annotated[int, Field(ge=0, le=1000)] = 20
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 8
-    actors: tuple[int, int] = (1, 1)
+    steps: Annotated[int, Field(ge=1)] = Field(default=20, description="denoising steps")
+    guidance_scale: Annotated[float, Field(ge=0, le=50)] = Field(
+        default=7.5, description="classifier-free guidance; 1 turns it off (unset: the built-in model's "
+        "recommended value, else 7.5)")
+    width: Annotated[int, Field(ge=8, multiple_of=8)] = Field(
+        default=64, description="text_to_image: image width in pixels (unset: the built-in's size, else 64)")
+    height: Annotated[int, Field(ge=8, multiple_of=8)] = Field(
+        default=64, description="text_to_image: image height in pixels (unset: the built-in's size, else 64)")
+    strength: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.75, description="inpainting, image_to_image: how much of the input image is repainted")
+    noise_level: Annotated[int, Field(ge=0, le=1000)] = Field(
+        default=20, description="super_resolution: how much the low-res image is noised before guiding the upscaler")
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = Field(default=8, description="rows per call of an actor")
+    actors: tuple[int, int] = Field(default=(1, 1), description="min and max actors of the stage's pool (an int: "
+                                    "a fixed pool)")
     gpus_per_actor: Annotated[float, Field(ge=0)] | None = Field(
-        default=None, description="None: 1 when the cluster has GPUs, else 0"
+        default=None, description="null: 1 when the cluster has GPUs, else 0; fractions share a GPU"
     )
-    cpus_per_actor: Annotated[float, Field(gt=0)] = 1
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # Left unset (or null), the plan fits it to the cluster (plan.fit_resources); 1 is what an actor
+    # built outside a plan reserves.
+    cpus_per_actor: Annotated[float, Field(gt=0)] = Field(
+        default=1, description="CPUs each actor reserves, also torch's thread count on CPUs; unset or null: 1 "
+        "on a cluster with GPUs, else the node's CPUs shared among the stages' actors")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="auto: bf16 (or fp16) on GPUs, fp32 on CPUs")
     batch_invariant: bool | None = Field(
         default=None,
         description="run the denoiser one row at a time so images never depend on batch size; "
-        "None: on for CPUs, off for GPUs (where batching is what makes them fast)",
+        "null: on for CPUs, off for GPUs (where batching is what makes them fast)",
     )
     offload: Literal["none", "model", "sequential"] = Field(
         default="none",
@@ -112,13 +155,36 @@ class StageSpec(_Strict):
         description="T5 tokens a prompt may use, for families with a T5 text encoder (SD3: 256, FLUX.1: 512, "
         "PixArt-Σ: 300 when None); longer prompts are truncated by the tokenizer",
     )
+    # The RECOMMENDED settings that filled fields this stage's spec left unset.
+    _recommended: dict[str, Any] = PrivateAttr(default_factory=dict)
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _default_model(cls, data: Any) -> Any:
-        if isinstance(data, dict) and not data.get("model") and data.get("kind") in DEFAULT_MODELS:
+    def _model_defaults(cls, data: Any, handler) -> "StageSpec":
+        if not isinstance(data, dict):
+            return handler(data)
+        if data.get("cpus_per_actor", 0) is None:
+            data = {k: v for k, v in data.items() if k != "cpus_per_actor"}
+        if not data.get("model") and data.get("kind") in DEFAULT_MODELS:
             data = {**data, "model": DEFAULT_MODELS[data["kind"]]}
-        return data
+        applied = {k: v for k, v in RECOMMENDED.get(data.get("model"), {}).items() if data.get(k) is None}
+        stage = handler({**data, **applied})
+        stage._recommended = applied
+        return stage
+
+    @property
+    def recommended(self) -> dict[str, Any]:
+        """The built-in model's recommended settings applied to fields the spec left unset."""
+        return dict(self._recommended)
+
+    @property
+    def fits_cpus(self) -> bool:
+        """Whether cpus_per_actor was left for the plan to fit to the cluster."""
+        return "cpus_per_actor" not in self.model_fields_set
+
+    @property
+    def draws_noise(self) -> bool:
+        return self.model.startswith(NOISE_MODEL_PREFIX)
 
     @field_validator("actors", mode="before")
     @classmethod
@@ -137,9 +203,12 @@ class StageSpec(_Strict):
 
 
 class FormatSpec(_Strict):
-    image: Literal["png", "webp", "jpeg"] = "png"
-    quality: Annotated[int, Field(ge=1, le=100)] = 95
-    rows_per_shard: Annotated[int, Field(ge=1)] = 1000
+    """How the images and shards are written."""
+
+    image: Literal["png", "webp", "jpeg"] = Field(default="png", description="image encoding: png | webp | jpeg")
+    quality: Annotated[int, Field(ge=1, le=100)] = Field(default=95, description="webp / jpeg quality")
+    rows_per_shard: Annotated[int, Field(ge=1)] = Field(default=1000, description="at most this many rows per "
+                                                        "Parquet shard")
 
 
 class LimitsSpec(_Strict):
@@ -147,11 +216,14 @@ class LimitsSpec(_Strict):
     instead of an out-of-memory crash of its actor. They apply to the stages' own values, each
     row's overrides, the size a row reaches through the flow, and input images before decoding."""
 
-    max_width: Annotated[int, Field(ge=8)] = 2048
-    max_height: Annotated[int, Field(ge=8)] = 2048
-    max_pixels: Annotated[int, Field(ge=64)] = 2048 * 2048
-    max_steps: Annotated[int, Field(ge=1)] = 200
-    max_prompt_chars: Annotated[int, Field(ge=1)] = 2000
+    max_width: Annotated[int, Field(ge=8)] = Field(default=2048, description="pixels, each generated or input "
+                                                   "image (and mask)")
+    max_height: Annotated[int, Field(ge=8)] = Field(default=2048, description="pixels, each generated or input "
+                                                    "image (and mask)")
+    max_pixels: Annotated[int, Field(ge=64)] = Field(default=2048 * 2048, description="width x height")
+    max_steps: Annotated[int, Field(ge=1)] = Field(default=200, description="denoising steps, per stage and per row")
+    max_prompt_chars: Annotated[int, Field(ge=1)] = Field(default=2000, description="characters of prompt and of "
+                                                          "negative_prompt")
 
     def size_problem(self, width: int, height: int) -> str | None:
         """What is wrong with a ``width`` x ``height`` image under these limits, or None."""
@@ -199,27 +271,47 @@ class FiltersSpec(_Strict):
 
 
 class JobSpec(_Strict):
-    manifest: str
-    output: str
-    storage: StorageSpec = StorageSpec()
-    stages: Annotated[list[StageSpec], Field(min_length=1)] = [StageSpec(kind="text_to_image")]
+    """A job: the manifest to read, the stages to run, the output to write."""
+
+    manifest: str = Field(description="a Parquet file, or a folder / prefix of them: local path or s3://")
+    output: str = Field(description="the dataset folder: shards go under OUTPUT/data/")
+    columns: dict[ManifestColumn, str] = Field(
+        default={},
+        description="the manifest's own name for a column shardgen reads, e.g. {id: image_name, "
+        "guidance_scale: cfg}; the output names it as shardgen does",
+    )
+    storage: StorageSpec = Field(default=StorageSpec(), description="object storage options")
+    stages: Annotated[list[StageSpec], Field(min_length=1)] = Field(
+        default=[StageSpec(kind="text_to_image")],
+        description="the chain of stages every row goes through (a cascade when several)",
+    )
     flows: dict[str, Annotated[list[StageSpec], Field(min_length=1)]] | None = Field(
         default=None,
         description="named chains of stages; the manifest's `task` column routes each row to one",
     )
-    format: FormatSpec = FormatSpec()
-    limits: LimitsSpec = LimitsSpec()
-    filters: FiltersSpec | None = Field(default=None, description="duplicate and confidence filters; None: off")
+    format: FormatSpec = Field(default=FormatSpec(), description="how images and shards are written")
+    limits: LimitsSpec = Field(default=LimitsSpec(), description="bounds on what one row may ask for")
+    filters: FiltersSpec | None = Field(default=None, description="duplicate and confidence filters; null: off")
     max_error_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
         default=0.0,
         description="the share of error rows a finished job tolerates and still exits 0; above it, exit 3",
     )
 
+    @field_validator("columns")
+    @classmethod
+    def _one_name_each(cls, value: dict[str, str]) -> dict[str, str]:
+        names = list(value.values())
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"manifest column(s) {twice} are mapped to more than one name")
+        return value
+
     @model_validator(mode="after")
     def _stages_or_flows(self) -> "JobSpec":
         if self.flows is not None:
             if "stages" in self.model_fields_set:
-                raise ValueError("give either `stages` (one flow for every row) or `flows` (routed by `task`), not both")
+                raise ValueError("give either `stages` (one flow for every row) or `flows` (routed by `task`), "
+                                 "not both")
             if not self.flows:
                 raise ValueError("flows: needs at least one flow")
         for name, flow in self.flow_map().items():
@@ -292,3 +384,9 @@ def parse_spec_text(text: str, source: str, night: date | str | None = None, **o
 def load_spec_file(path: str | Path, night: date | str | None = None, **overrides: Any) -> JobSpec:
     path = Path(path)
     return parse_spec_text(path.read_text(), str(path), night, **overrides)
+
+
+def json_schema() -> dict[str, Any]:
+    """The job spec as a JSON Schema, for editors (the YAML language server reads it)."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            **JobSpec.model_json_schema(mode="validation"), "title": "shardgen job spec"}

@@ -1,14 +1,30 @@
-"""A finished job exits 0 when its error rows are within max_error_fraction, else 3."""
+"""Exit codes: a finished job exits 0 when its error rows are within max_error_fraction, else 3;
+a rerun with another spec exits 2; a cluster that does not answer fails fast (1)."""
+
+import io
+import os
+import subprocess
+import sys
+import time
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 
 import pytest
+import yaml
 
+from pipeline.cli import main
 from pipeline.job import exit_code, summary_line
 from pipeline.spec import parse_spec
+from pipeline.stats import Stats
+from tests.conftest import free_port, prompts_manifest, write_manifest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-def stats(rows: int, error: int) -> dict:
-    return {"rows": rows, "ok": rows - error, "error": error, "elapsed_s": 1.0, "images_per_s": 1.0,
-            "errors_by_kind": {"prompt": error} if error else {}}
+def stats(rows: int, error: int) -> Stats:
+    return Stats(run_id="r", runs=["r"], rows=rows, ok=rows - error, error=error,
+                 errors_by_kind={"prompt": error} if error else {}, shards=1, rows_this_run=rows, elapsed_s=1.0,
+                 images_per_s=1.0)
 
 
 @pytest.mark.parametrize("fraction, error, code", [
@@ -29,3 +45,50 @@ def test_summary_says_which_side_of_the_fraction():
     assert "error rows: 20.0% of rows, within max_error_fraction 0.25" in summary_line(spec, stats(10, 2))
     assert "error rows: 30.0% of rows, over max_error_fraction 0.25" in summary_line(spec, stats(10, 3))
     assert "error rows" not in summary_line(spec, stats(10, 0))
+
+
+def run_cli(tmp_path, spec: dict) -> tuple[int, str, str]:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["run", "--spec", str(path)])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_rerun_of_a_finished_output_with_another_spec_exits_2(tmp_path, ray_local):
+    manifest = write_manifest(str(tmp_path / "m.parquet"), prompts_manifest(2))
+    spec = {"manifest": manifest, "output": str(tmp_path / "out"),
+            "stages": [{"kind": "text_to_image", "model": "builtin:tiny-sd", "steps": 2, "width": 32, "height": 32}]}
+    code, out, _ = run_cli(tmp_path, spec)
+    assert code == 0
+    # A random-weight model runs when named, and says once that it draws noise.
+    assert out.count("builtin:tiny-sd has random weights and draw(s) noise") == 1
+    # The same spec again: finished, nothing to do. Resources may change; the model may not.
+    spec["stages"][0]["cpus_per_actor"] = 0.5
+    code, out, _ = run_cli(tmp_path, spec)
+    assert code == 0 and "already complete" in out
+    spec["stages"][0].update(model="builtin:shapes-t2i", steps=3)
+    code, _, err = run_cli(tmp_path, spec)
+    assert code == 2, err
+    assert 'changed: stages.0.model ("builtin:tiny-sd" -> "builtin:shapes-t2i"); stages.0.steps (2 -> 3)' in err
+    assert "--overwrite" in err
+    assert (tmp_path / "out" / "_SUCCESS").exists()  # the finished output is left as it was
+
+
+def test_a_dead_cluster_address_fails_fast_naming_it(tmp_path):
+    """RAY_ADDRESS pointing where nothing listens (a stopped `ray start`): the CLI ends within
+    seconds, naming the address and how to run locally, instead of retrying for minutes."""
+    manifest = write_manifest(str(tmp_path / "m.parquet"), prompts_manifest(1))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"manifest": manifest, "output": str(tmp_path / "out")}))
+    address = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": str(REPO)}
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--spec", str(spec)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - start
+    assert done.returncode == 1, done.stderr
+    assert f"no Ray cluster answers at {address} (RAY_ADDRESS)" in done.stderr and "RAY_ADDRESS=local" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert elapsed < 45, elapsed

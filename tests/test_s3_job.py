@@ -17,7 +17,7 @@ def test_s3_manifest_to_s3_dataset(bucket, ray_local):
     rows[3]["seed"] = 1234
     manifest = write_manifest(f"{bucket}/manifests/prompts.parquet", rows)
     output = f"{bucket}/datasets/run-001"
-    spec = small_spec(manifest, output, width=48, height=32)
+    spec = small_spec(manifest, output, width=48, height=32, model="builtin:tiny-sd")
     spec.format.rows_per_shard = 4
 
     stats = run_job(spec)

@@ -1,22 +1,52 @@
+import re
+from pathlib import Path
+
 import pytest
 
 from pipeline.errors import SpecError
-from pipeline.spec import parse_spec, parse_spec_text
+from pipeline.spec import json_schema, parse_spec, parse_spec_text
 
 BASE = {"manifest": "m.parquet", "output": "out"}
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_defaults_fill_every_field():
     spec = parse_spec(BASE)
     stage = spec.stages[0]
-    assert (stage.kind, stage.model, stage.actors, stage.gpus_per_actor) == (
-        "text_to_image", "builtin:tiny-sd", (1, 1), None)
-    assert spec.format.image == "png" and spec.format.rows_per_shard == 1000
+    assert (stage.kind, stage.model, stage.actors, stage.gpus_per_actor, stage.fits_cpus) == (
+        "text_to_image", "builtin:shapes-t2i", (1, 1), None, True)
+    assert spec.format.image == "png" and spec.format.rows_per_shard == 1000 and spec.columns == {}
 
 
-def test_model_default_follows_kind():
-    spec = parse_spec({**BASE, "stages": [{"kind": "text_to_image"}, {"kind": "super_resolution"}]})
-    assert [s.model for s in spec.stages] == ["builtin:tiny-sd", "builtin:tiny-upscaler"]
+def test_model_default_is_the_trained_built_in_of_its_kind():
+    kinds = ["text_to_image", "super_resolution", "inpainting", "image_to_image"]
+    spec = parse_spec({**BASE, "flows": {k: [{"kind": k}] for k in kinds}})
+    assert [spec.flows[k][0].model for k in kinds] == [
+        "builtin:shapes-t2i", "builtin:shapes-sr", "builtin:shapes-inpaint", "builtin:shapes-t2i"]
+    assert not any(s.draws_noise for s in spec.all_stages())
+
+
+def test_recommended_settings_fill_only_unset_fields_of_the_built_in():
+    spec = parse_spec({**BASE, "stages": [{"kind": "text_to_image", "width": 48},
+                                          {"kind": "super_resolution", "guidance_scale": 2}]})
+    t2i, sr = spec.stages
+    assert (t2i.guidance_scale, t2i.width, t2i.height) == (4.0, 48, 32)
+    assert t2i.recommended == {"guidance_scale": 4.0, "height": 32}
+    assert (sr.guidance_scale, sr.noise_level, sr.recommended) == (2.0, 20, {"noise_level": 20})
+    # Any other model keeps the plain defaults, and says it draws noise when it is a tiny built-in.
+    tiny = parse_spec({**BASE, "stages": [{"kind": "text_to_image", "model": "builtin:tiny-sd"}]}).stages[0]
+    assert (tiny.guidance_scale, tiny.width, tiny.recommended, tiny.draws_noise) == (7.5, 64, {}, True)
+    other = parse_spec({**BASE, "stages": [{"kind": "text_to_image", "model": "/models/sd"}]}).stages[0]
+    assert (other.guidance_scale, other.width, other.draws_noise) == (7.5, 64, False)
+
+
+def test_columns_map_shardgen_names_to_the_manifest_s():
+    spec = parse_spec({**BASE, "columns": {"id": "image_name", "guidance_scale": "cfg"}})
+    assert spec.columns == {"id": "image_name", "guidance_scale": "cfg"}
+    with pytest.raises(SpecError, match=r"columns\.idd"):
+        parse_spec({**BASE, "columns": {"idd": "image_name"}})
+    with pytest.raises(SpecError, match=r"'x'\] are mapped to more than one name"):
+        parse_spec({**BASE, "columns": {"prompt": "x", "negative_prompt": "x"}})
 
 
 def test_int_actors_means_fixed_pool():
@@ -77,3 +107,29 @@ def test_limits_follow_a_cascade_through_super_resolution():
 def test_bad_limits_are_named(fields, where):
     with pytest.raises(SpecError, match=where.replace(".", r"\.")):
         parse_spec({**BASE, **fields})
+
+
+def _properties(schema: dict) -> set[str]:
+    names = set()
+    for model in [schema, *schema.get("$defs", {}).values()]:
+        names.update(model.get("properties", {}))
+    return names
+
+
+def test_schema_has_every_field_of_every_model_with_its_description():
+    schema = json_schema()
+    assert {"StageSpec", "StorageSpec", "FormatSpec", "LimitsSpec"} <= set(schema["$defs"])
+    assert schema["$schema"].startswith("https://json-schema.org/")
+    stage = schema["$defs"]["StageSpec"]["properties"]
+    assert "trained built-in" in stage["model"]["description"]
+    assert {"manifest", "output", "columns", "stages", "flows", "storage", "format", "limits"} <= _properties(schema)
+    for model in [schema, *schema["$defs"].values()]:
+        assert all(p.get("description") for p in model["properties"].values()), model.get("title")
+
+
+def test_readme_spec_reference_names_every_schema_field():
+    text = README.read_text()
+    section = text[text.index("### The job spec"):]
+    section = section[:section.index("\n### ", 1)]
+    missing = sorted(n for n in _properties(json_schema()) if not re.search(rf"\b{n}\b", section))
+    assert not missing, f"README's spec section lacks {missing}"

@@ -48,7 +48,9 @@ def mixed_spec(manifest: str, output: str, batch_size: int):
         "manifest": manifest,
         "output": output,
         "flows": {
-            "cascade": [stage("text_to_image", width=32, height=32), stage("super_resolution", noise_level=30)],
+            # The random-weight built-ins, named: their shared text encoder is what the cascade test checks.
+            "cascade": [stage("text_to_image", width=32, height=32, model="builtin:tiny-sd"),
+                        stage("super_resolution", noise_level=30, model="builtin:tiny-upscaler")],
             "sr": [stage("super_resolution")],
             "inpaint": [stage("inpainting")],
             "inpaint_plain": [stage("inpainting", model="builtin:tiny-sd")],  # a 4-channel UNet

@@ -1,0 +1,80 @@
+"""Which Ray a run joins, and joining it quietly. Owned by the plan builder (pipeline/plan.py);
+it imports Ray but not Ray Data, so that a dead address is found before the heavy imports."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import ray
+
+from pipeline.errors import ShardgenError
+
+# How long a cluster address may take to answer before the run gives up on it.
+CONNECT_TIMEOUT_S = 10
+# Notices that Ray prints on every run and that a user cannot act on (shown with --verbose).
+_NOTICES = {
+    "ray._private.authentication.authentication_token_setup": "Token authentication is enabled",
+    "ray.data._internal.progress": "Progress bars disabled",
+}
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+def cluster_address() -> str | None:
+    """The cluster ray.init would join: RAY_ADDRESS, else the one a `ray start` on this machine
+    recorded; None when Ray would start a local instance."""
+    from ray._private.services import get_ray_address_from_environment
+
+    address = get_ray_address_from_environment(None, None)
+    return None if address in (None, "local") else address
+
+
+def check_answers(address: str) -> None:
+    """Fail fast, naming the address, when nothing listens there: ray.init would retry a dead
+    address for minutes."""
+    source = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "the address a `ray start` on this machine recorded"
+    host, _, port = address.split("://")[-1].rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as err:
+        raise ShardgenError(
+            f"no Ray cluster answers at {address} ({source}): {err}. Start it, point RAY_ADDRESS at one that "
+            "runs, or run locally instead with RAY_ADDRESS=local (a `ray start` that was stopped leaves its "
+            "address behind until `ray start` runs again)") from None
+
+
+def check_address() -> str | None:
+    """The address of the cluster a run joins, checked to answer (None: a local Ray)."""
+    address = cluster_address()
+    if address is not None and not address.startswith("ray://") and address != "auto":
+        check_answers(address)
+    return address
+
+
+def ensure_ray(verbose: bool = False) -> None:
+    """Connect to the cluster in RAY_ADDRESS (or the one this job was submitted to, or one that
+    `ray start` runs here), else start a local Ray. Unless ``verbose``, the workers' output (model
+    loading bars, library warnings) stays in Ray's log files and Ray Data shows no progress of its own."""
+    if ray.is_initialized():
+        return
+    address = check_address()
+    if not verbose:
+        for name, start in _NOTICES.items():
+            logging.getLogger(name).addFilter(_DropNotice(start))
+    ray.init(address=address, include_dashboard=False, log_to_driver=verbose,
+             logging_level=logging.INFO if verbose else logging.WARNING)
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = verbose
+    if not verbose:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)

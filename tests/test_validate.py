@@ -1,0 +1,127 @@
+"""`shardgen validate`: the checks of a run without generating, then the plan.
+
+On every manifest that `run` refuses (the bad-manifest corpus) it exits 2 with the same message,
+without building or loading a model; on a good spec it prints the plan and exits 0.
+"""
+
+from __future__ import annotations
+
+import io
+from contextlib import redirect_stderr, redirect_stdout
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.errors import SpecError
+from pipeline.plan import check_fits, fit_resources
+from pipeline.spec import parse_spec
+from tests.conftest import prompts_manifest, write_manifest
+from tests.test_bad_manifests import REFUSED, png
+
+
+def cli(tmp_path, command: str, spec: dict) -> tuple[int, str, str]:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main([command, "--spec", str(path)])
+    return code, out.getvalue(), err.getvalue()
+
+
+# test_validation.py's cases and the corpus's, as (name, spec fields, manifest rows).
+CASES = [(name, fields, rows) for name, fields, rows, _ in REFUSED] + [
+    ("no-prompt-column", {}, [{"id": "a", "caption": "x"}]),
+    ("duplicate-ids", {}, [{"id": i, "prompt": "p"} for i in ("a", "b", "a")]),
+    ("seed-as-string", {}, [{"id": "a", "prompt": "p", "seed": "x"}]),
+    ("null-id", {}, [{"id": "a", "prompt": "p"}, {"id": None, "prompt": "q"}]),
+    ("mapped-column-missing", {"columns": {"id": "image_name"}}, [{"id": "a", "prompt": "p"}]),
+]
+
+
+@pytest.mark.parametrize("name, fields, rows", CASES, ids=[c[0] for c in CASES])
+def test_refuses_each_bad_manifest_as_run_does_without_a_model(tmp_path, monkeypatch, name, fields, rows):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SHARDGEN_CACHE", str(cache))
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    # A random-weight built-in would be built into the cache if the checks got as far as models.
+    spec = {"manifest": manifest, "output": str(tmp_path / "out"), **fields}
+    if "flows" not in spec:
+        spec.setdefault("stages", [{"kind": "text_to_image", "model": "builtin:tiny-sd"}])
+    validated = cli(tmp_path, "validate", spec)
+    ran = cli(tmp_path, "run", spec)
+    assert validated[0] == ran[0] == 2, validated
+    assert validated[2] == ran[2] and validated[2].startswith("shardgen: error: ")
+    assert not cache.exists() and not (tmp_path / "out").exists()
+
+
+def test_good_spec_prints_the_plan_and_exits_0(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    rows = prompts_manifest(5)
+    rows[1]["steps"] = 100_000
+    manifest = write_manifest(str(tmp_path / "m.parquet"), [{**r, "steps": r.get("steps")} for r in rows])
+    spec = {"manifest": manifest, "output": str(tmp_path / "out"), "format": {"rows_per_shard": 2},
+            "stages": [{"kind": "text_to_image"}, {"kind": "super_resolution", "batch_size": 4}]}
+    code, out, err = cli(tmp_path, "validate", spec)
+    assert code == 0, err
+    assert "5 rows" in out and "output " + str(tmp_path / "out") + ": new" in out
+    assert "0. text_to_image: builtin:shapes-t2i, 20 steps, guidance 4 (recommended), 32x32 (recommended)" in out
+    assert "1. super_resolution: builtin:shapes-sr" in out and "batches of 4" in out
+    assert "1 of the first 5 rows would be error rows {'steps': 1}: 'row-001': steps: 100000 is outside" in out
+    assert out.rstrip().endswith(f"a run writes 5 rows in at least 3 shard(s) of at most 2 rows to {tmp_path / 'out'}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_shows_the_columns_mapping_and_tiny_model_warning(tmp_path):
+    table = pa.table({"image_name": ["a.png", "b.png"], "caption": ["a red circle", "a blue square"],
+                      "sampler": [1, 2]})
+    manifest = write_manifest(str(tmp_path / "m.parquet"), table)
+    spec = {"manifest": manifest, "output": str(tmp_path / "out"), "columns": {"id": "image_name", "prompt": "caption"},
+            "stages": [{"kind": "text_to_image", "model": "builtin:tiny-sd", "cpus_per_actor": 0.5}]}
+    code, out, err = cli(tmp_path, "validate", spec)
+    assert code == 0, err
+    assert "mapped: image_name -> id, caption -> prompt; passed through: sampler" in out
+    assert out.count("builtin:tiny-sd has random weights and draw(s) noise") == 1
+    assert "1 actor(s) x 0.5 CPU" in out
+
+
+def test_refuses_stages_that_cannot_fit_the_machine(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), prompts_manifest(1))
+    spec = {"manifest": manifest, "output": str(tmp_path / "out"),
+            "stages": [{"kind": "text_to_image", "cpus_per_actor": 64}]}
+    code, _, err = cli(tmp_path, "validate", spec)
+    assert code == 2 and "the stages' minimum actors need 64.25 CPUs" in err, err
+
+
+def test_samples_images_of_an_image_flow(tmp_path):
+    rows = [{"id": "ok", "image": png((16, 16))}, {"id": "odd", "image": png((12, 12))}]
+    manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
+    spec = {"manifest": manifest, "output": str(tmp_path / "out"), "stages": [{"kind": "super_resolution"}]}
+    code, out, err = cli(tmp_path, "validate", spec)
+    assert code == 0, err
+    assert "'odd': image: width 12 is not a positive multiple of 8" in out
+
+
+@pytest.mark.parametrize("cpus, gpus, shares", [
+    (2, 0, [(0.87, 0.0), (0.87, 0.0)]),  # a 2-CPU laptop: both stages and the CPU steps fit
+    (16, 0, [(7.0, 0.0), (7.0, 0.0)]),
+    (8, 2, [(1.0, 1.0), (1.0, 1.0)]),  # with GPUs: as before, a GPU and a CPU each
+])
+def test_unset_resources_fit_the_cluster(cpus, gpus, shares):
+    spec = parse_spec({"manifest": "m", "output": "o", "stages": [{"kind": "text_to_image"},
+                                                                   {"kind": "super_resolution"}]})
+    fitted = fit_resources(spec, cpus, gpus, cpus)
+    assert [(s.cpus_per_actor, s.gpus_per_actor) for s in fitted.stages] == shares
+    check_fits(fitted, cpus, gpus)
+    assert spec.stages[0].fits_cpus and not fitted.stages[0].fits_cpus  # the spec itself is left as written
+
+
+def test_explicit_resources_are_taken_as_written():
+    spec = parse_spec({"manifest": "m", "output": "o", "stages": [
+        {"kind": "text_to_image", "cpus_per_actor": 1, "actors": 2}, {"kind": "super_resolution"}]})
+    fitted = fit_resources(spec, 4, 0, 4)
+    assert [s.cpus_per_actor for s in fitted.stages] == [1, 1.0]  # 4 - 0.25 - 2 leaves 1.75: 1 whole CPU
+    with pytest.raises(SpecError, match="need 2.26 CPUs and 0 GPUs .* the cluster has 2 CPUs"):
+        check_fits(fit_resources(spec, 2, 0, 2), 2, 0)
