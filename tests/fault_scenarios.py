@@ -94,7 +94,7 @@ def worker_sigkill(manifest: str, output: str) -> dict:
     """SIGKILL one worker of each kind, in the order they come up: a task of the CPU prepare
     step, the stage actor while it loads its model (its constructor), the stage actor again while
     it runs a batch once some shards exist, and a task of the CPU encode-and-write step."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         job = Job(spec(manifest, output))
         job.start()
