@@ -77,3 +77,23 @@ def test_limits_follow_a_cascade_through_super_resolution():
 def test_bad_limits_are_named(fields, where):
     with pytest.raises(SpecError, match=where.replace(".", r"\.")):
         parse_spec({**BASE, **fields})
+
+
+def test_defaults_of_every_field():
+    """Every field a minimal spec leaves out, with its default (the stage's model, which follows
+    its kind, is test_model_default_follows_kind's)."""
+    data = parse_spec(BASE).model_dump(mode="json")
+    data["stages"][0].pop("model")
+    assert data == {
+        "manifest": "m.parquet", "output": "out",
+        "storage": {"endpoint_url": None, "key": None, "secret": None, "token": None, "region": None, "anon": False,
+                    "allowed_prefixes": [], "max_attempts": 10, "retry_mode": "standard"},
+        "stages": [{"kind": "text_to_image", "scheduler": None, "steps": 20, "guidance_scale": 7.5, "width": 64,
+                    "height": 64, "strength": 0.75, "noise_level": 20, "batch_size": 8, "actors": [1, 1],
+                    "gpus_per_actor": None, "cpus_per_actor": 1.0, "dtype": "auto", "batch_invariant": None}],
+        "flows": None,
+        "format": {"image": "png", "quality": 95, "rows_per_shard": 1000},
+        "limits": {"max_width": 2048, "max_height": 2048, "max_pixels": 4194304, "max_steps": 200,
+                   "max_prompt_chars": 2000},
+        "max_error_fraction": 0.0,
+    }
