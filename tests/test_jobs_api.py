@@ -25,20 +25,30 @@ REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
+START_TRIES = 3  # a head that exits before its Jobs API answers is started again on fresh ports
+
+
+class _HeadExited(RuntimeError):
+    pass
+
+
 def _wait_for_jobs_api(address: str, head: subprocess.Popen, log: Path) -> JobSubmissionClient:
     deadline = time.time() + 120
     while True:
         try:
             return JobSubmissionClient(address)
         except ConnectionError:  # the dashboard is still starting
-            if head.poll() is not None or time.time() > deadline:
+            if head.poll() is not None:
+                raise _HeadExited("ray head exited:\n" + log.read_text()) from None
+            if time.time() > deadline:
                 raise RuntimeError("ray head did not start:\n" + log.read_text()) from None
             time.sleep(1)
 
 
-@pytest.fixture
-def ray_head():
-    temp_dir = tempfile.mkdtemp(prefix="sgray", dir="/tmp")  # short: Ray's socket paths are length-limited
+def _start_head(temp_dir: str, attempt: int) -> tuple[subprocess.Popen, JobSubmissionClient | None, str]:
+    """Start a head on free ports; return it, its Jobs API client (None when the head exited
+    first, as it does when another process took one of its ports after free_port picked it) and
+    its log."""
     dashboard = free_port()
     ports = {
         "--port": free_port(), "--dashboard-port": dashboard, "--ray-client-server-port": free_port(),
@@ -50,24 +60,51 @@ def ray_head():
            "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}",
            "--min-worker-port=0", "--max-worker-port=0",
            *[f"{k}={v}" for k, v in ports.items()]]
-    log = open(Path(temp_dir) / "head.log", "w")
+    log = Path(temp_dir) / f"head-{attempt}.log"
     # Token auth would turn itself on where ~/.ray/auth_token exists; this head serves loopback
     # only, so it runs without, the same on every machine.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    with open(log, "w") as out:
+        head = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
-        yield _wait_for_jobs_api(f"http://127.0.0.1:{dashboard}", head, Path(temp_dir) / "head.log")
+        return head, _wait_for_jobs_api(f"http://127.0.0.1:{dashboard}", head, log), log.read_text()
+    except _HeadExited:
+        return head, None, log.read_text()
+    except BaseException:
+        _stop(head)
+        raise
+
+
+@pytest.fixture
+def ray_head():
+    temp_dir = tempfile.mkdtemp(prefix="sgray", dir="/tmp")  # short: Ray's socket paths are length-limited
+    heads, logs = [], []
+    try:
+        for attempt in range(START_TRIES):
+            head, client, log = _start_head(temp_dir, attempt)
+            heads.append(head)
+            if client is not None:
+                break
+            print(f"ray head attempt {attempt} exited before its Jobs API answered; trying fresh ports")
+            logs.append(log)
+        else:
+            raise RuntimeError(f"ray head did not start in {START_TRIES} tries:\n" + "\n---\n".join(logs))
+        yield client
     finally:
-        # Stop exactly the processes this test started: the head's process group (a graceful
-        # SIGTERM first, then SIGKILL for whatever of the group is left).
-        _signal_group(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-        _signal_group(head.pid, signal.SIGKILL)
-        log.close()
+        for head in heads:
+            _stop(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop(head: subprocess.Popen) -> None:
+    """Stop exactly the processes this test started: the head's process group (a graceful SIGTERM
+    first, then SIGKILL for whatever of the group is left)."""
+    _signal_group(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
+    _signal_group(head.pid, signal.SIGKILL)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
