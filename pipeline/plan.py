@@ -17,7 +17,7 @@ from ray.data.datasource import Datasink
 
 from pipeline import access, storage
 from pipeline.encode import encode_batch
-from pipeline.errors import SpecError
+from pipeline.errors import ShardgenError, SpecError
 from pipeline.prepare import prepare_batch, unrouted_batch
 from pipeline.resume import drop_done
 from pipeline.sink import ShardReport, ShardWriter
@@ -138,5 +138,12 @@ def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array) -> list[Shard
     ensure_ray()
     check_fits(spec)
     sink = ShardDatasink(ShardWriter(spec.output, spec.storage, run_id, spec.format.rows_per_shard))
-    build(spec, rows, done).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})
+    try:
+        build(spec, rows, done).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})
+    except ray.exceptions.RayTaskError as err:
+        # A task's own error (a shard write that ran out of storage retries) reaches the user as
+        # itself, not inside Ray's worker traceback.
+        if isinstance(err.cause, ShardgenError):
+            raise err.cause from err
+        raise
     return sink.reports
