@@ -69,9 +69,22 @@ def environment(tmp_path_factory, s3_endpoint):
             os.environ[k] = v
 
 
+RAY_START_TRIES = 3
+
+
 @pytest.fixture(scope="session")
 def ray_local(environment):
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # On a busy machine a raylet whose agents are slow to report their ports aborts at start
+    # ("The current node timed out during startup"): start again rather than fail every test.
+    for attempt in range(1, RAY_START_TRIES + 1):
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception as err:  # noqa: BLE001 - only the start-up time-out is retried
+            ray.shutdown()
+            if "timed out during startup" not in str(err) or attempt == RAY_START_TRIES:
+                raise
+            print(f"ray_local: Ray did not start (try {attempt} of {RAY_START_TRIES}): {err}")
     yield
     ray.shutdown()
 
