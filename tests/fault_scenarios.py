@@ -170,10 +170,12 @@ def node_loss(manifest: str, output: str) -> dict:
         raylets = {raylet_pid(cluster.head_node): "head", raylet_pid(worker): "worker"}
         job = Job(spec(manifest, output, **STAGE_OPTIONS["node_loss"]))
         job.start()
-        found = wait_for("a stage actor in a batch and a CPU step on the worker node, after a shard",
-                         lambda: shards(output) and stage_actors("submit") and cpu_step_workers(raylet_pid(worker))
-                         and (stage_actors("submit")[0], cpu_step_workers(raylet_pid(worker))[0]), job)
-        actor, cpu_step = found
+        def actor_and_cpu_step():
+            actors, steps = stage_actors("submit"), cpu_step_workers(raylet_pid(worker))
+            return shards(output) and actors and steps and (actors[0], steps[0])
+
+        actor, cpu_step = wait_for("a stage actor in a batch and a CPU step on the worker node, after a shard",
+                                   actor_and_cpu_step, job)
         lost = {"pid": actor.pid, "title": title(actor), "node": node_of(actor, raylets),
                 "cpu_step": {"title": title(cpu_step), "node": node_of(cpu_step, raylets)},
                 "shards_at_loss": len(shards(output))}

@@ -165,4 +165,4 @@ def test_bench_runs_and_reports_every_variant(tmp_path, ray_local, capsys):
         assert result["name"] in printed
     assert sum(r["name"].startswith("plain diffusers loop") for r in results) == 3
     assert sum(r["name"].startswith("shardgen") for r in results) == 3
-    assert len(re.findall(r"^ratio .*: \d+\.\d\d$", printed, re.MULTILINE)) == 3
+    assert len(re.findall(r"^ratio .*:\s+\d+\.\d\d$", printed, re.MULTILINE)) == 3
