@@ -72,19 +72,23 @@ def environment(tmp_path_factory, s3_endpoint):
 RAY_START_TRIES = 3
 
 
-@pytest.fixture(scope="session")
-def ray_local(environment):
-    # On a busy machine a raylet whose agents are slow to report their ports aborts at start
-    # ("The current node timed out during startup"): start again rather than fail every test.
+def start_ray(start, clean_up=ray.shutdown):
+    """``start()``'s result. On a busy machine a raylet whose agents are slow to report their ports
+    aborts at start ("The current node timed out during startup"): clean up and start again
+    rather than fail the test."""
     for attempt in range(1, RAY_START_TRIES + 1):
         try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-            break
+            return start()
         except Exception as err:  # noqa: BLE001 - only the start-up time-out is retried
-            ray.shutdown()
+            clean_up()
             if "timed out during startup" not in str(err) or attempt == RAY_START_TRIES:
                 raise
-            print(f"ray_local: Ray did not start (try {attempt} of {RAY_START_TRIES}): {err}")
+            print(f"Ray did not start (try {attempt} of {RAY_START_TRIES}): {err}")
+
+
+@pytest.fixture(scope="session")
+def ray_local(environment):
+    start_ray(lambda: ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False))
     yield
     ray.shutdown()
 

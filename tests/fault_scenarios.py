@@ -26,6 +26,7 @@ import psutil  # isort: skip - the copy Ray ships (ray/thirdparty_files), import
 
 from pipeline.job import run_job
 from pipeline.spec import parse_spec
+from tests.conftest import start_ray
 
 STAGE_ACTOR = "MapWorker(MapBatches(TextToImageStage))"
 DEADLINE_S = 240  # generous: a condition that is not met by then is a failure, not a wait
@@ -119,7 +120,7 @@ def worker_sigkill(manifest: str, output: str) -> dict:
     """SIGKILL one worker of each kind, in the order they come up: a task of the CPU prepare
     step, the stage actor while it loads its model (its constructor), the stage actor again while
     it runs a batch once some shards exist, and a task of the CPU encode-and-write step."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray(lambda: ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False))
     try:
         job = Job(spec(manifest, output, **STAGE_OPTIONS["worker_sigkill"]))
         job.start()
@@ -162,9 +163,10 @@ def node_loss(manifest: str, output: str) -> dict:
     later, as an autoscaler or a node group would provide."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    head = {"num_cpus": 0, "include_dashboard": False}
+    cluster = start_ray(lambda: Cluster(initialize_head=True, head_node_args=head))
     try:
-        worker = cluster.add_node(num_cpus=3)
+        worker = start_ray(lambda: cluster.add_node(num_cpus=3), clean_up=lambda: None)
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
         raylets = {raylet_pid(cluster.head_node): "head", raylet_pid(worker): "worker"}
@@ -191,7 +193,7 @@ def node_loss(manifest: str, output: str) -> dict:
         time.sleep(REPLACEMENT_DELAY_S)
         waited = {"seconds": REPLACEMENT_DELAY_S, "job_alive": job.is_alive(), "shards_before": shards_before,
                   "shards_after": len(shards(output)), "stage_actors": len(stage_actors("submit"))}
-        raylets[raylet_pid(cluster.add_node(num_cpus=3))] = "replacement"
+        raylets[raylet_pid(start_ray(lambda: cluster.add_node(num_cpus=3), clean_up=lambda: None))] = "replacement"
         restarted = wait_for("the stage actor restarted", lambda: stage_actors("submit"), job)[0]
         job.join()
         return {"stats": job.stats, "error": job.error, "lost": lost, "waited": waited,
