@@ -21,7 +21,7 @@ from ray.data.expressions import col
 from pipeline import access, progress, storage
 from pipeline.cluster import cluster_address, ensure_ray
 from pipeline.encode import encode_batch
-from pipeline.errors import SpecError
+from pipeline.errors import ShardgenError, SpecError
 from pipeline.prepare import prepare_batch, unrouted_batch
 from pipeline.resume import drop_done
 from pipeline.spec import JobSpec, StageSpec
@@ -238,6 +238,12 @@ def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array, totals: dict[
     try:
         with progress.Progress(rows, totals, lambda: ray.get(counter.get.remote(), timeout=READ_COUNTS_S), log):
             build(spec, rows, done, counter).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})
+    except ray.exceptions.RayTaskError as err:
+        # A task's own error (a shard write that ran out of storage retries) reaches the user as
+        # itself, not inside Ray's worker traceback.
+        if isinstance(err.cause, ShardgenError):
+            raise err.cause from err
+        raise
     finally:
         ray.kill(counter)
     return sink.reports

@@ -1,11 +1,15 @@
 """Shared fixtures: a real S3 API (moto's server on 127.0.0.1), a local Ray, a private model cache.
 
 The environment is set up before Ray starts so that Ray's workers inherit it: the S3 endpoint and
-test credentials, and the model cache folder.
+test credentials, and the model cache folder. Ray Data's no-progress timeout is cut from 30
+minutes to RAY_DATA_NO_PROGRESS_S: a stalled job fails its test instead of waiting (Ray Data reads
+the variable when it is imported, so it is set here, before any test module imports it; Ray's
+workers and the tests' subprocesses inherit it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -18,6 +22,13 @@ import ray
 
 from pipeline import storage
 from pipeline.spec import JobSpec, parse_spec
+
+RAY_DATA_NO_PROGRESS_S = 300
+
+
+def pytest_configure(config):
+    # Before any test module is collected (and imports ray.data), and before any Ray starts.
+    os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", str(RAY_DATA_NO_PROGRESS_S))
 
 
 def free_port() -> int:
@@ -58,16 +69,36 @@ def environment(tmp_path_factory, s3_endpoint):
             os.environ[k] = v
 
 
+RAY_START_TRIES = 3
+
+
+def start_ray(start, clean_up=ray.shutdown):
+    """``start()``'s result. On a busy machine a raylet whose agents are slow to report their ports
+    aborts at start ("The current node timed out during startup"): clean up and start again
+    rather than fail the test."""
+    for attempt in range(1, RAY_START_TRIES + 1):
+        try:
+            return start()
+        except Exception as err:  # noqa: BLE001 - only the start-up time-out is retried
+            clean_up()
+            if "timed out during startup" not in str(err) or attempt == RAY_START_TRIES:
+                raise
+            print(f"Ray did not start (try {attempt} of {RAY_START_TRIES}): {err}")
+
+
 @pytest.fixture(scope="session")
 def ray_local(environment):
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray(lambda: ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False))
     yield
     ray.shutdown()
 
 
 @pytest.fixture
 def bucket(s3_endpoint, request):
-    name = "test-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    # The readable start of the test's name, plus a hash of its whole id: parametrized cases whose
+    # names share the first 40 characters still get buckets of their own.
+    readable = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
+    name = f"test-{readable}-{hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return f"s3://{name}"
 

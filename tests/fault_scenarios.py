@@ -26,9 +26,13 @@ import psutil  # isort: skip - the copy Ray ships (ray/thirdparty_files), import
 
 from pipeline.job import run_job
 from pipeline.spec import parse_spec
+from tests.conftest import start_ray
 
 STAGE_ACTOR = "MapWorker(MapBatches(TextToImageStage))"
 DEADLINE_S = 240  # generous: a condition that is not met by then is a failure, not a wait
+# The stage options of each scenario (the node-loss actor asks for a whole node's CPUs).
+STAGE_OPTIONS = {"worker_sigkill": {}, "node_loss": {"cpus_per_actor": 2}}
+REPLACEMENT_DELAY_S = 15  # how long a lost node's replacement takes to join (well under Ray Data's no-progress timeout)
 
 
 def spec(manifest: str, output: str, **stage):
@@ -37,6 +41,28 @@ def spec(manifest: str, output: str, **stage):
         "manifest": manifest, "output": output, "format": {"rows_per_shard": 2},
         "stages": [{"kind": "text_to_image", "steps": 20, "width": 64, "height": 64, "batch_size": 2, **stage}],
     })
+
+
+def reference(manifest: str, output: str, **stage) -> dict[str, str]:
+    """{id: image_sha256} of the rows of ``spec(manifest, output, **stage)`` made without Ray and
+    without faults: the same steps (prepare, the stage, encode) called in this process."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipeline.access import for_job
+    from pipeline.encode import encode_batch
+    from pipeline.prepare import prepare_batch
+    from pipeline.stages import stage_class
+
+    job = spec(manifest, output, **stage)
+    (first,) = job.stages
+    threads = torch.get_num_threads()
+    try:
+        table = prepare_batch(pq.read_table(manifest), job.stages, job.storage, for_job(job), job.limits)
+        table = encode_batch(stage_class(first.kind)(first, job.storage)(table), job.format)
+    finally:
+        torch.set_num_threads(threads)  # the stage sets its actor's thread count
+    return dict(zip(table.column("id").to_pylist(), table.column("image_sha256").to_pylist()))
 
 
 def title(proc: psutil.Process) -> str:
@@ -94,9 +120,9 @@ def worker_sigkill(manifest: str, output: str) -> dict:
     """SIGKILL one worker of each kind, in the order they come up: a task of the CPU prepare
     step, the stage actor while it loads its model (its constructor), the stage actor again while
     it runs a batch once some shards exist, and a task of the CPU encode-and-write step."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_ray(lambda: ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False))
     try:
-        job = Job(spec(manifest, output))
+        job = Job(spec(manifest, output, **STAGE_OPTIONS["worker_sigkill"]))
         job.start()
         killed = {
             "prepare": kill(wait_for("a prepare task", lambda: ray_workers("MapBatches(prepare_batch)"), job)[0]),
@@ -122,24 +148,38 @@ def node_of(proc: psutil.Process, raylets: dict[int, str]) -> str | None:
     return next((raylets[p.pid] for p in proc.parents() if p.pid in raylets), None)
 
 
+def cpu_step_workers(raylet: int) -> list[psutil.Process]:
+    """Workers under the raylet ``raylet`` that run a CPU step (reading, prepare, encode and write)."""
+    return [p for p in psutil.Process(raylet).children(recursive=True)
+            if title(p).startswith("ray::") and not title(p).startswith(f"ray::{STAGE_ACTOR}")
+            and any(step in title(p) for step in ("Read", "prepare_batch", "encode_batch", "Write"))]
+
+
 def node_loss(manifest: str, output: str) -> dict:
     """Lose the node that runs the stage actor (every process of it killed) mid-batch, after some
-    shards exist. Each actor asks for 2 CPUs, which only the worker node has, so the actor lands
-    there and, once it is gone, fits nowhere: a replacement node joins, as an autoscaler or a
-    node group would provide."""
+    shards exist and while a CPU step runs there too. The head has no CPUs, so every task and
+    actor runs on the worker node and its blocks live in that node's memory; once it is gone
+    nothing fits anywhere, and the job must wait: a replacement node joins REPLACEMENT_DELAY_S
+    later, as an autoscaler or a node group would provide."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    head = {"num_cpus": 0, "include_dashboard": False}
+    cluster = start_ray(lambda: Cluster(initialize_head=True, head_node_args=head))
     try:
-        worker = cluster.add_node(num_cpus=2)
+        worker = start_ray(lambda: cluster.add_node(num_cpus=3), clean_up=lambda: None)
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
         raylets = {raylet_pid(cluster.head_node): "head", raylet_pid(worker): "worker"}
-        job = Job(spec(manifest, output, cpus_per_actor=2))
+        job = Job(spec(manifest, output, **STAGE_OPTIONS["node_loss"]))
         job.start()
-        actor = wait_for("a stage actor in a batch after a shard",
-                         lambda: shards(output) and stage_actors("submit"), job)[0]
+        def actor_and_cpu_step():
+            actors, steps = stage_actors("submit"), cpu_step_workers(raylet_pid(worker))
+            return shards(output) and actors and steps and (actors[0], steps[0])
+
+        actor, cpu_step = wait_for("a stage actor in a batch and a CPU step on the worker node, after a shard",
+                                   actor_and_cpu_step, job)
         lost = {"pid": actor.pid, "title": title(actor), "node": node_of(actor, raylets),
+                "cpu_step": {"title": title(cpu_step), "node": node_of(cpu_step, raylets)},
                 "shards_at_loss": len(shards(output))}
         # A lost machine takes its workers with it; remove_node kills only the node's own
         # services (raylet, agents), and orphaned workers would linger a while.
@@ -149,10 +189,14 @@ def node_loss(manifest: str, output: str) -> dict:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
         psutil.wait_procs(workers, timeout=30)
-        raylets[raylet_pid(cluster.add_node(num_cpus=2))] = "replacement"
+        shards_before = len(shards(output))
+        time.sleep(REPLACEMENT_DELAY_S)
+        waited = {"seconds": REPLACEMENT_DELAY_S, "job_alive": job.is_alive(), "shards_before": shards_before,
+                  "shards_after": len(shards(output)), "stage_actors": len(stage_actors("submit"))}
+        raylets[raylet_pid(start_ray(lambda: cluster.add_node(num_cpus=3), clean_up=lambda: None))] = "replacement"
         restarted = wait_for("the stage actor restarted", lambda: stage_actors("submit"), job)[0]
         job.join()
-        return {"stats": job.stats, "error": job.error, "lost": lost,
+        return {"stats": job.stats, "error": job.error, "lost": lost, "waited": waited,
                 "restarted_on": node_of(restarted, raylets)}
     finally:
         ray.shutdown()

@@ -11,6 +11,10 @@ requests of a parallel job interleave), or on every request with ``always``:
   server (its PUT stored, the answer lost), half before
 - ``cut``: a GET answer with a body closes midway through the body
 
+and, only with ``always``, ``echo``: 403 InvalidAccessKeyId whose message repeats the request's
+access key and session token, as S3's answers about credentials can (for the tests that check
+that credentials never reach an error row or a log).
+
 ``counts`` tells how many of each were injected, and ``forwarded`` how many requests went through.
 """
 
@@ -25,6 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 FAULTS = ("slowdown", "internal", "drop", "cut")
+ECHO = "echo"
 ERROR_ANSWERS = {
     "slowdown": (503, "SlowDown", "Please reduce your request rate."),
     "internal": (500, "InternalError", "We encountered an internal error. Please try again."),
@@ -42,8 +47,8 @@ class FaultProxy:
 
     def __init__(self, upstream: str, rate: float = 0.0, seed: int = 0, every: int = 0, always: str | None = None,
                  methods: tuple[str, ...] = ("GET", "HEAD", "PUT", "POST", "DELETE"), path_contains: str = ""):
-        if always is not None and always not in FAULTS:
-            raise ValueError(f"always: {always!r} is not one of {FAULTS}")
+        if always is not None and always not in (*FAULTS, ECHO):
+            raise ValueError(f"always: {always!r} is not one of {(*FAULTS, ECHO)}")
         self.upstream = urlsplit(upstream)
         self.rate = rate
         self.every = every
@@ -133,11 +138,17 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
 
+        def _echo(self) -> tuple[int, str, str]:
+            credential = self.headers.get("Authorization", "").partition("Credential=")[2].split("/")[0]
+            token = self.headers.get("X-Amz-Security-Token", "")
+            return (403, "InvalidAccessKeyId", f"The AWS Access Key Id you provided ({credential}) with session "
+                                               f"token {token} does not exist in our records.")
+
         def _handle(self) -> None:
             body = self._body()
             fault, reaches_server = proxy.draw(self.command, self.path)
-            if fault in ERROR_ANSWERS:
-                status, code, message = ERROR_ANSWERS[fault]
+            if fault in ERROR_ANSWERS or fault == ECHO:
+                status, code, message = self._echo() if fault == ECHO else ERROR_ANSWERS[fault]
                 xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
                        f"<Message>{message}</Message><RequestId>fault-proxy</RequestId></Error>").encode()
                 proxy.count(fault)

@@ -69,8 +69,10 @@ def test_driver_sigkill_then_rerun_completes_exactly_once(tmp_path, ray_local):
             assert driver.poll() is None, driver.stdout.read().decode()
             assert time.time() < deadline, "no shard was published in time"
             time.sleep(0.1)
-        delay = random.Random().uniform(0, 2.0)
-        print(f"killing the driver {delay:.2f} s after its first shard")
+        # Seeded and printed, so that a failure can be replayed: RESUME_KILL_SEED=<seed> pytest ...
+        seed = int(os.environ.get("RESUME_KILL_SEED", random.randrange(2**32)))
+        delay = random.Random(seed).uniform(0, 2.0)
+        print(f"killing the driver {delay:.2f} s after its first shard (RESUME_KILL_SEED={seed})")
         time.sleep(delay)
         assert driver.poll() is None, "the job ended before the kill"
         os.kill(driver.pid, signal.SIGKILL)

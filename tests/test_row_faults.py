@@ -1,20 +1,25 @@
-"""A fault while generating one row (out of memory, any exception) makes that row an error row
-naming the stage and the kind; its neighbours in the batch go on and the stage keeps working.
+"""A fault while generating one row (out of memory, any exception, a NaN output) makes that row an
+error row naming the stage and the kind; its neighbours in the batch go on and the stage keeps
+working.
 
 Out-of-memory cannot be caused for real on a CPU machine: a stage subclass raises it for rows
-whose prompt asks for it, in a plain in-process stage call (no Ray). NaN outputs and bad inputs
-are caused for real in test_bad_manifests.py.
+whose prompt asks for it, in a plain in-process stage call (no Ray). A NaN output is caused for
+real: a copy of builtin:tiny-sd whose text encoder maps one word to NaN, with good rows in the
+same pipeline call. Bad inputs are caused for real in test_bad_manifests.py.
 """
 
 from __future__ import annotations
 
+import shutil
 import weakref
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
 from pipeline.access import policy
+from pipeline.models.resolve import resolve
 from pipeline.prepare import prepare_batch
 from pipeline.spec import LimitsSpec, StageSpec, StorageSpec
 from pipeline.stages.text_to_image import TextToImageStage
@@ -50,10 +55,18 @@ class FaultyStage(TextToImageStage):
 
 
 @pytest.fixture(scope="module")
-def stage():
+def loaded_stage():
     # batch_invariant off: the whole batch goes in one call, as on a GPU, so a fault hits every row of it.
-    spec = StageSpec(kind="text_to_image", steps=2, width=32, height=32, batch_invariant=False)
+    spec = StageSpec(kind="text_to_image", model="builtin:tiny-sd", steps=2, width=32, height=32,
+                     batch_invariant=False)
     return FaultyStage(spec, StorageSpec())
+
+
+@pytest.fixture
+def stage(loaded_stage):
+    """The module's stage (its model loaded once) with a fresh record of calls for each test."""
+    loaded_stage.calls, loaded_stage.held, loaded_stage.freed_before_next_call = [], None, []
+    return loaded_stage
 
 
 def prepared(prompts: list[str], tmp_path) -> pa.Table:
@@ -82,3 +95,42 @@ def test_stage_keeps_working_after_a_fault(stage, tmp_path):
     stage(prepared(["OOM"], tmp_path))
     out = stage(prepared(["a red circle", "a blue square"], tmp_path))
     assert values(out, "status") == ["ok", "ok"] and values(out, "error") == [None, None]
+
+
+POISON = "purple"
+
+
+@pytest.fixture(scope="module")
+def poisoned_model(tmp_path_factory):
+    """builtin:tiny-sd whose text encoder embeds the word "purple" as NaN: a real model in which a
+    prompt with that word makes a NaN image, while other prompts in the same call are untouched."""
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("poisoned") / "tiny-sd"
+    shutil.copytree(resolve("builtin:tiny-sd"), folder)
+    (token,) = CLIPTokenizer.from_pretrained(folder / "tokenizer")(POISON, add_special_tokens=False).input_ids
+    weights_file = folder / "text_encoder" / "model.safetensors"
+    weights = load_file(weights_file)
+    embedding = next(name for name in weights if name.endswith("token_embedding.weight"))
+    weights[embedding][token] = float("nan")
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    return str(folder)
+
+
+def test_nan_row_in_a_shared_call_fails_alone(poisoned_model, tmp_path):
+    """Four rows of one group (same steps, guidance and size) in one pipeline call; the one whose
+    prompt hits the poisoned word is an error row, the others are the images each makes alone."""
+    prompts = ["a red circle", f"a {POISON} square", "a green star", "a blue ring"]
+    spec = dict(kind="text_to_image", model=poisoned_model, steps=2, width=32, height=32)
+    batched = TextToImageStage(StageSpec(**spec, batch_invariant=False), StorageSpec())
+    alone = TextToImageStage(StageSpec(**spec, batch_invariant=True), StorageSpec())
+    out, reference = batched(prepared(prompts, tmp_path)), alone(prepared(prompts, tmp_path))
+    status, error = values(out, "status"), values(out, "error")
+    assert status == ["ok", "error", "ok", "ok"], error
+    assert error[1] == "text_to_image: output is not finite (NaN or inf)"
+    for i in (0, 2, 3):
+        image = np.frombuffer(values(out, "_sg_pixels")[i], np.uint8).astype(np.int16)
+        own = np.frombuffer(values(reference, "_sg_pixels")[i], np.uint8).astype(np.int16)
+        assert len(image) == 32 * 32 * 3 and image.std() > 0
+        assert np.abs(image - own).max() <= 16, i  # the row's own picture, up to batch rounding

@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 
+import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline import storage
@@ -41,7 +42,9 @@ def test_s3_manifest_to_s3_dataset(bucket, ray_local):
 
     fs, path = storage.filesystem(output)
     shards = fs.ls(f"{path}/data")
-    assert len(shards) >= 3 and all(s.endswith(".parquet") for s in shards)  # at most 4 rows a shard
+    assert all(s.endswith(".parquet") for s in shards)
+    rows_per_shard = [pq.ParquetFile(fs.open(s)).metadata.num_rows for s in shards]
+    assert max(rows_per_shard) <= 4 and sum(rows_per_shard) == 10, rows_per_shard
     assert {"_stats.json", "_job.json", "README.md", "_SUCCESS"} <= {p.rsplit("/", 1)[-1] for p in fs.ls(path)}
     assert json.loads(fs.cat_file(f"{path}/_stats.json"))["ok"] == 10
     job = json.loads(fs.cat_file(f"{path}/_job.json"))

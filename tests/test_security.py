@@ -21,11 +21,12 @@ from pipeline import storage
 from pipeline.access import OutsideError, check, policy
 from pipeline.cli import main
 from pipeline.encode import image_name
-from pipeline.errors import EXIT_INVALID, EXIT_ROWS_FAILED
+from pipeline.errors import EXIT_INVALID, EXIT_ROWS_FAILED, SpecError
 from pipeline.job import run_job
 from pipeline.models.resolve import resolve
 from pipeline.spec import FormatSpec, parse_spec
 from tests.conftest import prompts_manifest, read_output, small_spec, write_manifest
+from tests.s3_fault_proxy import ECHO, FaultProxy
 from tests.test_stages import FAST, png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def test_local_manifest_reads_its_folder_only(tmp_path):
 
 
 def test_allowed_prefixes_must_be_absolute():
-    with pytest.raises(Exception, match="storage.allowed_prefixes"):
+    with pytest.raises(SpecError, match="storage.allowed_prefixes"):
         parse_spec({"manifest": "m.parquet", "output": "out", "storage": {"allowed_prefixes": ["images"]}})
 
 
@@ -287,7 +288,9 @@ sys.exit(code)
 
 def test_planted_secrets_appear_nowhere(bucket, s3_endpoint, tmp_path):
     """Acceptance: a secret planted in the workers' environment and one in the spec's storage
-    section (the one the job really uses) appear in no output file, column, log or message."""
+    section (the one the job really uses) appear in no output file, column, log or message. One
+    row's image is answered by S3 (the fault proxy) with an error that repeats the request's key
+    and token, the one path by which storage could echo credentials into an error row."""
     tag = secrets.token_hex(6)
     planted = {
         "env_key": f"ENVKEYPLANTED{tag}", "env_secret": f"ENVSECRETPLANTED{tag}",
@@ -297,29 +300,36 @@ def test_planted_secrets_appear_nowhere(bucket, s3_endpoint, tmp_path):
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     s3.create_bucket(Bucket="elsewhere")
     storage.write_bytes(f"{bucket}/in/a.png", png(16, 3))
+    storage.write_bytes(f"{bucket}/in/echo.png", png(16, 5))
     storage.write_bytes("s3://elsewhere/b.png", png(16, 4))
     rows = [{"id": "ok", "image": f"{bucket}/in/a.png"}, {"id": "missing", "image": f"{bucket}/in/none.png"},
-            {"id": "outside", "image": "s3://elsewhere/b.png"}]
+            {"id": "outside", "image": "s3://elsewhere/b.png"}, {"id": "echoed", "image": f"{bucket}/in/echo.png"}]
     manifest = write_manifest(f"{bucket}/m.parquet", rows)
     output = tmp_path / "out"
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump({
-        "manifest": manifest, "output": str(output),
-        "storage": {"key": planted["spec_key"], "secret": planted["spec_secret"], "token": planted["spec_token"]},
-        "stages": [{"kind": "super_resolution", **FAST}],
-    }))
     env = {**os.environ, "PYTHONPATH": str(REPO), "AWS_ACCESS_KEY_ID": planted["env_key"],
            "AWS_SECRET_ACCESS_KEY": planted["env_secret"], "AWS_SESSION_TOKEN": planted["env_token"]}
     # Ray's socket paths must stay short: its temp folder goes under /tmp, not pytest's tmp_path.
     ray_dir = Path(tempfile.mkdtemp(prefix="sg-sec-", dir="/tmp"))
     try:
-        done = subprocess.run([sys.executable, "-c", RUNNER, str(ray_dir), str(spec_file)], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=540)
+        with FaultProxy(s3_endpoint, always=ECHO, methods=("GET",), path_contains="/in/echo.png") as proxy:
+            spec_file = tmp_path / "spec.yaml"
+            spec_file.write_text(yaml.safe_dump({
+                "manifest": manifest, "output": str(output),
+                "storage": {"endpoint_url": proxy.url, "key": planted["spec_key"], "secret": planted["spec_secret"],
+                            "token": planted["spec_token"]},
+                "stages": [{"kind": "super_resolution", **FAST}],
+            }))
+            done = subprocess.run([sys.executable, "-c", RUNNER, str(ray_dir), str(spec_file)], env=env,
+                                  cwd=tmp_path, capture_output=True, text=True, timeout=540)
         assert done.returncode == EXIT_ROWS_FAILED, done.stderr[-3000:]
         out = {r["id"]: r for r in read_output(str(output)).to_pylist()}
         assert out["ok"]["status"] == "ok"
         assert out["missing"]["error"].startswith("image: no file at")
         assert "outside the allowed prefixes" in out["outside"]["error"]
+        # The echoing answer reached the row's error, with the credentials blanked out.
+        assert proxy.counts[ECHO] >= 1
+        assert out["echoed"]["error"].startswith(f"image: cannot read {bucket}/in/echo.png")
+        assert "provided (***) with session token ***" in out["echoed"]["error"], out["echoed"]["error"]
 
         haystacks = {"stdout": done.stdout, "stderr": done.stderr}
         for path in _files(output):

@@ -133,3 +133,27 @@ def test_readme_spec_reference_names_every_schema_field():
     section = section[:section.index("\n### ", 1)]
     missing = sorted(n for n in _properties(json_schema()) if not re.search(rf"\b{n}\b", section))
     assert not missing, f"README's spec section lacks {missing}"
+
+
+def test_defaults_of_every_field():
+    """Every field a minimal spec leaves out, with its default (the stage's model, which follows
+    its kind, is test_model_default_follows_kind's; with it come the trained built-in's recommended
+    guidance and size)."""
+    data = parse_spec(BASE).model_dump(mode="json")
+    data["stages"][0].pop("model")
+    assert data == {
+        "manifest": "m.parquet", "output": "out", "columns": {},
+        "storage": {"endpoint_url": None, "key": None, "secret": None, "token": None, "region": None, "anon": False,
+                    "allowed_prefixes": [], "max_attempts": 10, "retry_mode": "standard"},
+        "stages": [{"kind": "text_to_image", "revision": None, "variant": None, "scheduler": None, "steps": 20,
+                    "guidance_scale": 4.0, "width": 32, "height": 32, "strength": 0.75, "noise_level": 20,
+                    "batch_size": 8, "actors": [1, 1], "gpus_per_actor": None, "cpus_per_actor": 1.0, "dtype": "auto",
+                    "batch_invariant": None, "offload": "none", "true_cfg_scale": None,
+                    "max_sequence_length": None}],
+        "flows": None,
+        "format": {"image": "png", "quality": 95, "rows_per_shard": 1000},
+        "limits": {"max_width": 2048, "max_height": 2048, "max_pixels": 4194304, "max_steps": 200,
+                   "max_prompt_chars": 2000},
+        "filters": None,
+        "max_error_fraction": 0.0,
+    }

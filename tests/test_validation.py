@@ -42,7 +42,7 @@ def test_wrong_column_type_is_named(tmp_path, capsys):
 
 def test_null_id_is_refused(tmp_path, capsys):
     code, err = run_cli(tmp_path, [{"id": "a", "prompt": "p"}, {"id": None, "prompt": "q"}], capsys)
-    assert code == 2 and "null" in err
+    assert code == 2 and "manifest column 'id' has 1 null value(s)" in err
 
 
 def test_empty_prompt_is_one_error_row(tmp_path, ray_local):

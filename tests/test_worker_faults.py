@@ -1,6 +1,7 @@
 """Worker and node faults in a real text_to_image job: CPU tasks and the stage actor SIGKILLed
-(the actor while it loads its model and again mid-batch), and the node that runs the stage lost
-mid-run. Each job finishes with every row exactly once.
+(the actor while it loads its model and again mid-batch), and the node that runs the stage and
+the CPU steps lost mid-run, its replacement joining only later. Each job finishes with every row
+exactly once, and each row's image is the one an unfaulted run makes (compared by sha256).
 
 The faults are injected by tests/fault_scenarios.py in a process of its own with its own Ray (a
 local one, or a two-node ray.cluster_utils.Cluster), so that they cannot touch the session's Ray;
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import prompts_manifest, read_output, write_manifest
-from tests.fault_scenarios import STAGE_ACTOR
+from tests.fault_scenarios import REPLACEMENT_DELAY_S, STAGE_ACTOR, STAGE_OPTIONS, reference
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = 40
@@ -31,15 +32,19 @@ def run_scenario(name: str, tmp_path: Path) -> dict:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["error"] is None, result["error"]
-    return {**result, "output": read_output(output)}
+    unfaulted = reference(manifest, str(tmp_path / "unused"), **STAGE_OPTIONS[name])
+    return {**result, "output": read_output(output), "unfaulted": unfaulted}
 
 
 def assert_every_row_once(result: dict) -> None:
     out = result["output"]
     assert sorted(out.column("id").to_pylist()) == [row["id"] for row in prompts_manifest(ROWS)]
     assert set(out.column("status").to_pylist()) == {"ok"}
-    assert all(out.column("image_sha256").to_pylist())
     assert (result["stats"]["rows"], result["stats"]["ok"]) == (ROWS, ROWS)
+    # A row generated again after a fault is the same image as without the fault.
+    images = dict(zip(out.column("id").to_pylist(), out.column("image_sha256").to_pylist()))
+    assert len(result["unfaulted"]) == ROWS and len(set(result["unfaulted"].values())) == ROWS
+    assert images == result["unfaulted"]
 
 
 def test_workers_sigkilled_mid_run(tmp_path):
@@ -59,6 +64,13 @@ def test_node_running_the_stage_lost_mid_run(tmp_path):
     lost = result["lost"]
     assert lost["title"] == f"ray::{STAGE_ACTOR}.submit"
     assert lost["node"] == "worker"
+    # A CPU step was running on the lost node too (the head has no CPUs: all of them ran there).
+    assert lost["cpu_step"]["node"] == "worker"
+    assert any(step in lost["cpu_step"]["title"] for step in ("Read", "prepare_batch", "encode_batch", "Write"))
     assert 0 < lost["shards_at_loss"] < result["stats"]["shards"]
+    # Until the replacement joined, nothing fitted anywhere: the job waited, alive, without progress.
+    waited = result["waited"]
+    assert waited["seconds"] == REPLACEMENT_DELAY_S and waited["job_alive"]
+    assert waited["shards_after"] == waited["shards_before"] and waited["stage_actors"] == 0
     assert result["restarted_on"] == "replacement"
     assert_every_row_once(result)

@@ -1,0 +1,57 @@
+"""Exit codes through `shardgen run` (the CLI's main): a model source that cannot be resolved is
+refused with 2 before anything runs; object storage that never recovers in the middle of a job
+(every shard PUT failing) is 1, with the URI named and no _SUCCESS."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.errors import EXIT_FAILED, EXIT_INVALID
+from tests.conftest import prompts_manifest, write_manifest
+from tests.s3_fault_proxy import FaultProxy
+from tests.test_s3_faults import stored, upscale_job
+
+
+def run_cli(tmp_path, spec: dict, capsys) -> tuple[int, str]:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    capsys.readouterr()
+    code = main(["run", "--spec", str(path)])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model, message", [
+    ("builtin:no-such-model", "model: unknown built-in builtin:no-such-model"),
+    ("/no/such/model/folder", "model: no folder at /no/such/model/folder"),
+    ("./relative/missing", "model: no folder at ./relative/missing"),
+    ("some-org/not-in-the-cache", "model: 'some-org/not-in-the-cache' is not a built-in, a folder or a hub id"),
+    ("s3://{bucket}/models/none", "model: no files under s3://{bucket}/models/none"),
+])
+def test_unresolvable_model_source_exits_2(model, message, bucket, tmp_path, capsys):
+    manifest = write_manifest(str(tmp_path / "m.parquet"), prompts_manifest(2))
+    output = tmp_path / "out"
+    code, err = run_cli(tmp_path, {"manifest": manifest, "output": str(output),
+                                   "stages": [{"kind": "text_to_image", "model": model.format(bucket=bucket)}]}, capsys)
+    assert code == EXIT_INVALID, err
+    assert f"shardgen: error: {message.format(bucket=bucket)}" in err
+    assert not output.exists()  # refused before anything ran
+
+
+def test_storage_that_never_recovers_mid_job_exits_1(bucket, s3_endpoint, tmp_path, capsys, ray_local):
+    """The manifest, input images, _job.json and every other request go through; only the shard
+    PUTs fail, every time: the job has started generating when storage gives out."""
+    spec = upscale_job(bucket)
+    with FaultProxy(s3_endpoint, always="internal", methods=("PUT",), path_contains="/data/part-") as proxy:
+        data = spec.model_dump(mode="json")
+        data["storage"] = {"endpoint_url": proxy.url, "max_attempts": 2}
+        code, err = run_cli(tmp_path, data, capsys)
+    assert code == EXIT_FAILED, err
+    # The message the README promises, as its own line (not inside a worker's traceback).
+    line = next((x for x in err.splitlines() if x.startswith("shardgen: error: ")), err[-3000:])
+    assert line.startswith(f"shardgen: error: object storage: cannot write {spec.output}/data/part-"), err[-3000:]
+    assert line.endswith("(each request was tried up to 2 times; see storage.max_attempts)"), line
+    assert proxy.counts["internal"] >= 2 and proxy.forwarded > 0  # the job ran until its first shard
+    assert stored(bucket, "out/_job.json", s3_endpoint) is not None  # written when the run started
+    assert stored(bucket, "out/_SUCCESS", s3_endpoint) is None

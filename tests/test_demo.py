@@ -1,0 +1,168 @@
+"""What `make demo` runs (`shardgen demo`, here with few rows) and the shipped trained models it
+uses (builtin:shapes-t2i, shapes-sr, shapes-inpaint); `shardgen models build` and `shardgen bench`.
+
+The demo's images are read back with the evaluator's own measures (pipeline/training/measure.py
+for colours, the shipped shape classifier for shapes) against what each prompt asks for, and held
+to the targets that docs/trained-models.md states (colour >= 90%, shape >= 80%), not to the
+figures of one training run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.models.resolve import COMPLETE_MARKER, TRAINED_DIR, builtin_names
+from pipeline.training import data, measure
+from pipeline.training.classifier import NAME as CLASSIFIER_NAME
+from pipeline.training.classifier import ShapeClassifier
+from tests.conftest import read_output
+
+ROWS = 12  # the demo's flows: three rows in four through the cascade, one in four inpainted
+COLOUR_TARGET, SHAPE_TARGET = 0.9, 0.8
+COLOUR = "|".join(data.COLOURS)
+SHAPE = "|".join(data.SHAPES)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, ray_local):
+    folder = tmp_path_factory.mktemp("demo") / "demo-output"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["demo", "--output", str(folder), "--rows", str(ROWS)])
+    return {"code": code, "printed": out.getvalue(), "folder": folder,
+            "rows": {r["id"]: r for r in read_output(str(folder / "dataset")).to_pylist()}}
+
+
+def decode(row: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])).convert("RGB"))
+
+
+def test_demo_runs_and_says_where_its_output_is(demo):
+    assert demo["code"] == 0, demo["printed"]
+    folder = demo["folder"]
+    assert f"shardgen: {ROWS} rows ({ROWS} ok, 0 error)" in demo["printed"]
+    assert f"shardgen demo: manifest {folder / 'manifest.parquet'}; dataset {folder / 'dataset'}" in demo["printed"]
+    assert (folder / "manifest.parquet").is_file() and (folder / "dataset" / "_SUCCESS").is_file()
+    assert sorted(demo["rows"]) == [f"demo-{i:05d}" for i in range(ROWS)]
+
+
+def test_demo_images_decode_at_the_documented_sizes(demo):
+    """Prompts go through text-to-image at 32x32 and x4 super-resolution (128x128); drawn shapes
+    are inpainted at their own 32x32."""
+    flows = {"cascade": 0, "inpaint": 0}
+    for row in demo["rows"].values():
+        assert row["status"] == "ok", row["error"]
+        image = Image.open(io.BytesIO(row["image"]["bytes"]))
+        records = json.loads(row["stage_params"])
+        flows[row["task"]] += 1
+        if row["task"] == "cascade":
+            assert (image.format, image.size) == ("PNG", (128, 128))
+            assert [(r["kind"], r["model"], r["width"]) for r in records] == [
+                ("text_to_image", "builtin:shapes-t2i", 32), ("super_resolution", "builtin:shapes-sr", 128)]
+        else:
+            assert (image.format, image.size) == ("PNG", (32, 32))
+            assert [(r["kind"], r["model"]) for r in records] == [("inpainting", "builtin:shapes-inpaint")]
+    assert flows["cascade"] > 0 and flows["inpaint"] > 0
+
+
+@pytest.fixture(scope="module")
+def classifier() -> ShapeClassifier:
+    return ShapeClassifier(TRAINED_DIR / CLASSIFIER_NAME)
+
+
+def test_shipped_models_draw_what_the_prompt_asks(demo, classifier):
+    """Cascade rows: "a red circle on a blue background" -> the colours measured from the pixels
+    and the classifier's shape, on the 128x128 output (the upscaler keeps the picture)."""
+    asked, images = [], []
+    for row in demo["rows"].values():
+        found = re.search(rf"\b({COLOUR}) ({SHAPE}) on an? ({COLOUR}) background\b", row["prompt"])
+        if row["task"] == "cascade" and found:
+            asked.append(found.groups())
+            images.append(decode(row))
+    assert len(asked) >= ROWS // 2, [r["prompt"] for r in demo["rows"].values()]
+    readings = [measure.read(image) for image in images]
+    shapes = classifier.predict(np.stack(images))
+    colour = np.mean([r.colour == c for r, (c, _, _) in zip(readings, asked)])
+    background = np.mean([r.background == b for r, (_, _, b) in zip(readings, asked)])
+    shape = np.mean([p == s for p, (_, s, _) in zip(shapes, asked)])
+    report = list(zip(asked, [(r.colour, r.background) for r in readings], shapes))
+    assert colour >= COLOUR_TARGET and background >= COLOUR_TARGET, report
+    assert shape >= SHAPE_TARGET, report
+
+
+def test_inpainting_repaints_in_the_asked_colour(demo):
+    """Inpaint rows: the masked shape is repainted in the prompt's colour, read inside the mask
+    against the scene's background; pixels outside the mask are the input's, exactly."""
+    manifest = {r["id"]: r for r in _manifest(demo["folder"])}
+    right = []
+    for row_id, row in demo["rows"].items():
+        if row["task"] != "inpaint":
+            continue
+        colour = re.search(rf"\b({COLOUR})\b", row["prompt"]).group(1)
+        scene = np.asarray(Image.open(io.BytesIO(manifest[row_id]["image"])).convert("RGB"))
+        mask = np.asarray(Image.open(io.BytesIO(manifest[row_id]["mask"])).convert("L")) >= 128
+        out = decode(row)
+        assert np.array_equal(out[~mask], scene[~mask]), row_id
+        reading = measure.read(out, region=mask, background=measure.border_colour(scene))
+        right.append(reading.colour == colour)
+    assert right and np.mean(right) >= COLOUR_TARGET, right
+
+
+def _manifest(folder: Path) -> list[dict]:
+    return pq.read_table(folder / "manifest.parquet").to_pylist()
+
+
+def test_models_build(tmp_path, monkeypatch, capsys):
+    """`shardgen models build` with no names builds every built-in into the cache (the trained
+    ones are shipped: their folder is given), and the folders load as diffusers pipelines."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SHARDGEN_CACHE", str(cache))
+    assert main(["models", "build"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    built = dict(line.split(" -> ") for line in lines)
+    assert sorted(built) == [f"builtin:{name}" for name in builtin_names()]
+    for name in ("tiny-sd", "tiny-upscaler", "tiny-inpaint"):
+        folder = Path(built[f"builtin:{name}"])
+        assert folder == cache / "builtin" / name and (folder / COMPLETE_MARKER).exists()
+    for name in ("shapes-t2i", "shapes-sr", "shapes-inpaint"):
+        assert Path(built[f"builtin:{name}"]) == TRAINED_DIR / name
+    pipe = DiffusionPipeline.from_pretrained(built["builtin:tiny-sd"], use_safetensors=True, local_files_only=True)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    # A second build finds the cached folder and leaves it alone.
+    stamp = (cache / "builtin" / "tiny-sd" / "model_index.json").stat().st_mtime_ns
+    assert main(["models", "build", "tiny-sd"]) == 0
+    assert capsys.readouterr().out.strip() == f"builtin:tiny-sd -> {cache / 'builtin' / 'tiny-sd'}"
+    assert (cache / "builtin" / "tiny-sd" / "model_index.json").stat().st_mtime_ns == stamp
+
+
+def test_models_build_refuses_an_unknown_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SHARDGEN_CACHE", str(tmp_path / "cache"))
+    assert main(["models", "build", "no-such-model"]) == 2
+    assert "model: unknown built-in builtin:no-such-model" in capsys.readouterr().err
+
+
+def test_bench_runs_and_reports_every_variant(tmp_path, ray_local, capsys):
+    """The figures are not asserted (speed is no test's business); the run and its shape are."""
+    figures = tmp_path / "bench.json"
+    assert main(["bench", "--rows", "10", "--json", str(figures)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(figures.read_text())
+    assert len(results) == 6
+    for result in results:
+        assert set(result) == {"name", "rows", "steady_images_per_s", "wall_s"}
+        assert result["rows"] == 10 and result["steady_images_per_s"] > 0 and result["wall_s"] > 0
+        assert result["name"] in printed
+    assert sum(r["name"].startswith("plain diffusers loop") for r in results) == 3
+    assert sum(r["name"].startswith("shardgen") for r in results) == 3
+    assert len(re.findall(r"^ratio .*:\s+\d+\.\d\d$", printed, re.MULTILINE)) == 3
