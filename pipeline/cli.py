@@ -102,6 +102,11 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.gpu:
+        from pipeline import gpubench
+
+        gpubench.run(args.quick, args.json)
+        return 0
     from pipeline import bench
 
     bench.main(args.rows, args.json)
@@ -231,6 +236,9 @@ def parser() -> argparse.ArgumentParser:
                            help="steady throughput against a plain diffusers loop (prints figures)")
     bench.add_argument("--rows", type=int, default=96)
     bench.add_argument("--json", help="also write the figures to this file")
+    bench.add_argument("--gpu", action="store_true",
+                       help="SD 1.5 and SDXL architectures (random weights): plain loop, compiled loop, shardgen")
+    bench.add_argument("--quick", action="store_true", help="with --gpu: tiny models of the same architectures")
     bench.set_defaults(fn=_bench)
 
     # Listed for --help only: main() hands `train …` whole to the training entry point.
