@@ -34,7 +34,7 @@ from pipeline.spec import JobSpec
 # What the final stats are computed from.
 STATS_COLUMNS = ["id", "status", "error"]
 # The spec fields that decide what a row becomes.
-ROW_FIELDS = ("manifest", "columns", "stages", "flows", "format", "limits")
+ROW_FIELDS = ("manifest", "columns", "stages", "flows", "format", "limits", "filters")
 # Stage fields that size the actor pools, not the rows: a rerun may change them.
 POOL_FIELDS = ("actors", "cpus_per_actor", "gpus_per_actor")
 
