@@ -15,8 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import cli, storage
+from pipeline import cli, nightly, storage
 from pipeline.row_groups import MAX_BYTES, MAX_ROWS, row_group_size
+from pipeline.spec import parse_spec
+from pipeline.stats import Stats
 from tests.conftest import small_spec, write_manifest
 from tests.synthetic_output import ERRORS, build
 
@@ -161,15 +163,24 @@ def test_memory_stays_flat_in_dataset_size(big_output, synthetic_output):
     assert big - small < big_output.image_bytes / 4
 
 
-def test_nights_root_lists_its_dated_outputs(synthetic_output, tmp_path, capsys):
-    shutil.copytree(synthetic_output.output, tmp_path / "date=2026-01-02")
+def test_nights_root_lists_its_dated_outputs_and_their_history(synthetic_output, tmp_path, capsys):
+    night = tmp_path / "date=2026-01-02"
+    shutil.copytree(synthetic_output.output, night)
     (tmp_path / "date=2026-01-03" / "data").mkdir(parents=True)
+    # The finished night's line in the nightly history (ROOT/_nights/), as a nightly run adds it.
+    spec = parse_spec({"manifest": synthetic_output.manifest, "output": str(night)})
+    nightly.record(spec, Stats.from_json((night / "_stats.json").read_text()))
     assert cli.main(["inspect", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "2 dated output(s)" in lines[0]
     out = synthetic_output
     assert lines[1] == f"  date=2026-01-02: finished, {out.rows} rows ({out.ok} ok, 26 error), 4 shard(s)"
     assert lines[2] == "  date=2026-01-03: NOT finished, 0 shard(s)"
+    assert "1 finished night(s)" in lines[3]
+    assert lines[5].split()[:4] == ["2026-01-02", str(out.rows), str(out.ok), "26"]
+    assert cli.main(["inspect", str(tmp_path), "--json"]) == 0
+    history = json.loads(capsys.readouterr().out)["history"]
+    assert [(h["night"], h["rows"], h["output"]) for h in history] == [("2026-01-02", out.rows, str(night))]
 
 
 def test_inspect_and_verify_a_real_job_through_the_cli(ray_local, tmp_path, capsys):

@@ -4,9 +4,10 @@ only the columns they show (image bytes only for --save)."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
-from pipeline import layout, storage
+from pipeline import dates, layout, nightly, storage
 from pipeline.encode import EXTENSIONS
 from pipeline.inspect.output import ROW, SHARD, Output
 from pipeline.spec import StorageSpec
@@ -158,7 +159,7 @@ def inspect(output: str, rows: int = 5, save: str | None = None, where: str | No
 
 
 # A root of dated outputs (one output per night: ROOT/date=YYYY-MM-DD/) rather than one output.
-PARTITION_PREFIX = "date="
+PARTITION_PREFIX = f"{dates.PARTITION_KEY}="
 
 
 def partitions(output: str, storage_spec: StorageSpec | None = None) -> list[str]:
@@ -179,10 +180,14 @@ def nights_index(output: str, nights: list[str], as_json: bool, storage_spec: St
         index.append({"partition": night, "finished": out.finished,
                       "rows": stats.rows if stats else None, "ok": stats.ok if stats else None,
                       "error": stats.error if stats else None, "shards": len(out.names)})
+    # The nightly history (ROOT/_nights/): each finished night's rate, run and finish time.
+    history = nightly.history(output, storage_spec)
     if as_json:
-        return json.dumps({"output": output, "partitions": index}, indent=2)
+        return json.dumps({"output": output, "partitions": index, "history": [asdict(e) for e in history]}, indent=2)
     lines = [f"{output}: {len(index)} dated output(s); shardgen inspect {output}/{PARTITION_PREFIX}… for one"]
     lines += [f"  {n['partition']}: " + ("finished" if n["finished"] else "NOT finished")
               + (f", {n['rows']} rows ({n['ok']} ok, {n['error']} error)" if n["rows"] is not None else "")
               + f", {n['shards']} shard(s)" for n in index]
+    if history:
+        lines.append(nightly.describe(output, storage_spec))
     return "\n".join(lines)
