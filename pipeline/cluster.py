@@ -53,7 +53,10 @@ def check_answers(address: str) -> None:
 
 
 def check_address() -> str | None:
-    """The address of the cluster a run joins, checked to answer (None: a local Ray)."""
+    """The address of the cluster a run joins, checked to answer (None: a local Ray, or this
+    process has joined one already)."""
+    if ray.is_initialized():
+        return None
     address = cluster_address()
     if address is not None and not address.startswith("ray://") and address != "auto":
         check_answers(address)
