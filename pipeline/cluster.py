@@ -53,8 +53,8 @@ def check_answers(address: str) -> None:
 
 
 def check_address() -> str | None:
-    """The address of the cluster a run joins, checked to answer (None: a local Ray, or the one
-    this process is already connected to)."""
+    """The address of the cluster a run joins, checked to answer (None: a local Ray, or this
+    process has joined one already)."""
     if ray.is_initialized():
         return None
     address = cluster_address()
@@ -67,9 +67,12 @@ def ensure_ray(verbose: bool = False) -> None:
     """Connect to the cluster in RAY_ADDRESS (or the one this job was submitted to, or one that
     `ray start` runs here), else start a local Ray. Unless ``verbose``, the workers' output (model
     loading bars, library warnings) stays in Ray's log files and Ray Data shows no progress of its own."""
-    if ray.is_initialized():
-        return
-    address = check_address()
+    if not ray.is_initialized():
+        connect(check_address(), verbose)
+
+
+def connect(address: str | None, verbose: bool = False) -> None:
+    """ray.init on ``address`` (checked by check_address; None: a local Ray), quietly unless ``verbose``."""
     if not verbose:
         for name, start in _NOTICES.items():
             logging.getLogger(name).addFilter(_DropNotice(start))

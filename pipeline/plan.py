@@ -19,7 +19,7 @@ from ray.data.datasource import Datasink
 from ray.data.expressions import col
 
 from pipeline import access, progress, storage
-from pipeline.cluster import cluster_address, ensure_ray
+from pipeline.cluster import check_address, connect, ensure_ray
 from pipeline.encode import encode_batch
 from pipeline.errors import ShardgenError, SpecError
 from pipeline.prepare import prepare_batch, unrouted_batch
@@ -75,15 +75,17 @@ def cluster_resources() -> tuple[float, float, float]:
 def resources_for_run() -> tuple[float, float, float, str]:
     """What a run would have: CPUs, GPUs, the largest node's CPUs, and which Ray that is. A local
     Ray is not started for this: it would get this machine's CPUs and GPUs."""
-    address = cluster_address()
-    if address is None and not ray.is_initialized():
+    if ray.is_initialized():
+        return (*cluster_resources(), "the Ray this process joined")
+    address = check_address()
+    if address is None:
         import torch
         from ray._private.utils import get_num_cpus
 
         cpus = float(get_num_cpus())
         return cpus, float(torch.cuda.device_count()), cpus, "a local Ray on this machine"
-    ensure_ray()
-    return (*cluster_resources(), f"the Ray cluster at {address or 'this driver'}")
+    connect(address)
+    return (*cluster_resources(), f"the Ray cluster at {address}")
 
 
 def check_fits(spec: JobSpec, have_cpu: float, have_gpu: float, log=print) -> None:

@@ -21,6 +21,12 @@ from tests.conftest import prompts_manifest, write_manifest
 from tests.test_bad_manifests import REFUSED, png
 
 
+@pytest.fixture(autouse=True)
+def local_ray(monkeypatch):
+    """Validate as for a local run, whatever `ray start` left on this machine."""
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+
+
 def cli(tmp_path, command: str, spec: dict) -> tuple[int, str, str]:
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -56,8 +62,7 @@ def test_refuses_each_bad_manifest_as_run_does_without_a_model(tmp_path, monkeyp
     assert not cache.exists() and not (tmp_path / "out").exists()
 
 
-def test_good_spec_prints_the_plan_and_exits_0(tmp_path, monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+def test_good_spec_prints_the_plan_and_exits_0(tmp_path):
     rows = prompts_manifest(5)
     rows[1]["steps"] = 100_000
     manifest = write_manifest(str(tmp_path / "m.parquet"), [{**r, "steps": r.get("steps")} for r in rows])
@@ -86,8 +91,7 @@ def test_shows_the_columns_mapping_and_tiny_model_warning(tmp_path):
     assert "1 actor(s) x 0.5 CPU" in out
 
 
-def test_refuses_stages_that_cannot_fit_the_machine(tmp_path, monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+def test_refuses_stages_that_cannot_fit_the_machine(tmp_path):
     manifest = write_manifest(str(tmp_path / "m.parquet"), prompts_manifest(1))
     spec = {"manifest": manifest, "output": str(tmp_path / "out"),
             "stages": [{"kind": "text_to_image", "cpus_per_actor": 64}]}
