@@ -23,7 +23,7 @@ import ray
 from pipeline import storage
 from pipeline.spec import JobSpec, parse_spec
 
-RAY_DATA_NO_PROGRESS_S = 300
+RAY_DATA_NO_PROGRESS_S = 600
 
 
 def pytest_configure(config):
