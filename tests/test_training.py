@@ -4,12 +4,19 @@ budget."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
+import pytest
 import torch
-from diffusers import AutoPipelineForText2Image
+from diffusers import AutoPipelineForText2Image, DDPMPipeline
 
 from pipeline.images import keep_unmasked
-from pipeline.training import architectures, data, measure, sr, t2i, vae
+from pipeline.models.resolve import build_builtin
+from pipeline.training import architectures, captions, data, ddpm, evaluate, measure, sr, t2i, vae
+from pipeline.training.__main__ import TRAINED
+from pipeline.training.classifier import NAME as CLASSIFIER_NAME
+from pipeline.training.classifier import ShapeClassifier
 from pipeline.training.distributed import Cluster, Schedule, Worker, fit
 from pipeline.training.latents import vae_payload
 
@@ -113,3 +120,51 @@ def test_a_wall_clock_budget_ends_the_run_on_every_worker(tmp_path):
     assert 2 < payload["steps"] < steps
     assert payload["losses"][-1][0] == payload["steps"]  # the last step is logged, on both workers
     assert np.isfinite(payload["losses"][-1][1])
+
+
+def _all_captions(phrasings) -> set[str]:
+    words = list(itertools.product(data.SHAPES, data.COLOURS, data.COLOURS))
+    return {captions.phrase(p, shape, c, b) for p in phrasings for shape, c, b in words if c != b}
+
+
+def test_held_out_phrasings_are_never_drawn_in_training():
+    training = _all_captions((captions.TEMPLATE, *captions.TRAIN_PHRASINGS))
+    assert not training & _all_captions(captions.HELD_OUT_PHRASINGS)
+    assert captions.phrase(captions.TEMPLATE, "circle", "orange", "blue") == data.caption("circle", "orange", "blue")
+    tokenizer = architectures.tokenizer()
+    scenes = data.sample_scenes(50, seed=5)
+    sampler = captions.CaptionSampler(tokenizer, scenes, template_share=0.3, uncond_share=0.1)
+    generator = torch.Generator().manual_seed(0)
+    idx = torch.randint(len(scenes), (600,), generator=generator)
+    drawn = [d.replace(" ,", ",") for d in tokenizer.batch_decode(sampler(idx, generator), skip_special_tokens=True)]
+    templates = [scenes[i].caption for i in idx.tolist()]
+    assert set(drawn) <= training | {""}
+    assert 0.2 < np.mean([d == t for d, t in zip(drawn, templates)]) < 0.4
+    assert 0.05 < np.mean([d == "" for d in drawn]) < 0.15
+    # Every drawn caption names its own scene's shape and colour.
+    assert all(d == "" or (scenes[i].shape in d and scenes[i].colour in d) for d, i in zip(drawn, idx.tolist()))
+
+
+@pytest.fixture(scope="module")
+def classifier() -> ShapeClassifier:
+    return ShapeClassifier(TRAINED / CLASSIFIER_NAME)
+
+
+def test_clean_shape_measure_accepts_renders_and_refuses_noise(classifier):
+    renders = data.render_all(data.sample_scenes(40, seed=9))
+    assert evaluate.clean_shapes(renders, classifier)["clean_share"] >= 0.95
+    rng = np.random.default_rng(0)
+    noisy = np.clip(renders + rng.normal(0, 60, renders.shape), 0, 255).astype(np.uint8)
+    blank = np.broadcast_to(np.array(data.PALETTE["blue"], np.uint8), renders.shape).copy()
+    assert evaluate.clean_shapes(noisy, classifier)["clean_share"] <= 0.1
+    assert evaluate.clean_shapes(blank, classifier)["clean_share"] == 0.0
+
+
+def test_the_builtin_unconditional_ddpm_loads_as_a_ddpm_pipeline_and_samples():
+    folder = build_builtin(ddpm.NAME)
+    assert folder == TRAINED / ddpm.NAME
+    pipe = DDPMPipeline.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    assert (pipe.scheduler.config.num_train_timesteps, pipe.scheduler.config.prediction_type) == (1000, "epsilon")
+    images = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 32, 32, 3)
+    assert np.isfinite(images).all()
