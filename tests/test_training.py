@@ -168,3 +168,12 @@ def test_the_builtin_unconditional_ddpm_loads_as_a_ddpm_pipeline_and_samples():
     images = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (2, 32, 32, 3)
     assert np.isfinite(images).all()
+
+
+def test_ddpm_trains_in_process_and_saves_a_ddpm_pipeline(tmp_path):
+    schedule = Schedule(steps=4, batch_size=2, lr=1e-3, warmup=1, log_every=2)
+    dest = ddpm.train(tmp_path, Cluster(workers=1, in_process=True), ddpm.DDPMConfig(schedule=schedule, scenes=8))
+    assert (dest / "model_index.json").is_file() and (dest / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    pipe = DDPMPipeline.from_pretrained(dest, use_safetensors=True, local_files_only=True)
+    image = pipe(batch_size=1, num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (32, 32, 3)

@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (data parallel)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (and Ray CPUs) per worker")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument("--in-process", action="store_true",
+                        help="one worker in this process, without Ray (a machine too loaded for a Ray node to start)")
     parser.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     parser.add_argument("--batch", type=int, default=None, help="override the batch size (per worker)")
     parser.add_argument("--lr", type=float, default=None, help="override the peak learning rate (fine-tuning wants a lower one)")
@@ -94,7 +96,9 @@ def main(argv: list[str] | None = None) -> None:
 
         evaluate.main(args.out, args.images)
         return
-    cluster = Cluster(workers=args.workers, threads_per_worker=args.threads, use_gpu=args.gpu)
+    if args.in_process and (args.workers != 1 or args.gpu):
+        raise SystemExit("--in-process runs one CPU worker: use it with --workers 1 and without --gpu")
+    cluster = Cluster(workers=args.workers, threads_per_worker=args.threads, use_gpu=args.gpu, in_process=args.in_process)
     for name in ORDER if args.what == "all" else (args.what,):
         start = time.time()
         dest = _train(name, args.out, cluster, args)
