@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from pipeline.spec import JobSpec, parse_spec
-from pipeline.training.captions import phrase
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (240, 220, 40),
            "orange": (245, 140, 30), "purple": (140, 50, 180), "white": (245, 245, 245), "black": (15, 15, 15)}
@@ -37,21 +36,12 @@ def caption(i: int) -> tuple[str, str, str]:
     return colour, shape, background
 
 
-# Prompts as people write them (the trained models follow these phrasings, not one template).
-PHRASINGS = (
-    "{a_colour} {shape} on {a_bg} background",
-    "{colour} {shape}, {bg} background",
-    "a drawing of {a_colour} {shape}",
-    "a photo of {a_colour} {shape} on {a_bg} background",
-    "{a_colour} {shape} against {a_bg} background",
-    "{shape}, {colour}, {bg} background",
-    "the {colour} {shape} on the {bg} background",
-)
-INPAINT_PHRASINGS = ("{a_colour} {shape}", "{colour} {shape}", "a {shape} in {colour}")
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
 
 
 def sample_prompts(rows: int) -> list[str]:
-    return [phrase(PHRASINGS[i % len(PHRASINGS)], s, c, b) for i, (c, s, b) in enumerate(map(caption, range(rows)))]
+    return [f"{_a(c)} {s} on {_a(b)} background" for c, s, b in map(caption, range(rows))]
 
 
 def _png(image: Image.Image) -> bytes:
@@ -88,8 +78,7 @@ def write_manifest(path: Path, rows: int) -> Path:
             scene, mask = drawn_scene(i)
             # Repaint the shape in the next colour of the list.
             colour = list(COLOURS)[(i + 1) % len(COLOURS)]
-            prompt = phrase(INPAINT_PHRASINGS[(i // 4) % len(INPAINT_PHRASINGS)], caption(i)[1], colour, caption(i)[2])
-            record.update(task="inpaint", prompt=prompt, image=scene, mask=mask)
+            record.update(task="inpaint", prompt=f"{_a(colour)} {caption(i)[1]}", image=scene, mask=mask)
         records.append(record)
     pq.write_table(pa.Table.from_pylist(records), path)
     return path
