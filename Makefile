@@ -30,7 +30,8 @@ lint: setup
 bench: setup
 	$(BIN)/shardgen bench
 
-# Prompt adherence, super-resolution PSNR and inpainting figures of the trained shape models.
+# Prompt adherence (training template and held-out phrasings), super-resolution PSNR, inpainting and
+# the unconditional DDPM's clean-shape share of the trained shape models.
 eval: setup
 	$(BIN)/shardgen train eval
 

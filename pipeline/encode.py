@@ -53,7 +53,8 @@ def encode_batch(table: pa.Table, fmt: FormatSpec) -> pa.Table:
     digests = [None if d is None else hashlib.sha256(d).hexdigest() for d in data]
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     # What the sink will not need stays behind here.
-    table = table.drop_columns([c for c in (columns.PIXELS, columns.MASK, columns.TEXT_EMBEDS) if c in table.column_names])
+    table = table.drop_columns([c for c in (columns.PIXELS, columns.MASK, columns.TEXT_EMBEDS)
+                                if c in table.column_names])
     for name, vals, type_ in [
         (columns.IMAGE_BYTES, data, pa.binary()),
         (columns.IMAGE_PATH, names, pa.string()),

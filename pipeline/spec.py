@@ -34,7 +34,6 @@ DEFAULT_MODELS: dict[str, str] = {
     "super_resolution": "builtin:shapes-sr",
     "inpainting": "builtin:shapes-inpaint",
     "image_to_image": "builtin:shapes-t2i",
-    "unconditional": "builtin:shapes-ddpm",
 }
 # Settings a built-in model was trained for, applied to the stage fields a spec leaves unset
 # (other models keep the plain defaults). `shardgen validate` shows which ones it applied.
@@ -97,7 +96,7 @@ class StageSpec(_Strict):
                             "super_resolution | unconditional")
     model: str = Field(default="", description="builtin:NAME, a local folder, an s3:// folder or a Hugging Face Hub "
                        "id (org/name); unset: the kind's trained built-in (builtin:shapes-t2i, shapes-sr, "
-                       "shapes-inpaint, shapes-ddpm)")
+                       "shapes-inpaint); unconditional has none and needs a model")
     revision: str | None = Field(
         default=None, description="for a hub id: a branch, tag or commit hash (a commit pins the model); null: main"
     )
@@ -165,6 +164,10 @@ class StageSpec(_Strict):
             return handler(data)
         if data.get("cpus_per_actor", 0) is None:
             data = {k: v for k, v in data.items() if k != "cpus_per_actor"}
+        if not data.get("model") and data.get("kind") in KINDS and data["kind"] not in DEFAULT_MODELS:
+            # No trained built-in of this kind: a random-weight stand-in would draw noise.
+            raise ValueError(f"model: a {data['kind']} stage needs a model (there is no trained built-in of "
+                             "this kind)")
         if not data.get("model") and data.get("kind") in DEFAULT_MODELS:
             data = {**data, "model": DEFAULT_MODELS[data["kind"]]}
         applied = {k: v for k, v in RECOMMENDED.get(data.get("model"), {}).items() if data.get(k) is None}

@@ -157,3 +157,11 @@ def test_defaults_of_every_field():
         "filters": None,
         "max_error_fraction": 0.0,
     }
+
+
+def test_a_kind_without_a_trained_builtin_needs_a_model():
+    """No stage falls back to a model that draws noise: unconditional has no trained built-in."""
+    with pytest.raises(SpecError, match=r"stages\.0.*unconditional stage needs a model"):
+        parse_spec({**BASE, "stages": [{"kind": "unconditional"}]})
+    named = parse_spec({**BASE, "stages": [{"kind": "unconditional", "model": "org/ddpm"}]})
+    assert named.stages[0].model == "org/ddpm"

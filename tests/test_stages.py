@@ -113,7 +113,8 @@ def test_super_resolution_of_16px_gives_64px(mixed):
 def test_cascade_in_one_job(mixed):
     fs, path = storage.filesystem("s3://mixed/out-b1")
     # Nothing but the dataset: no intermediate output between the two stages.
-    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path)) == ["README.md", "_SUCCESS", "_job.json", "_stats.json", "data"]
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path))
+    assert names == ["README.md", "_SUCCESS", "_job.json", "_stats.json", "data"]
     for row_id in ("c1", "c2"):
         row = mixed[1][row_id]
         assert row["status"] == "ok", row["error"]
@@ -178,7 +179,8 @@ def test_image_column_as_bytes_or_uri(form, bucket, tmp_path, ray_local):
         images = [f"{bucket}/in/a.png", str(local)]
     manifest = write_manifest(f"{bucket}/m.parquet", [{"id": "a", "image": images[0]}, {"id": "b", "image": images[1]}])
     # The local file lies outside the manifest's bucket: allowed_prefixes lets the job read it.
-    spec = parse_spec({"manifest": manifest, "output": f"{bucket}/out", "storage": {"allowed_prefixes": [str(tmp_path)]},
+    spec = parse_spec({"manifest": manifest, "output": f"{bucket}/out",
+                       "storage": {"allowed_prefixes": [str(tmp_path)]},
                        "stages": [{"kind": "super_resolution", **FAST}]})
     stats = run_job(spec)
     assert stats.ok == 2, stats

@@ -4,12 +4,18 @@ budget."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
+import pytest
 import torch
-from diffusers import AutoPipelineForText2Image
+from diffusers import AutoPipelineForText2Image, DDPMPipeline
 
 from pipeline.images import keep_unmasked
-from pipeline.training import architectures, data, measure, sr, t2i, vae
+from pipeline.training import architectures, captions, data, ddpm, evaluate, measure, sr, t2i, vae
+from pipeline.training.__main__ import TRAINED
+from pipeline.training.classifier import NAME as CLASSIFIER_NAME
+from pipeline.training.classifier import ShapeClassifier
 from pipeline.training.distributed import Cluster, Schedule, Worker, fit
 from pipeline.training.latents import vae_payload
 
@@ -75,7 +81,8 @@ def test_ray_train_ddpm_loss_falls_and_saves_a_loadable_pipeline(tmp_path):
     assert losses[-1] < 0.8 * losses[0], losses
 
     t2i.assemble(random_vae, payload["ema"]).save_pretrained(tmp_path, safe_serialization=True)
-    pipe = AutoPipelineForText2Image.from_pretrained(tmp_path, dtype=torch.float32, use_safetensors=True, local_files_only=True)
+    pipe = AutoPipelineForText2Image.from_pretrained(tmp_path, dtype=torch.float32, use_safetensors=True,
+                                                     local_files_only=True)
     image = pipe("a red circle on a blue background", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (32, 32, 3)
 
@@ -113,3 +120,50 @@ def test_a_wall_clock_budget_ends_the_run_on_every_worker(tmp_path):
     assert 2 < payload["steps"] < steps
     assert payload["losses"][-1][0] == payload["steps"]  # the last step is logged, on both workers
     assert np.isfinite(payload["losses"][-1][1])
+
+
+def _all_captions(phrasings) -> set[str]:
+    words = list(itertools.product(data.SHAPES, data.COLOURS, data.COLOURS))
+    return {captions.phrase(p, shape, c, b) for p in phrasings for shape, c, b in words if c != b}
+
+
+def test_held_out_phrasings_are_never_drawn_in_training():
+    training = _all_captions((captions.TEMPLATE, *captions.TRAIN_PHRASINGS))
+    assert not training & _all_captions(captions.HELD_OUT_PHRASINGS)
+    assert captions.phrase(captions.TEMPLATE, "circle", "orange", "blue") == data.caption("circle", "orange", "blue")
+    tokenizer = architectures.tokenizer()
+    scenes = data.sample_scenes(50, seed=5)
+    sampler = captions.CaptionSampler(tokenizer, scenes, template_share=0.3, uncond_share=0.1)
+    generator = torch.Generator().manual_seed(0)
+    idx = torch.randint(len(scenes), (600,), generator=generator)
+    drawn = [d.replace(" ,", ",") for d in tokenizer.batch_decode(sampler(idx, generator), skip_special_tokens=True)]
+    templates = [scenes[i].caption for i in idx.tolist()]
+    assert set(drawn) <= training | {""}
+    assert 0.2 < np.mean([d == t for d, t in zip(drawn, templates)]) < 0.4
+    assert 0.05 < np.mean([d == "" for d in drawn]) < 0.15
+    # Every drawn caption names its own scene's shape and colour.
+    assert all(d == "" or (scenes[i].shape in d and scenes[i].colour in d) for d, i in zip(drawn, idx.tolist()))
+
+
+@pytest.fixture(scope="module")
+def classifier() -> ShapeClassifier:
+    return ShapeClassifier(TRAINED / CLASSIFIER_NAME)
+
+
+def test_clean_shape_measure_accepts_renders_and_refuses_noise(classifier):
+    renders = data.render_all(data.sample_scenes(40, seed=9))
+    assert evaluate.clean_shapes(renders, classifier)["clean_share"] >= 0.95
+    rng = np.random.default_rng(0)
+    noisy = np.clip(renders + rng.normal(0, 60, renders.shape), 0, 255).astype(np.uint8)
+    blank = np.broadcast_to(np.array(data.PALETTE["blue"], np.uint8), renders.shape).copy()
+    assert evaluate.clean_shapes(noisy, classifier)["clean_share"] <= 0.1
+    assert evaluate.clean_shapes(blank, classifier)["clean_share"] == 0.0
+
+
+def test_ddpm_trains_in_process_and_saves_a_ddpm_pipeline(tmp_path):
+    schedule = Schedule(steps=4, batch_size=2, lr=1e-3, warmup=1, log_every=2)
+    dest = ddpm.train(tmp_path, Cluster(workers=1, in_process=True), ddpm.DDPMConfig(schedule=schedule, scenes=8))
+    assert (dest / "model_index.json").is_file() and (dest / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    pipe = DDPMPipeline.from_pretrained(dest, use_safetensors=True, local_files_only=True)
+    image = pipe(batch_size=1, num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (32, 32, 3)

@@ -1,4 +1,4 @@
-"""``python -m pipeline.training {vae,t2i,sr,inpaint,classifier,all,eval}``: train the built-in
+"""``python -m pipeline.training {vae,t2i,sr,inpaint,ddpm,classifier,all,eval}``: train the built-in
 shapes models on Ray Train and save them as diffusers pipelines, or measure them."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pipeline.training.distributed import Cluster
 
 TRAINED = Path(__file__).resolve().parent.parent / "models" / "trained"
 # Dependency order: the UNets are trained in the VAE's latent space, and the super-resolution and
-# inpainting models reuse the text-to-image model's text encoder.
-ORDER = ("classifier", "vae", "t2i", "sr-vae", "sr", "inpaint")
+# inpainting models reuse the text-to-image model's text encoder; the pixel-space DDPM needs nothing.
+ORDER = ("classifier", "vae", "t2i", "sr-vae", "sr", "inpaint", "ddpm")
 
 
 def _configured(config, args: argparse.Namespace, field: str = "schedule"):
@@ -24,6 +24,8 @@ def _configured(config, args: argparse.Namespace, field: str = "schedule"):
         schedule = dataclasses.replace(schedule, steps=args.steps, log_every=min(schedule.log_every, args.steps))
     if args.batch is not None:
         schedule = dataclasses.replace(schedule, batch_size=args.batch)
+    if args.lr is not None:
+        schedule = dataclasses.replace(schedule, lr=args.lr)
     if args.max_minutes is not None:
         schedule = dataclasses.replace(schedule, max_seconds=60.0 * args.max_minutes)
     fields = {f.name for f in dataclasses.fields(config)}
@@ -54,9 +56,13 @@ def _train(name: str, out: Path, cluster: Cluster, args: argparse.Namespace) -> 
         from pipeline.training import sr
 
         return sr.train(out, cluster, _configured(sr.SRConfig(), args), resume=args.resume)
+    if name == "ddpm":
+        from pipeline.training import ddpm
+
+        return ddpm.train(out, cluster, _configured(ddpm.DDPMConfig(), args))
     from pipeline.training import inpaint
 
-    return inpaint.train(out, cluster, _configured(inpaint.InpaintConfig(), args))
+    return inpaint.train(out, cluster, _configured(inpaint.InpaintConfig(), args), resume=args.resume)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,12 +72,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (data parallel)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (and Ray CPUs) per worker")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument("--in-process", action="store_true",
+                        help="one worker in this process, without Ray (a machine too loaded for a Ray node to start)")
     parser.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     parser.add_argument("--batch", type=int, default=None, help="override the batch size (per worker)")
+    parser.add_argument("--lr", type=float, default=None, help="override the peak learning rate (fine-tuning wants a lower one)")
     parser.add_argument("--max-minutes", type=float, default=None, help="Ray Train models: end the run (and its lr decay) at this wall-clock budget")
     parser.add_argument("--scenes", type=int, default=None, help="override the number of training scenes")
     parser.add_argument("--crop", type=int, default=None, help="sr: training crop, in latent (= low-res) pixels; 32 is the whole image")
-    parser.add_argument("--resume", action="store_true", help="t2i, sr: continue from the model saved in --out")
+    parser.add_argument("--resume", action="store_true", help="t2i, sr, inpaint: continue from the model saved in --out")
     parser.add_argument("--images", type=int, default=None, help="eval: images per figure (default: the acceptance counts)")
     parser.add_argument("--models", type=Path, nargs="+", default=None, help="eval-sr: upscaler folders (default: --out's shapes-sr)")
     parser.add_argument("--device", default="cpu", help="eval-sr: torch device of the pipelines")
@@ -87,7 +96,9 @@ def main(argv: list[str] | None = None) -> None:
 
         evaluate.main(args.out, args.images)
         return
-    cluster = Cluster(workers=args.workers, threads_per_worker=args.threads, use_gpu=args.gpu)
+    if args.in_process and (args.workers != 1 or args.gpu):
+        raise SystemExit("--in-process runs one CPU worker: use it with --workers 1 and without --gpu")
+    cluster = Cluster(workers=args.workers, threads_per_worker=args.threads, use_gpu=args.gpu, in_process=args.in_process)
     for name in ORDER if args.what == "all" else (args.what,):
         start = time.time()
         dest = _train(name, args.out, cluster, args)

@@ -128,6 +128,9 @@ class ShapeClassifier:
         self.model.eval()
 
     @torch.no_grad()
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """N x shapes: how sure the classifier is of each shape (columns in ``self.shapes``' order)."""
+        return torch.softmax(self.model(torch.from_numpy(alpha_maps(images))), dim=1).numpy()
+
     def predict(self, images: np.ndarray) -> list[str]:
-        logits = self.model(torch.from_numpy(alpha_maps(images)))
-        return [self.shapes[i] for i in logits.argmax(1).tolist()]
+        return [self.shapes[i] for i in self.probabilities(images).argmax(1).tolist()]

@@ -28,6 +28,9 @@ class Cluster:
     workers: int = 2
     threads_per_worker: int = 1
     use_gpu: bool = False
+    # One worker in the calling process, without Ray: for a machine too loaded for a Ray node to
+    # start (its raylet must register within 30 s), or a quick single-worker run.
+    in_process: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,10 @@ class Schedule:
 
 def fit(loop: Callable[[dict], None], config: dict[str, Any], cluster: Cluster, name: str) -> dict[str, Any]:
     """Run ``loop`` on ``cluster.workers`` Ray Train workers; return what rank 0 passed to ``finish``."""
+    if cluster.in_process:
+        _IN_PROCESS_RESULT.clear()
+        loop({**config, "threads_per_worker": cluster.threads_per_worker, "in_process": True})
+        return _IN_PROCESS_RESULT.pop()
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -84,6 +91,10 @@ def fit(loop: Callable[[dict], None], config: dict[str, Any], cluster: Cluster, 
             ray.shutdown()
 
 
+# What ``Worker.finish`` hands back to ``fit`` in an in-process run.
+_IN_PROCESS_RESULT: list[dict[str, Any]] = []
+
+
 class EMA:
     """An exponential moving average of the weights, with warm-up (short runs need it most)."""
 
@@ -107,14 +118,18 @@ class Worker:
     """What a loop function needs on its worker: rank, seeded generators, device, the step loop."""
 
     def __init__(self, config: dict[str, Any]):
-        import ray.train
-        import ray.train.torch
+        self.in_process = bool(config.get("in_process"))
+        if self.in_process:
+            self.rank, self.world, self.device = 0, 1, torch.device("cpu")
+        else:
+            import ray.train
+            import ray.train.torch
 
-        context = ray.train.get_context()
-        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+            context = ray.train.get_context()
+            self.rank, self.world = context.get_world_rank(), context.get_world_size()
+            self.device = ray.train.torch.get_device()
         self.schedule = Schedule(**config["schedule"])
         torch.set_num_threads(int(config["threads_per_worker"]))
-        self.device = ray.train.torch.get_device()
         # Data order and noise differ per rank (otherwise the workers would repeat each other).
         self.generator = torch.Generator().manual_seed(self.schedule.seed * 1_000 + self.rank)
         # Noise is drawn where it is used: on a GPU, drawing it on the CPU and copying it over
@@ -138,11 +153,14 @@ class Worker:
     def train(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.Tensor]) -> dict[str, Any]:
         """Optimise ``model`` (already seeded) for the scheduled steps and return its EMA weights and
         the logged losses. ``loss_fn(ddp_model)`` draws a batch and returns this worker's loss."""
-        import ray.train
-        import ray.train.torch
-
         s = self.schedule
-        ddp = ray.train.torch.prepare_model(model)
+        if self.in_process:
+            ddp, report = model, lambda metrics: None
+        else:
+            import ray.train
+            import ray.train.torch
+
+            ddp, report = ray.train.torch.prepare_model(model), ray.train.report
         params = [p for p in ddp.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
 
@@ -182,7 +200,7 @@ class Worker:
                     elapsed = time.time() - start
                     print(f"step {step}/{s.steps}  loss {mean:.4f}  {elapsed:.0f}s  {step / elapsed:.1f} steps/s", flush=True)
                 # A barrier on every worker (all of them must report equally often).
-                ray.train.report({"step": step, "loss": mean})
+                report({"step": step, "loss": mean})
         return {"ema": {k: v.cpu() for k, v in ema.shadow.items()}, "losses": losses, "steps": step, "seconds": time.time() - start}
 
     def _agreed(self, elapsed: float) -> float:
@@ -195,6 +213,9 @@ class Worker:
 
     def finish(self, payload: dict[str, Any]) -> None:
         """Hand ``payload`` (rank 0's) back to the driver as a checkpoint; all ranks must call it."""
+        if self.in_process:
+            _IN_PROCESS_RESULT.append(payload)
+            return
         import ray.train
         from ray.train import Checkpoint
 

@@ -18,16 +18,15 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
 from pipeline.training import architectures, data
+from pipeline.training.captions import CaptionSampler
 from pipeline.training.distributed import Cluster, Schedule, Worker, fit
 from pipeline.training.latents import (
     NO_SAFETY_CHECKER,
     Denoiser,
     ddpm_loss,
-    drop_captions,
     pipeline_parts,
     posterior,
     sample_latents,
-    token_ids,
     vae_from_payload,
     vae_payload,
 )
@@ -42,12 +41,15 @@ class InpaintConfig:
     schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=64, lr=5e-4, warmup=50, ema_decay=0.999, log_every=100))
     scenes: int = 16000
     shape_box_share: float = 0.75
+    # Box masks padded up to this many pixels around the shape (people draw loose masks).
+    max_pad_px: float = 9.0
     uncond_share: float = 0.1
+    template_share: float = 0.3
 
 
-def training_mask(scene: data.Scene, rng: np.random.Generator, shape_box_share: float) -> np.ndarray:
+def training_mask(scene: data.Scene, rng: np.random.Generator, shape_box_share: float, max_pad_px: float) -> np.ndarray:
     if rng.random() < shape_box_share:
-        box = data.shape_box(scene, data.LOW_RES, align=4, pad_px=rng.uniform(0.0, 3.0))
+        box = data.shape_box(scene, data.LOW_RES, align=4, pad_px=rng.uniform(0.0, max_pad_px))
     else:
         h, w = (int(v) for v in rng.integers(2, 7, size=2) * 4)
         top, left = (int(v) for v in rng.integers(0, LATENT_SIZE + 1 - np.array([h, w]) // 4) * 4)
@@ -59,7 +61,7 @@ def _loop(config: dict) -> None:
     worker = Worker(config)
     scenes = worker.shard(data.sample_scenes(config["scenes"], worker.schedule.seed + 3))
     rng = np.random.default_rng(worker.schedule.seed * 1_000 + worker.rank)
-    masks = torch.from_numpy(np.stack([training_mask(s, rng, config["shape_box_share"]) for s in scenes]))[:, None]
+    masks = torch.from_numpy(np.stack([training_mask(s, rng, config["shape_box_share"], config["max_pad_px"]) for s in scenes]))[:, None]
     images = torch.from_numpy(data.to_tensor_range(data.render_all(scenes, data.LOW_RES)))
     vae = vae_from_payload(config["vae"])
     mean, std = posterior(vae, images)
@@ -68,7 +70,7 @@ def _loop(config: dict) -> None:
     # As the pipeline resizes the mask to the latent grid (nearest).
     latent_masks = F.interpolate(masks, size=(LATENT_SIZE, LATENT_SIZE))
     tokenizer = architectures.tokenizer()
-    ids, empty = token_ids(tokenizer, [s.caption for s in scenes]), token_ids(tokenizer, [""])
+    captions = CaptionSampler(tokenizer, scenes, config["template_share"], config["uncond_share"])
     model = Denoiser(architectures.inpaint_unet(), architectures.text_encoder(tokenizer))
     model.load_state_dict(config["init"])
     scheduler = architectures.noise_scheduler()
@@ -77,7 +79,7 @@ def _loop(config: dict) -> None:
         idx = worker.batch_indices(len(mean))
         z0 = sample_latents(mean[idx], std[idx], worker)
         condition = torch.cat([latent_masks[idx].to(worker.device), sample_latents(masked_mean[idx], masked_std[idx], worker)], dim=1)
-        return ddpm_loss(ddp, scheduler, z0, drop_captions(ids[idx], empty, config["uncond_share"], worker), worker, condition=condition)
+        return ddpm_loss(ddp, scheduler, z0, captions(idx, worker.generator), worker, condition=condition)
 
     worker.finish(worker.train(model, loss_fn))
 
@@ -98,9 +100,16 @@ def assemble(t2i: StableDiffusionPipeline, state: dict) -> StableDiffusionInpain
                                           **NO_SAFETY_CHECKER)
 
 
-def train(out: Path, cluster: Cluster, config: InpaintConfig = InpaintConfig()) -> Path:
+def train(out: Path, cluster: Cluster, config: InpaintConfig = InpaintConfig(), resume: bool = False) -> Path:
+    """Train into ``out``/shapes-inpaint from the text-to-image model there; ``resume`` starts from
+    the inpainting model saved there instead."""
     t2i = StableDiffusionPipeline.from_pretrained(out / T2I_NAME, use_safetensors=True, local_files_only=True)
-    config_dict = {**config.__dict__, "schedule": config.schedule.to_dict(), "vae": vae_payload(t2i.vae), "init": init_from_text_to_image(t2i)}
+    if resume:
+        saved = StableDiffusionInpaintPipeline.from_pretrained(out / NAME, use_safetensors=True, local_files_only=True)
+        init = Denoiser(saved.unet, saved.text_encoder).state_dict()
+    else:
+        init = init_from_text_to_image(t2i)
+    config_dict = {**config.__dict__, "schedule": config.schedule.to_dict(), "vae": vae_payload(t2i.vae), "init": init}
     payload = fit(_loop, config_dict, cluster, NAME)
     dest = out / NAME
     assemble(t2i, payload["ema"]).save_pretrained(dest, safe_serialization=True)

@@ -51,13 +51,6 @@ def token_ids(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
     return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
 
 
-def drop_captions(ids: torch.Tensor, empty: torch.Tensor, share: float, worker: Worker) -> torch.Tensor:
-    """Replace a share of captions by the empty prompt: the unconditional model that classifier-free
-    guidance needs (the pipelines encode "" as the negative prompt)."""
-    keep = torch.rand(ids.shape[0], generator=worker.generator) >= share
-    return torch.where(keep[:, None], ids, empty.expand_as(ids))
-
-
 class Denoiser(torch.nn.Module):
     """U-Net and text encoder as one module, so that DDP trains them together."""
 
@@ -97,13 +90,13 @@ def ddpm_loss(
     model: torch.nn.Module,
     scheduler: DDPMScheduler,
     z0: torch.Tensor,
-    ids: torch.Tensor,
+    ids: torch.Tensor | None,
     worker: Worker,
     condition: torch.Tensor | None = None,
     class_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DDPM training (the notes): noise x_0 to x_t at a uniform random t, predict the noise, MSE
-    (or the velocity, when the scheduler's prediction_type says "v_prediction"). ``condition`` channels (mask, masked image, low-res image) are concatenated after x_t, in the
+    (``ids`` None for an unconditional model; or the velocity, when the scheduler's prediction_type says "v_prediction"). ``condition`` channels (mask, masked image, low-res image) are concatenated after x_t, in the
     order the pipelines concatenate them."""
     noise = worker.randn(*z0.shape)
     t = torch.randint(scheduler.config.num_train_timesteps, (z0.shape[0],), generator=worker.generator).to(worker.device)
@@ -111,4 +104,4 @@ def ddpm_loss(
     if condition is not None:
         x = torch.cat([x, condition], dim=1)
     target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(z0, noise, t)
-    return F.mse_loss(model(x, t, ids.to(worker.device), class_labels), target)
+    return F.mse_loss(model(x, t, None if ids is None else ids.to(worker.device), class_labels), target)

@@ -21,15 +21,14 @@ from diffusers import AutoencoderKL, StableDiffusionUpscalePipeline
 from transformers import CLIPTextModel
 
 from pipeline.training import architectures, data
+from pipeline.training.captions import CaptionSampler
 from pipeline.training.distributed import Cluster, Schedule, Worker, fit
 from pipeline.training.latents import (
     Denoiser,
     ddpm_loss,
-    drop_captions,
     pipeline_parts,
     posterior,
     sample_latents,
-    token_ids,
     vae_from_payload,
     vae_payload,
 )
@@ -50,6 +49,7 @@ class SRConfig:
     scenes: int = 3000
     crop: int = 16  # in low-res (= latent) pixels
     uncond_share: float = 0.1
+    template_share: float = 0.3
     # Half the steps see noise levels up to this (the stages' default is 20), half the full range.
     low_noise_level: int = 100
     decoder: Schedule = field(default_factory=lambda: Schedule(steps=600, batch_size=16, lr=5e-4, warmup=20, ema_decay=0.99, log_every=100))
@@ -119,7 +119,7 @@ def _loop(config: dict) -> None:
     mean, std = posterior(vae_from_payload(config["vae"]).to(worker.device), data.render_all(scenes, data.HIGH_RES), chunk=32)
     low = torch.from_numpy(data.to_tensor_range(data.render_all(scenes, data.LOW_RES))).to(worker.device)
     tokenizer = architectures.tokenizer()
-    ids, empty = token_ids(tokenizer, [s.caption for s in scenes]), token_ids(tokenizer, [""])
+    captions = CaptionSampler(tokenizer, scenes, config["template_share"], config["uncond_share"])
     model = Denoiser(architectures.sr_unet(), architectures.text_encoder(tokenizer))
     if config["init"] is not None:
         model.load_state_dict(config["init"])
@@ -135,7 +135,7 @@ def _loop(config: dict) -> None:
         levels = _noise_levels(len(idx), config["low_noise_level"], worker).to(worker.device)
         noisy_low = low_res_scheduler.add_noise(low_crop, worker.randn(len(idx), 3, crop, crop), levels)
         return ddpm_loss(
-            ddp, scheduler, z0, drop_captions(ids[idx], empty, config["uncond_share"], worker), worker,
+            ddp, scheduler, z0, captions(idx, worker.generator), worker,
             condition=noisy_low, class_labels=levels,
         )
 

@@ -1,5 +1,6 @@
 """Text-to-image: a latent DDPM over 8x8x4 latents of the 32x32 scenes, conditioned on the caption
-(U-Net and text encoder trained together), saved as a StableDiffusionPipeline."""
+(U-Net and text encoder trained together) in many phrasings (captions.py), saved as a
+StableDiffusionPipeline."""
 
 from __future__ import annotations
 
@@ -9,16 +10,15 @@ from pathlib import Path
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from pipeline.training import architectures, data
+from pipeline.training.captions import CaptionSampler
 from pipeline.training.distributed import Cluster, Schedule, Worker, fit
 from pipeline.training.latents import (
     NO_SAFETY_CHECKER,
     Denoiser,
     ddpm_loss,
-    drop_captions,
     pipeline_parts,
     posterior,
     sample_latents,
-    token_ids,
     vae_from_payload,
     vae_payload,
 )
@@ -33,6 +33,8 @@ class T2IConfig:
     scenes: int = 16000
     # Classifier-free guidance: the share of steps trained on the empty caption.
     uncond_share: float = 0.1
+    # The rest: the original caption template this often, else another training phrasing.
+    template_share: float = 0.3
 
 
 def _loop(config: dict) -> None:
@@ -40,7 +42,7 @@ def _loop(config: dict) -> None:
     scenes = worker.shard(data.sample_scenes(config["scenes"], worker.schedule.seed))
     mean, std = posterior(vae_from_payload(config["vae"]), data.render_all(scenes, data.LOW_RES))
     tokenizer = architectures.tokenizer()
-    ids, empty = token_ids(tokenizer, [s.caption for s in scenes]), token_ids(tokenizer, [""])
+    captions = CaptionSampler(tokenizer, scenes, config["template_share"], config["uncond_share"])
     model = Denoiser(architectures.t2i_unet(), architectures.text_encoder(tokenizer))
     if config["init"] is not None:
         model.load_state_dict(config["init"])
@@ -49,7 +51,7 @@ def _loop(config: dict) -> None:
     def loss_fn(ddp):
         idx = worker.batch_indices(len(mean))
         z0 = sample_latents(mean[idx], std[idx], worker)
-        return ddpm_loss(ddp, scheduler, z0, drop_captions(ids[idx], empty, config["uncond_share"], worker), worker)
+        return ddpm_loss(ddp, scheduler, z0, captions(idx, worker.generator), worker)
 
     result = worker.train(model, loss_fn)
     worker.finish(result)
