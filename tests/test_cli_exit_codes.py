@@ -26,10 +26,12 @@ def run_cli(tmp_path, spec: dict, capsys) -> tuple[int, str]:
     ("builtin:no-such-model", "model: unknown built-in builtin:no-such-model"),
     ("/no/such/model/folder", "model: no folder at /no/such/model/folder"),
     ("./relative/missing", "model: no folder at ./relative/missing"),
-    ("some-org/not-in-the-cache", "model: 'some-org/not-in-the-cache' is not a built-in, a folder or a hub id"),
+    # A hub id that cannot be had (no network here: offline, and not in the model cache).
+    ("some-org/not-in-the-cache", "model: some-org/not-in-the-cache is not in the model cache on"),
     ("{bucket}/models/none", "model: no files under {bucket}/models/none"),  # the bucket fixture is s3://NAME
 ])
-def test_unresolvable_model_source_exits_2(model, message, bucket, tmp_path, capsys):
+def test_unresolvable_model_source_exits_2(model, message, bucket, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     manifest = write_manifest(str(tmp_path / "m.parquet"), prompts_manifest(2))
     output = tmp_path / "out"
     code, err = run_cli(tmp_path, {"manifest": manifest, "output": str(output),
