@@ -158,6 +158,7 @@ def node_loss(manifest: str, output: str) -> dict:
 
     head = {"num_cpus": 0, "include_dashboard": False}
     cluster = start_ray(lambda: Cluster(initialize_head=True, head_node_args=head))
+    head_address = cluster.gcs_address
     try:
         worker = start_ray(lambda: cluster.add_node(num_cpus=3), clean_up=lambda: None)
         ray.init(address=cluster.address, log_to_driver=False)
@@ -192,6 +193,10 @@ def node_loss(manifest: str, output: str) -> dict:
     finally:
         ray.shutdown()
         cluster.shutdown()
+        # Cluster() records its head as "the ray start of this machine" (/tmp/ray/ray_current_cluster);
+        # left behind, it would send later runs without RAY_ADDRESS to a dead address.
+        if ray._private.utils.read_ray_address() == head_address:
+            os.remove(ray._private.utils.get_ray_address_file(None))
 
 
 SCENARIOS = {"worker_sigkill": worker_sigkill, "node_loss": node_loss}
