@@ -186,7 +186,7 @@ def test_nights_root_lists_its_dated_outputs_and_their_history(synthetic_output,
 def test_inspect_and_verify_a_real_job_through_the_cli(ray_local, tmp_path, capsys):
     manifest = write_manifest(str(tmp_path / "manifest.parquet"),
                               [{"id": f"r{i}", "prompt": "a red circle" if i else ""} for i in range(5)])
-    spec = small_spec(manifest, str(tmp_path / "out"))
+    spec = small_spec(manifest, str(tmp_path / "out"), model="builtin:tiny-sd")
     (tmp_path / "job.json").write_text(json.dumps(spec.public_dict()))
     assert cli.main(["run", "--spec", str(tmp_path / "job.json")]) == 3  # one error row
     capsys.readouterr()
