@@ -49,7 +49,7 @@ def assert_every_row_once(result: dict) -> None:
     assert images == result["unfaulted"]
 
 
-@pytest.mark.xfail(reason="failed in the last run of this session after the merges; not yet diagnosed (see the session note)", strict=False)
+@pytest.mark.xfail(reason="failed in the last run after the merges; not yet diagnosed", strict=False)
 def test_workers_sigkilled_mid_run(tmp_path):
     result = run_scenario("worker_sigkill", tmp_path)
     killed = result["killed"]
@@ -62,7 +62,7 @@ def test_workers_sigkilled_mid_run(tmp_path):
     assert_every_row_once(result)
 
 
-@pytest.mark.xfail(reason="failed in the last run of this session after the merges; not yet diagnosed (see the session note)", strict=False)
+@pytest.mark.xfail(reason="failed in the last run after the merges; not yet diagnosed", strict=False)
 def test_node_running_the_stage_lost_mid_run(tmp_path):
     result = run_scenario("node_loss", tmp_path)
     lost = result["lost"]
