@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -104,7 +105,7 @@ class Job(threading.Thread):
 
     def run(self):
         try:
-            self.stats = run_job(self.spec)
+            self.stats = dataclasses.asdict(run_job(self.spec))  # JSON for the test
         except BaseException as err:  # noqa: BLE001 - reported to the test as the job's failure
             self.error = f"{type(err).__name__}: {err}"
 
