@@ -17,7 +17,6 @@ import io
 import json
 import math
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 from pipeline import layout
 from pipeline.demo import sample_prompts
+from pipeline.gpu_sampler import GpuSampler
 from pipeline.models import reference
 from pipeline.prepare import derive_seed
 from pipeline.stages.base import row_generator, to_uint8
@@ -74,47 +74,6 @@ class Report:
     quick: bool
     workloads: list[dict] = field(default_factory=list)
     results: list[Measure] = field(default_factory=list)
-
-
-class GpuSampler:
-    """Samples the GPU's utilisation and memory in use (NVML) in a thread, with timestamps, so
-    that any window of a run can be averaged afterwards. Inert without an NVIDIA GPU."""
-
-    def __init__(self, period_s: float = 0.02):
-        self.period_s = period_s
-        self.samples: list[tuple[float, int, int]] = []  # (time, utilisation %, bytes used)
-        self._stop = threading.Event()
-        self._handle = None
-        if torch.cuda.is_available():
-            import pynvml  # nvidia-ml-py, a dependency: without it a GPU run would have no busy figures
-
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> GpuSampler:
-        if self._handle is not None:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            util = self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu
-            used = self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used
-            self.samples.append((time.time(), util, used))
-
-    def busy(self, start: float, end: float) -> float | None:
-        window = [u for t, u, _ in self.samples if start <= t <= end]
-        return round(sum(window) / len(window) / 100, 3) if window else None
-
-    def peak_gb(self) -> float | None:
-        return round(max(m for _, _, m in self.samples) / 2**30, 2) if self.samples else None
 
 
 def peak_tflops(device: str, dtype: torch.dtype) -> float:

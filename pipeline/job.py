@@ -13,7 +13,7 @@ from pipeline import layout, manifest, resume, storage
 from pipeline.errors import EXIT_OK, EXIT_ROWS_FAILED, SpecError
 from pipeline.models.resolve import check_sources
 from pipeline.spec import JobSpec, StorageSpec, parse_spec_text
-from pipeline.stats import Stats
+from pipeline.stats import StageStats, Stats
 
 
 def load_spec(uri: str, night: date | str | None = None, **overrides: Any) -> JobSpec:
@@ -118,13 +118,14 @@ def run_job(spec: JobSpec, overwrite: bool = False, log=print, verbose: bool = F
         f"flows: {'; '.join(' -> '.join(s.kind for s in f) for f in spec.flow_map().values())}")
     started = datetime.now(timezone.utc)
     job_record.write_job_file(spec, run_id, started)
-    reports = []
+    executed = plan.Executed()
     if todo:
         totals = stage_totals(spec, todo, written.ids)
-        reports = plan.execute(spec, todo, run_id, written.done(), totals, verbose=verbose, log=log)
-    files, table = resume.settle(spec, written, [f for r in reports for f in r.files], len(ids), log)
+        executed = plan.execute(spec, todo, run_id, written.done(), totals, verbose=verbose, log=log)
+    files, table = resume.settle(spec, written, [f for r in executed.reports for f in r.files], len(ids), log)
     filtered = filters.apply(spec, files, log) if spec.filters else None
-    return sink.finalize(spec, run_id, reports, files, table, started, datetime.now(timezone.utc), filtered)
+    return sink.finalize(spec, run_id, executed.reports, files, table, started, datetime.now(timezone.utc), filtered,
+                         executed.actors)
 
 
 def over_error_fraction(spec: JobSpec, stats: Stats) -> bool:
@@ -136,10 +137,22 @@ def exit_code(spec: JobSpec, stats: Stats) -> int:
     return EXIT_ROWS_FAILED if over_error_fraction(spec, stats) else EXIT_OK
 
 
+def _stage_figures(st: StageStats) -> str:
+    """Where one stage's actor time went, for the summary line."""
+    text = (f"{st.kind} ({st.actors} actor{'s' if st.actors > 1 else ''}): load {st.load_s:.1f} s, first image "
+            f"{st.first_image_s:.1f} s, in pipeline {st.pipeline_s:.1f} s, waiting for input {st.wait_s:.1f} s")
+    if st.gpu_busy is not None:
+        text += f", GPU busy {st.gpu_busy:.0%}, peak {st.peak_gpu_memory_gb:g} GB"
+    return text
+
+
 def summary_line(spec: JobSpec, stats: Stats) -> str:
     rate = f"{stats.images_per_s:.2f} images/s" if stats.images_per_s else "n/a"
     line = (f"shardgen: {stats.rows} rows ({stats.ok} ok, {stats.error} error) in "
             f"{stats.elapsed_s:.1f} s, {rate} -> {spec.output}")
+    timed = [_stage_figures(st) for st in stats.stages if st.actors]
+    if timed:
+        line += "\n  stages: " + "; ".join(timed)
     if stats.error:
         line += f"\n  errors by kind: {stats.errors_by_kind}"
         share = stats.error / stats.rows

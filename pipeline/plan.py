@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import os
+import uuid
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -26,6 +28,7 @@ from pipeline.prepare import prepare_batch, unrouted_batch
 from pipeline.resume import drop_done
 from pipeline.spec import JobSpec, StageSpec
 from pipeline.stages import stage_class
+from pipeline.stats import ActorMetrics
 from pipeline.synth.filters import score_batch
 from pipeline.writers.shards import ShardReport, ShardWriter
 
@@ -108,16 +111,24 @@ def check_fits(spec: JobSpec, have_cpu: float, have_gpu: float, log=print) -> No
 
 @ray.remote(num_cpus=0)
 class _Counter:
-    """Rows finished per stage and rows written, for the progress line."""
+    """Rows finished per stage and rows written, for the progress line; each stage actor's latest
+    figures, for the stats."""
 
     def __init__(self):
         self.counts: dict[str, int] = {}
+        self.actors: dict[str, dict] = {}
 
     def add(self, key: str, rows: int) -> None:
         self.counts[key] = self.counts.get(key, 0) + rows
 
     def get(self) -> dict[str, int]:
         return dict(self.counts)
+
+    def actor(self, key: str, metrics: dict) -> None:
+        self.actors[key] = metrics
+
+    def actor_metrics(self) -> list[dict]:
+        return list(self.actors.values())
 
 
 def _count(counter, table: pa.Table, kind: str, last: bool) -> None:
@@ -132,9 +143,14 @@ def _counted(cls: type, counter, kind: str, last: bool) -> type:
     its actors (`MapWorker(MapBatches(TextToImageStage))`)."""
 
     class Counted(cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.actor_key = uuid.uuid4().hex
+
         def __call__(self, table: pa.Table) -> pa.Table:
             out = super().__call__(table)
             _count(counter, out, kind, last)
+            counter.actor.remote(self.actor_key, asdict(self.metrics()))
             return out
 
     Counted.__name__ = Counted.__qualname__ = cls.__name__
@@ -227,10 +243,19 @@ def build(spec: JobSpec, rows: int, done: pa.Array, counter=None) -> ray.data.Da
     return ds
 
 
+@dataclass
+class Executed:
+    """What a run did: each write task's report and each stage actor's figures."""
+
+    reports: list[ShardReport] = field(default_factory=list)
+    actors: list[ActorMetrics] = field(default_factory=list)
+
+
 def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array, totals: dict[str, int],
-            verbose: bool = False, log=print) -> list[ShardReport]:
-    """Run the whole job, skipping the ids in ``done``; return what each write task wrote.
-    ``totals`` are the rows each stage kind will see, for the progress line."""
+            verbose: bool = False, log=print) -> Executed:
+    """Run the whole job, skipping the ids in ``done``; return what each write task wrote and
+    what each stage actor measured. ``totals`` are the rows each stage kind will see, for the
+    progress line."""
     ensure_ray(verbose)
     have_cpu, have_gpu, node_cpu = cluster_resources()
     spec = fit_resources(spec, have_cpu, have_gpu, node_cpu)
@@ -240,6 +265,7 @@ def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array, totals: dict[
     try:
         with progress.Progress(rows, totals, lambda: ray.get(counter.get.remote(), timeout=READ_COUNTS_S), log):
             build(spec, rows, done, counter).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})
+        actors = [ActorMetrics(**m) for m in ray.get(counter.actor_metrics.remote())]
     except ray.exceptions.RayTaskError as err:
         # A task's own error (a shard write that ran out of storage retries) reaches the user as
         # itself, not inside Ray's worker traceback.
@@ -248,4 +274,4 @@ def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array, totals: dict[
         raise
     finally:
         ray.kill(counter)
-    return sink.reports
+    return Executed(sink.reports, actors)

@@ -20,7 +20,7 @@ from pipeline import layout
 from pipeline.card import dataset_card
 from pipeline.job_record import put_text, write_job_file
 from pipeline.spec import JobSpec
-from pipeline.stats import StageStats, Stats
+from pipeline.stats import ActorMetrics, StageStats, Stats
 from pipeline.synth import filters
 from pipeline.synth.filters import FilterReport
 from pipeline.writers.shards import ShardReport, combine
@@ -35,12 +35,14 @@ def _error_kind(message: str) -> str:
 
 
 def finalize(spec: JobSpec, run_id: str, reports: list[ShardReport], files: list[str], written: pa.Table,
-             started: datetime, ended: datetime, filtered: FilterReport | None = None) -> Stats:
+             started: datetime, ended: datetime, filtered: FilterReport | None = None,
+             actors: list[ActorMetrics] | None = None) -> Stats:
     """Write _stats.json, _job.json and README.md, then _SUCCESS; return the stats.
 
     ``files`` and ``written`` (their id, status and error columns) are every shard of the output,
     resumed runs' included; ``reports`` are this run's writes, for its speed and stage times;
-    ``filtered`` is what the filters did (its status column replaces ``written``'s)."""
+    ``filtered`` is what the filters did (its status column replaces ``written``'s); ``actors`` are
+    the figures the stage actors of this run reported."""
     this_run = combine(reports)
     wall = (ended - started).total_seconds()
     if filtered is not None:
@@ -60,7 +62,7 @@ def finalize(spec: JobSpec, run_id: str, reports: list[ShardReport], files: list
         rows_this_run=this_run.rows,
         elapsed_s=round(wall, 3),
         images_per_s=round(this_run.ok / wall, 3) if wall > 0 else None,
-        stages=[StageStats(kind, round(this_run.stage_busy_s.get(kind, 0.0), 3))
+        stages=[StageStats.of(kind, round(this_run.stage_busy_s.get(kind, 0.0), 3), actors or [])
                 for kind in dict.fromkeys(s.kind for s in spec.all_stages())],
     )
     if filtered is not None:

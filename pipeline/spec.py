@@ -144,6 +144,13 @@ class StageSpec(_Strict):
         "percent slower); sequential streams each layer in when it runs (enable_sequential_cpu_offload: the "
         "least GPU memory, several times slower). CPU actors have nothing to offload and ignore it",
     )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the denoiser and the VAE decoder when the actor starts, warmed up with one "
+        "call at the stage's size and batch_size (kinds that take an image compile on their first batch); calls "
+        "are then padded to batch_size so that shapes stay static. Off by default: it costs minutes per actor "
+        "before the first image and pays back only on long runs (docs/performance.md)",
+    )
     true_cfg_scale: Annotated[float, Field(ge=1, le=50)] | None = Field(
         default=None,
         description="FLUX.1 only: real classifier-free guidance with the negative prompt when above 1 (two "

@@ -8,9 +8,48 @@ from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass
+class ActorMetrics:
+    """One stage actor's figures (measured by pipeline/stages/metrics.py)."""
+
+    kind: str
+    load_s: float = 0.0  # the constructor: resolve, load, place, tune and (compile) warm up the model
+    first_image_s: float | None = None  # from the constructor's start to the end of the first batch
+    pipeline_s: float = 0.0  # inside pipeline calls
+    wait_s: float = 0.0  # between the end of one batch and the start of the next: waiting for input
+    batches: int = 0
+    rows: int = 0
+    gpu_busy: float | None = None  # NVML utilisation from the first batch's start to the last one's end
+    peak_gpu_memory_gb: float | None = None  # torch's peak allocation on the actor's GPU
+
+
+@dataclass
 class StageStats:
     kind: str
     busy_s: float  # seconds of this stage's work summed over its rows, this run
+    # From the stage's actors this run (None: no actor reported, e.g. every row was done before):
+    actors: int = 0
+    load_s: float | None = None  # the slowest actor's start-up (model load, compile)
+    first_image_s: float | None = None  # the earliest first batch out, from its actor's start
+    pipeline_s: float | None = None  # inside pipeline calls, all actors
+    wait_s: float | None = None  # waiting for input between batches, all actors
+    gpu_busy: float | None = None  # mean NVML utilisation over the actors' working time (GPUs only)
+    peak_gpu_memory_gb: float | None = None  # the largest actor's peak allocation (GPUs only)
+
+    @classmethod
+    def of(cls, kind: str, busy_s: float, actors: list[ActorMetrics]) -> "StageStats":
+        mine = [a for a in actors if a.kind == kind]
+        if not mine:
+            return cls(kind, busy_s)
+        busy = [(a.gpu_busy, a.pipeline_s + a.wait_s) for a in mine if a.gpu_busy is not None]
+        weight = sum(w for _, w in busy)
+        return cls(
+            kind, busy_s, actors=len(mine), load_s=max(a.load_s for a in mine),
+            first_image_s=min((a.first_image_s for a in mine if a.first_image_s is not None), default=None),
+            pipeline_s=round(sum(a.pipeline_s for a in mine), 3), wait_s=round(sum(a.wait_s for a in mine), 3),
+            gpu_busy=round(sum(b * w for b, w in busy) / weight, 3) if busy and weight else None,
+            peak_gpu_memory_gb=max((a.peak_gpu_memory_gb for a in mine if a.peak_gpu_memory_gb is not None),
+                                   default=None),
+        )
 
 
 @dataclass

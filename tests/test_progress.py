@@ -12,9 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import progress
+from pipeline import layout, progress
 from pipeline.job import run_job
 from pipeline.spec import parse_spec
+from pipeline.stats import Stats
 from tests.conftest import prompts_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +84,12 @@ def test_a_run_prints_a_few_lines_and_the_summary_last(tmp_path):
     lines = done.stdout.splitlines()
     assert done.returncode == 0, done.stdout
     assert len(lines) <= 8, done.stdout
-    assert lines[0].startswith("shardgen: run ") and lines[-1].startswith("shardgen: 2 rows (2 ok, 0 error) in ")
+    assert lines[0].startswith("shardgen: run ") and lines[-2].startswith("shardgen: 2 rows (2 ok, 0 error) in ")
+    # Where the stage actor's time went, in the summary and in _stats.json.
+    assert lines[-1].startswith("  stages: text_to_image (1 actor): load "), done.stdout
+    (stage,) = Stats.from_json((tmp_path / "out" / layout.STATS).read_text()).stages
+    assert stage.actors == 1 and 0 < stage.load_s < stage.first_image_s and stage.pipeline_s > 0
+    assert stage.wait_s >= 0 and stage.gpu_busy is None and stage.peak_gpu_memory_gb is None  # no GPU here
     noise = [line for line in lines if any(n in line for n in NOISE)]
     assert not noise, noise
 

@@ -16,7 +16,7 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import ClassVar
@@ -42,8 +42,10 @@ from safetensors.torch import save as save_tensors
 from pipeline import columns
 from pipeline.families import check_family
 from pipeline.kinds import KINDS
-from pipeline.models.resolve import resolve
+from pipeline.models.resolve import cache_root, resolve
 from pipeline.spec import StageSpec, StorageSpec
+from pipeline.stages import speed
+from pipeline.stages.metrics import ActorClock, ActorMetrics
 from pipeline.tables import raw_images, values, with_column, with_pixels
 
 SCHEDULERS = {
@@ -111,6 +113,7 @@ class DiffusionStage:
         self.position = position
         self.keep_text_embeds = keep_text_embeds
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.clock = ActorClock(self.kind, self.device)
         if self.device == "cpu":
             # Ray starts actors with one torch thread; use the CPUs this actor reserved.
             torch.set_num_threads(max(1, int(spec.cpus_per_actor)))
@@ -131,6 +134,31 @@ class DiffusionStage:
         # On GPUs the kernels depend on the batch shape, and batching is the point; on CPUs
         # one row at a time makes every image independent of the batch it came in.
         self.batch_invariant = spec.batch_invariant if spec.batch_invariant is not None else self.device == "cpu"
+        self.tuned = speed.tune(self.pipe) if self.device == "cuda" and self.offload == "none" else []
+        if spec.compile:
+            self.tuned += speed.compile_pipeline(self.pipe, cache_root() / "inductor")
+            self._warm_up()
+        self.clock.loaded()
+
+    @property
+    def call_rows(self) -> int:
+        """Rows per pipeline call when a group is full."""
+        return 1 if self.batch_invariant else self.spec.batch_size
+
+    def _warm_up(self) -> None:
+        """Compile now, with one call at the stage's own size and batch shape, so that the first
+        real batch does not wait for it. Kinds that take an image compile on their first batch."""
+        if self.info.takes_image:
+            return
+        n = self.call_rows
+        batch = {"status": ["ok"] * n, "seed": [0] * n, "prompt": ["warm-up"] * n, "negative_prompt": [""] * n,
+                 columns.TEXT_ENCODER: [None] * n,
+                 **{name: [getattr(self.spec, name)] * n for name in self.info.overrides}}
+        self.generate(batch, list(range(n)))
+
+    def metrics(self) -> ActorMetrics:
+        """This actor's figures so far (pipeline/stages/metrics.py)."""
+        return self.clock.metrics
 
     def _dtype(self) -> torch.dtype:
         if self.spec.dtype != "auto":
@@ -178,11 +206,14 @@ class DiffusionStage:
 
     @torch.inference_mode()
     def __call__(self, table: pa.Table) -> pa.Table:
+        self.clock.batch_starts()
         batch = self.read(table)  # 1. the columns this kind reads
         outcomes: dict[int, Outcome] = {}
         for rows in self.group(batch):  # 2. the rows that may share one pipeline call
             outcomes.update(self.run(batch, rows))  # 3. generate
-        return self.write(table, batch, outcomes)  # 4. images, status, records, embeddings
+        out = self.write(table, batch, outcomes)  # 4. images, status, records, embeddings
+        self.clock.batch_ends(len(outcomes))
+        return out
 
     def read(self, table: pa.Table) -> dict[str, list]:
         """Step 1: the columns this stage declares, as lists (images as uint8 arrays under "pixels"
@@ -233,6 +264,7 @@ class DiffusionStage:
             (images, text), problem = self.generate(batch, rows), None
         except Exception as err:  # noqa: BLE001 - every failure becomes the row's error message
             images, problem = None, _problem(self.kind, err)
+        self.clock.pipeline_ran(time.perf_counter() - start)
         # Retried outside the except block: the exception's traceback holds the failed call's
         # tensors, which an out-of-memory retry needs freed first.
         if images is None:
@@ -246,23 +278,41 @@ class DiffusionStage:
             return
         seconds = (time.perf_counter() - start) / len(rows)
         for i, image, embeds in zip(rows, images, text.embeds):
-            if not np.isfinite(image).all():
+            if image is None:
                 yield i, Outcome(problem=f"{self.kind}: output is not finite (NaN or inf)", seconds=seconds)
             else:
-                yield i, Outcome(to_uint8(image), None, seconds, text.source, embeds)
+                yield i, Outcome(image, None, seconds, text.source, embeds)
 
-    def generate(self, batch: dict[str, list], rows: list[int]) -> tuple[list[np.ndarray], Text]:
-        """Run the pipeline on one call's ``rows``: one float HxWx3 array in [0, 1] per row, and how
-        their prompts were encoded."""
+    def generate(self, batch: dict[str, list], rows: list[int]) -> tuple[list[np.ndarray | None], Text]:
+        """Run the pipeline on one call's ``rows``: one uint8 HxWx3 image per row (None where the
+        output is not finite), and how their prompts were encoded."""
         i = rows[0]
-        text = self.text(batch, rows)
-        kwargs = {**text.args, **self.call_kwargs(batch, rows), **self.family.call_args(self.pipe, self.spec,
-                                                                                         *self.size(batch, i))}
+        # Compiled, every call keeps the batch's shape (a new shape would compile again): a short
+        # group is padded with copies of its last row, whose images are dropped.
+        calls = rows + [rows[-1]] * (self.call_rows - len(rows)) if self.spec.compile else rows
+        text = self.text(batch, calls)
+        kwargs = {**text.args, **self.call_kwargs(batch, calls), **self.family.call_args(self.pipe, self.spec,
+                                                                                          *self.size(batch, i))}
         if "guidance_scale" in self.info.params:
             kwargs["guidance_scale"] = self.param(batch, "guidance_scale", i)
-        out = self.pipe(**kwargs, num_inference_steps=self.param(batch, "steps", i), output_type="np",
-                        generator=[row_generator(batch["seed"][r], self.position) for r in rows])
-        return [self.finish(image, batch, r) for image, r in zip(np.asarray(out.images), rows)], text
+        out = self.pipe(**kwargs, num_inference_steps=self.param(batch, "steps", i), output_type="pt",
+                        generator=[row_generator(batch["seed"][r], self.position) for r in calls])
+        return self.to_images(out.images[:len(rows)], batch, rows), replace(text, embeds=text.embeds[:len(rows)])
+
+    def to_images(self, images, batch: dict[str, list], rows: list[int]) -> list[np.ndarray | None]:
+        """The pipeline's images (a float NCHW tensor in [0, 1] on the device; numpy NHWC from the
+        pipelines without tensor output) as uint8 arrays, None where not finite. Rounded as diffusers'
+        own conversion does, on the device, so that a quarter of the bytes cross to the host; a kind
+        with a finishing touch (inpainting keeps the unmasked pixels) finishes the float image first."""
+        if not isinstance(images, torch.Tensor):
+            images = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2)
+        images = images.float()
+        finite = torch.isfinite(images).flatten(1).all(1).tolist()
+        if type(self).finish is DiffusionStage.finish:
+            pixels = images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            return [p if ok else None for p, ok in zip(pixels, finite)]
+        floats = images.permute(0, 2, 3, 1).cpu().numpy()
+        return [to_uint8(self.finish(f, batch, r)) if ok else None for f, r, ok in zip(floats, rows, finite)]
 
     def text(self, batch: dict[str, list], rows: list[int]) -> Text:
         """The prompt arguments for ``rows``: the previous stage's embeddings where it had the same
