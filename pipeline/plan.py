@@ -48,7 +48,8 @@ def fit_resources(spec: JobSpec, have_cpu: float, have_gpu: float, node_cpu: flo
     """``spec`` with every stage's CPUs and GPUs per actor decided. Fields the spec sets are kept
     as written. Unset ones: a GPU when the cluster has GPUs (with 1 CPU); on a cluster without
     GPUs, no GPU and the CPUs left beside the explicit stages and the light CPU steps, shared
-    among the unset stages' minimum actors (whole CPUs when there is at least one each)."""
+    among the unset stages' minimum actors (whole CPUs when there is at least one each). With
+    GPUs, unset pools are fixed, over an even share of the GPUs."""
     stages = spec.all_stages()
     unset = [s for s in stages if s.fits_cpus]
     if have_gpu >= 1:
@@ -59,10 +60,21 @@ def fit_resources(spec: JobSpec, have_cpu: float, have_gpu: float, node_cpu: flo
         share = min(float(math.floor(share)) if share >= 1 else math.floor(share * 100) / 100, node_cpu or share)
         share = max(share, 0.01)  # a cluster too small for any share is refused by check_fits
 
+    # With GPUs, a stage whose `actors` is unset gets a fixed pool over its share of the GPUs left
+    # beside the stages that set theirs (at their largest): Ray Data's GPU actor pools do not grow
+    # as they should (Ray issue 59144), and a fixed pool loads every model at once, before the rows come.
+    unpooled = [s for s in stages if "actors" not in s.model_fields_set]
+    gpus_left = have_gpu - sum(s.actors[1] * (s.gpus_per_actor or 1.0) for s in stages if s not in unpooled)
+    gpu_share = gpus_left / max(1, len(unpooled))
+
     def fitted(stage: StageSpec) -> StageSpec:
         gpus = stage.gpus_per_actor if stage.gpus_per_actor is not None else (1.0 if have_gpu >= 1 else 0.0)
         cpus = share if stage.fits_cpus else stage.cpus_per_actor
-        return stage.model_copy(update={"gpus_per_actor": gpus, "cpus_per_actor": cpus})
+        update = {"gpus_per_actor": gpus, "cpus_per_actor": cpus}
+        if have_gpu >= 1 and gpus > 0 and stage in unpooled:
+            size = max(1, math.floor(gpu_share / gpus + 1e-9))
+            update["actors"] = (size, size)
+        return stage.model_copy(update=update)
 
     if spec.flows is None:
         return spec.model_copy(update={"stages": [fitted(s) for s in spec.stages]})

@@ -122,6 +122,17 @@ def test_unset_resources_fit_the_cluster(cpus, gpus, shares):
     assert spec.stages[0].fits_cpus and not fitted.stages[0].fits_cpus  # the spec itself is left as written
 
 
+def test_gpu_stages_get_fixed_pools_over_their_share_of_the_gpus():
+    spec = parse_spec({"manifest": "m", "output": "o", "stages": [
+        {"kind": "text_to_image"}, {"kind": "super_resolution"}, {"kind": "inpainting", "actors": [1, 3]}]})
+    fitted = fit_resources(spec, 32, 8, 16)
+    # 8 GPUs, 3 of them for the pool that set its size: 2 each for the others, fixed.
+    assert [s.actors for s in fitted.stages] == [(2, 2), (2, 2), (1, 3)]
+    halves = parse_spec({"manifest": "m", "output": "o", "stages": [{"kind": "text_to_image", "gpus_per_actor": 0.5}]})
+    assert fit_resources(halves, 8, 2, 8).stages[0].actors == (4, 4)
+    assert fit_resources(spec, 4, 0, 4).stages[0].actors == (1, 1)  # no GPUs: the spec's default pool
+
+
 def test_explicit_resources_are_taken_as_written():
     spec = parse_spec({"manifest": "m", "output": "o", "stages": [
         {"kind": "text_to_image", "cpus_per_actor": 1, "actors": 2}, {"kind": "super_resolution"}]})
