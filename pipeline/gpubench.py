@@ -152,7 +152,7 @@ def plain_loop(folder: Path, w: Workload, rows: list[tuple[str, str]], device: s
 
 
 def shardgen_job(folder: Path, w: Workload, rows: list[tuple[str, str]], work: Path, sampler: GpuSampler,
-                 reference_images: dict[str, np.ndarray]) -> Measure:
+                 reference_images: dict[str, np.ndarray], compiled: bool) -> Measure:
     """A whole job through shardgen on the same rows: manifest on disk, PNG shards out."""
     from PIL import Image
 
@@ -165,7 +165,7 @@ def shardgen_job(folder: Path, w: Workload, rows: list[tuple[str, str]], work: P
         "manifest": str(manifest), "output": str(work / f"{w.arch}-dataset"),
         "stages": [{"kind": "text_to_image", "model": str(folder), "steps": w.steps,
                     "guidance_scale": w.guidance_scale, "width": w.width, "height": w.height,
-                    "batch_size": w.batch_size, "actors": 1}],
+                    "batch_size": w.batch_size, "actors": 1, "compile": compiled}],
     })
     start = time.time()
     run_job(spec, overwrite=True, log=lambda _: None)
@@ -178,7 +178,7 @@ def shardgen_job(folder: Path, w: Workload, rows: list[tuple[str, str]], work: P
     later = [t for t in times if t > times[0]]
     psnrs = [psnr(np.asarray(Image.open(io.BytesIO(image["bytes"])).convert("RGB")), reference_images[i])
              for i, image in zip(table.column("id").to_pylist(), table.column("image").to_pylist())]
-    return Measure("shardgen (defaults)", w.arch, table.num_rows,
+    return Measure("shardgen, compile: true" if compiled else "shardgen (defaults)", w.arch, table.num_rows,
                    round(len(later) / (times[-1] - times[0]), 3) if later else None,
                    gpu_busy=sampler.busy(times[0], times[-1]), first_image_s=round(times[0] - start, 2),
                    wall_s=round(wall, 2), min_psnr_db=min(psnrs))
@@ -198,13 +198,14 @@ def measure(w: Workload, quick: bool, device: str, dtype: torch.dtype, tflops: f
             if not compiled:
                 reference_images = images
             results.append(m)
-        log(f"shardgen bench --gpu: {w.arch} shardgen ...")
-        results.append(shardgen_job(folder, w, rows, work, sampler, reference_images))
+        for compiled in systems:
+            log(f"shardgen bench --gpu: {w.arch} shardgen{' compile: true' if compiled else ''} ...")
+            results.append(shardgen_job(folder, w, rows, work, sampler, reference_images, compiled))
         peak = sampler.peak_gb()
     if quick:
         results.insert(1, Measure("plain diffusers loop, channels_last + torch.compile", w.arch, 0,
                                   note="skipped in --quick"))
-    results.append(Measure("shardgen, compile: true", w.arch, 0, note="needs the stages' compile option"))
+        results.append(Measure("shardgen, compile: true", w.arch, 0, note="skipped in --quick"))
     base = results[0].images_per_s
     for m in results:
         if m.images_per_s:

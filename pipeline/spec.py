@@ -120,7 +120,8 @@ class StageSpec(_Strict):
         default=20, description="super_resolution: how much the low-res image is noised before guiding the upscaler")
     batch_size: Annotated[int, Field(ge=1, le=4096)] = Field(default=8, description="rows per call of an actor")
     actors: tuple[int, int] = Field(default=(1, 1), description="min and max actors of the stage's pool (an int: "
-                                    "a fixed pool)")
+                                    "a fixed pool); unset on a cluster with GPUs: a fixed pool over an even share "
+                                    "of the GPUs the other stages leave")
     gpus_per_actor: Annotated[float, Field(ge=0)] | None = Field(
         default=None, description="null: 1 when the cluster has GPUs, else 0; fractions share a GPU"
     )
