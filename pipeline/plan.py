@@ -107,16 +107,31 @@ def check_fits(spec: JobSpec, have_cpu: float, have_gpu: float, log=print) -> No
 
 @ray.remote(num_cpus=0)
 class _Job:
-    """Rows finished per stage and rows written, for the progress line."""
+    """Rows finished per stage and rows written, for the progress line; and the job's stage actors,
+    which execute ends. Ray Data only drops its handles to them, and an actor runs on through the
+    batches queued on it, holding its CPUs and GPUs, after the job has failed."""
 
     def __init__(self):
         self.counts: dict[str, int] = {}
+        self.actors: list = []
+        self.ended = False
 
     def add(self, key: str, rows: int) -> None:
         self.counts[key] = self.counts.get(key, 0) + rows
 
     def get(self) -> dict[str, int]:
         return dict(self.counts)
+
+    def join(self, actor) -> bool:
+        """Keep ``actor`` (a stage actor's own handle, which does not keep it alive when Ray Data
+        lets it go) to end with the job; False when the job has already ended."""
+        if not self.ended:
+            self.actors.append(actor)
+        return not self.ended
+
+    def end(self) -> list:
+        self.ended = True
+        return self.actors
 
 
 def _count(counter, table: pa.Table, kind: str, last: bool) -> None:
@@ -127,10 +142,16 @@ def _count(counter, table: pa.Table, kind: str, last: bool) -> None:
 
 
 def _counted(cls: type, counter, kind: str, last: bool, flow: str | None) -> type:
-    """``cls`` that generates only the rows of ``flow`` (all rows without flows) and counts them.
-    It keeps the stage's class name, which names its actors (`MapWorker(MapBatches(TextToImageStage))`)."""
+    """``cls`` that joins the job (_Job.join), generates only the rows of ``flow`` (all rows without
+    flows) and counts them. It keeps the stage's class name, which names its actors
+    (`MapWorker(MapBatches(TextToImageStage))`)."""
 
     class Counted(cls):
+        def __init__(self, **kwargs):
+            if not ray.get(counter.join.remote(ray.get_runtime_context().current_actor)):
+                raise RuntimeError("the job ended before this stage actor started")
+            super().__init__(**kwargs)
+
         def __call__(self, table: pa.Table) -> pa.Table:
             if flow is None:
                 out = mine = super().__call__(table)
@@ -247,5 +268,7 @@ def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array, totals: dict[
             raise err.cause from err
         raise
     finally:
+        for actor in ray.get(counter.end.remote()):
+            ray.kill(actor)
         ray.kill(counter)
     return sink.reports
