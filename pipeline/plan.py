@@ -18,13 +18,12 @@ import ray
 from ray.data import ActorPoolStrategy
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
-from ray.data.expressions import col
 
-from pipeline import access, progress, storage
+from pipeline import access, progress, route, storage
 from pipeline.cluster import check_address, connect, ensure_ray
 from pipeline.encode import encode_batch
 from pipeline.errors import ShardgenError, SpecError
-from pipeline.prepare import prepare_batch, unrouted_batch
+from pipeline.prepare import prepare_batch
 from pipeline.resume import drop_done
 from pipeline.spec import JobSpec, StageSpec
 from pipeline.stages import stage_class
@@ -122,13 +121,17 @@ def check_fits(spec: JobSpec, have_cpu: float, have_gpu: float, log=print) -> No
 
 
 @ray.remote(num_cpus=0)
-class _Counter:
+class _Job:
     """Rows finished per stage and rows written, for the progress line; each stage actor's latest
-    figures, for the stats."""
+    figures, for the stats; and the job's stage actors, which execute ends. Ray Data only drops its
+    handles to them, and an actor runs on through the batches queued on it, holding its CPUs and
+    GPUs, after the job has failed."""
 
     def __init__(self):
         self.counts: dict[str, int] = {}
-        self.actors: dict[str, dict] = {}
+        self.figures: dict[str, dict] = {}
+        self.actors: list = []
+        self.ended = False
 
     def add(self, key: str, rows: int) -> None:
         self.counts[key] = self.counts.get(key, 0) + rows
@@ -136,11 +139,22 @@ class _Counter:
     def get(self) -> dict[str, int]:
         return dict(self.counts)
 
-    def actor(self, key: str, metrics: dict) -> None:
-        self.actors[key] = metrics
+    def report(self, key: str, figures: dict) -> None:
+        self.figures[key] = figures
 
-    def actor_metrics(self) -> list[dict]:
-        return list(self.actors.values())
+    def actor_figures(self) -> list[dict]:
+        return list(self.figures.values())
+
+    def join(self, actor) -> bool:
+        """Keep ``actor`` (a stage actor's own handle, which does not keep it alive when Ray Data
+        lets it go) to end with the job; False when the job has already ended."""
+        if not self.ended:
+            self.actors.append(actor)
+        return not self.ended
+
+    def end(self) -> list:
+        self.ended = True
+        return self.actors
 
 
 def _count(counter, table: pa.Table, kind: str, last: bool) -> None:
@@ -150,28 +164,37 @@ def _count(counter, table: pa.Table, kind: str, last: bool) -> None:
         counter.add.remote(progress.OK, int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0))
 
 
-def _counted(cls: type, counter, kind: str, last: bool) -> type:
-    """``cls`` that also counts the rows it returns. It keeps the stage's class name, which names
-    its actors (`MapWorker(MapBatches(TextToImageStage))`)."""
+def _counted(cls: type, counter, kind: str, last: bool, flow: str | None) -> type:
+    """``cls`` that joins the job (_Job.join), generates only the rows of ``flow`` (all rows without
+    flows), counts them and reports its figures (pipeline/stages/metrics.py). It keeps the
+    stage's class name, which names its actors (`MapWorker(MapBatches(TextToImageStage))`)."""
 
     class Counted(cls):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
+        def __init__(self, **kwargs):
+            if not ray.get(counter.join.remote(ray.get_runtime_context().current_actor)):
+                raise RuntimeError("the job ended before this stage actor started")
+            super().__init__(**kwargs)
             self.actor_key = uuid.uuid4().hex
 
         def __call__(self, table: pa.Table) -> pa.Table:
-            out = super().__call__(table)
-            _count(counter, out, kind, last)
-            counter.actor.remote(self.actor_key, asdict(self.metrics()))
+            if flow is None:
+                out = mine = super().__call__(table)
+            else:
+                out = route.only(flow, super().__call__, table)
+                mine = out.filter(pc.equal(out.column("task"), flow))
+            _count(counter, mine, kind, last)
+            counter.report.remote(self.actor_key, asdict(self.metrics()))
             return out
 
     Counted.__name__ = Counted.__qualname__ = cls.__name__
     return Counted
 
 
-def _unrouted(table: pa.Table, flows: list[str], counter) -> pa.Table:
-    out = unrouted_batch(table, flows)
-    _count(counter, out, progress.UNROUTED, last=True)
+def _prepare_routed(table: pa.Table, flows: dict[str, list[StageSpec]], counter, **kwargs) -> pa.Table:
+    out = route.prepare(table, flows, **kwargs)
+    unrouted = out.filter(pa.array([f is None for f in route.flow_of(out, sorted(flows))], pa.bool_()))
+    if unrouted.num_rows:
+        _count(counter, unrouted, progress.UNROUTED, last=True)
     return out
 
 
@@ -195,16 +218,14 @@ class ShardDatasink(Datasink[ShardReport]):
         self.reports = list(write_result.write_returns)
 
 
-def _flow(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec, counter) -> ray.data.Dataset:
-    ds = ds.map_batches(prepare_batch,
-                        fn_kwargs={"flow": flow, "storage": spec.storage, "access": access.for_job(spec),
-                                   "limits": spec.limits},
-                        batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
+def _stages(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec, counter,
+            name: str | None = None) -> ray.data.Dataset:
+    """One actor pool per stage of ``flow``; with flows, the flow ``name``'s pools pass the rows of
+    other flows through."""
     for position, stage in enumerate(flow):
         low, high = stage.actors
-        cls = stage_class(stage.kind)
         ds = ds.map_batches(
-            cls if counter is None else _counted(cls, counter, stage.kind, position == len(flow) - 1),
+            _counted(stage_class(stage.kind), counter, stage.kind, position == len(flow) - 1, name),
             fn_constructor_kwargs={"spec": stage, "storage": spec.storage, "position": position,
                                    # Prompt embeddings travel on to the next stage, which reuses
                                    # them when it has the same text encoder.
@@ -218,9 +239,9 @@ def _flow(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec, counter) -
     return ds
 
 
-def build(spec: JobSpec, rows: int, done: pa.Array, counter=None) -> ray.data.Dataset:
+def build(spec: JobSpec, rows: int, done: pa.Array, counter) -> ray.data.Dataset:
     """The whole job as one dataset; ``rows`` are to be generated, the ids in ``done`` skipped.
-    ``spec`` has its resources fitted (fit_resources)."""
+    ``spec`` has its resources fitted (fit_resources); ``counter`` is the job's _Job."""
     # Ray's newer Parquet reader lists files in a step that asks for a whole CPU and takes no
     # resource arguments: behind actor pools that hold most CPUs of a small node it can wait
     # forever. The classic reader runs with the CPU share given below.
@@ -235,19 +256,16 @@ def build(spec: JobSpec, rows: int, done: pa.Array, counter=None) -> ray.data.Da
         ds = ds.rename_columns({source: name for name, source in spec.columns.items()}, num_cpus=CPU_STEP_CPUS)
     if len(done):
         ds = ds.map_batches(drop_done, fn_kwargs={"done": done}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
+    checks = {"storage": spec.storage, "access": access.for_job(spec), "limits": spec.limits}
     if spec.flows is None:
-        ds = _flow(ds, spec.stages, spec, counter)
+        ds = ds.map_batches(prepare_batch, fn_kwargs={"flow": spec.stages, **checks}, batch_format="pyarrow",
+                            num_cpus=CPU_STEP_CPUS)
+        ds = _stages(ds, spec.stages, spec, counter)
     else:
-        names = sorted(spec.flows)
-        branches = [_flow(ds.filter(expr=col("task") == name, num_cpus=CPU_STEP_CPUS), spec.flows[name], spec,
-                          counter)
-                    for name in names]
-        unrouted = ds.filter(expr=col("task").is_null() | col("task").not_in(names),
-                             num_cpus=CPU_STEP_CPUS).map_batches(
-            unrouted_batch if counter is None else _unrouted,
-            fn_kwargs={"flows": names, **({} if counter is None else {"counter": counter})}, batch_format="pyarrow",
-            num_cpus=CPU_STEP_CPUS)
-        ds = branches[0].union(*branches[1:], unrouted)
+        ds = ds.map_batches(_prepare_routed, fn_kwargs={"flows": spec.flows, "counter": counter, **checks},
+                            batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
+        for name in sorted(spec.flows):
+            ds = _stages(ds, spec.flows[name], spec, counter, name)
     ds = ds.map_batches(encode_batch, fn_kwargs={"fmt": spec.format}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
     if spec.filters:  # per-row scores; the filters decide once the whole output is written
         ds = ds.map_batches(score_batch, fn_kwargs={"filters": spec.filters}, batch_format="pyarrow",
@@ -272,12 +290,12 @@ def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array, totals: dict[
     have_cpu, have_gpu, node_cpu = cluster_resources()
     spec = fit_resources(spec, have_cpu, have_gpu, node_cpu)
     check_fits(spec, have_cpu, have_gpu, log)
-    counter = _Counter.remote()
+    counter = _Job.remote()
     sink = ShardDatasink(ShardWriter(spec.output, spec.storage, run_id, spec.format.rows_per_shard))
     try:
         with progress.Progress(rows, totals, lambda: ray.get(counter.get.remote(), timeout=READ_COUNTS_S), log):
             build(spec, rows, done, counter).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})
-        actors = [ActorMetrics(**m) for m in ray.get(counter.actor_metrics.remote())]
+        actors = [ActorMetrics(**m) for m in ray.get(counter.actor_figures.remote())]
     except ray.exceptions.RayTaskError as err:
         # A task's own error (a shard write that ran out of storage retries) reaches the user as
         # itself, not inside Ray's worker traceback.
@@ -285,5 +303,7 @@ def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array, totals: dict[
             raise err.cause from err
         raise
     finally:
+        for actor in ray.get(counter.end.remote()):
+            ray.kill(actor)
         ray.kill(counter)
     return Executed(sink.reports, actors)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import io
 import os
+import time
 
 import boto3
 import numpy as np
 import pytest
+import ray
 from botocore.exceptions import ClientError
 from PIL import Image
 
@@ -159,3 +161,19 @@ def test_job_fails_loudly_when_shard_writes_never_succeed(bucket, s3_endpoint, r
             run_job(through(spec, proxy, max_attempts=2))
     assert proxy.counts["internal"] >= 2
     assert stored(bucket, "out/_SUCCESS", s3_endpoint) is None
+
+
+def test_failed_job_leaves_no_actor_holding_cpus(bucket, s3_endpoint, ray_local):
+    """The first shard write fails while the stage actor still has batches queued: the job raises
+    and its actors end with it, so that the next job in the same Ray gets the CPUs."""
+    spec = upscale_job(bucket)
+    spec.stages[0].batch_size = 1
+    spec.format.rows_per_shard = 1
+    with FaultProxy(s3_endpoint, always="internal", methods=("PUT",), path_contains="/data/part-") as proxy:
+        with pytest.raises(StorageError):
+            run_job(through(spec, proxy, max_attempts=1))
+    # Ray frees a killed actor's resources a moment after the kill.
+    deadline = time.monotonic() + 5
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
