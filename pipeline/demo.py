@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from pipeline.spec import JobSpec, parse_spec
+from pipeline.training.captions import phrase
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (240, 220, 40),
            "orange": (245, 140, 30), "purple": (140, 50, 180), "white": (245, 245, 245), "black": (15, 15, 15)}
@@ -36,12 +37,27 @@ def caption(i: int) -> tuple[str, str, str]:
     return colour, shape, background
 
 
-def _a(word: str) -> str:
-    return ("an " if word[0] in "aeiou" else "a ") + word
+# Prompts as people write them: the trained models follow many phrasings, not one template
+# (docs/trained-models.md; "a photo of ..." and the comma list are phrasings held out of training).
+PHRASINGS = (
+    "{a_colour} {shape} on {a_bg} background",
+    "{colour} {shape}, {bg} background",
+    "a drawing of {a_colour} {shape}",
+    "a photo of {a_colour} {shape} on {a_bg} background",
+    "{a_colour} {shape} against {a_bg} background",
+    "{shape}, {colour}, {bg} background",
+    "the {colour} {shape} on the {bg} background",
+)
+INPAINT_PHRASINGS = ("{a_colour} {shape}", "{colour} {shape}", "a {shape} in {colour}")
 
 
 def sample_prompts(rows: int) -> list[str]:
-    return [f"{_a(c)} {s} on {_a(b)} background" for c, s, b in map(caption, range(rows))]
+    return [phrase(PHRASINGS[i % len(PHRASINGS)], s, c, b) for i, (c, s, b) in enumerate(map(caption, range(rows)))]
+
+
+def inpaint_request(i: int) -> tuple[str, str]:
+    """What an inpainted row asks for: its shape in the next colour of the list."""
+    return list(COLOURS)[(i + 1) % len(COLOURS)], caption(i)[1]
 
 
 def _png(image: Image.Image) -> bytes:
@@ -76,9 +92,9 @@ def write_manifest(path: Path, rows: int) -> Path:
                   "split": "train" if i % 10 else "test"}
         if i % 4 == 3:
             scene, mask = drawn_scene(i)
-            # Repaint the shape in the next colour of the list.
-            colour = list(COLOURS)[(i + 1) % len(COLOURS)]
-            record.update(task="inpaint", prompt=f"{_a(colour)} {caption(i)[1]}", image=scene, mask=mask)
+            colour, shape = inpaint_request(i)
+            prompt = phrase(INPAINT_PHRASINGS[(i // 4) % len(INPAINT_PHRASINGS)], shape, colour, caption(i)[2])
+            record.update(task="inpaint", prompt=prompt, image=scene, mask=mask)
         records.append(record)
     pq.write_table(pa.Table.from_pylist(records), path)
     return path

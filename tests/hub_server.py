@@ -23,9 +23,11 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+from tests.local_http import LocalHTTPServer
 
 
 @dataclass
@@ -43,7 +45,7 @@ TREE = re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<revision>[^/]+)(?
 RESOLVE = re.compile(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<path>.+)")
 
 
-class HubServer:
+class HubServer(LocalHTTPServer):
     """``HubServer({"org/name": Repo(folder, commit)}, token="...")``; use as a context manager."""
 
     def __init__(self, repos: dict[str, Repo], token: str | None = None):
@@ -54,28 +56,13 @@ class HubServer:
         # the first download on a node is still under way when the other actors look the model up.
         self.hold_weights_until_infos = 0
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        self.serve(_handler(self))
 
     def gets(self, repo: str) -> Counter[str]:
         """How many times each file of ``repo`` was downloaded (GET)."""
         return Counter({path: n for (method, name, path), n in self.requests.items()
                         if method == "GET" and name == repo and not path.startswith("/api")} )
 
-    def __enter__(self) -> "HubServer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
 
 
 def _etag(data: bytes) -> str:

@@ -25,8 +25,10 @@ import random
 import socket
 import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
+
+from tests.local_http import LocalHTTPServer
 
 FAULTS = ("slowdown", "internal", "drop", "cut")
 ECHO = "echo"
@@ -38,7 +40,7 @@ ERROR_ANSWERS = {
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
 
 
-class FaultProxy:
+class FaultProxy(LocalHTTPServer):
     """``FaultProxy(upstream, rate=0.2, seed=1)`` faults about a fifth of the requests;
     ``FaultProxy(upstream, every=8)`` faults every 8th, slowdown, internal, drop and cut in turn;
     ``FaultProxy(upstream, always="slowdown")`` faults every one; ``methods`` limits the faults to
@@ -62,23 +64,8 @@ class FaultProxy:
         self._turn = 0  # the kind in FAULTS that the next scheduled fault takes
         self._cut_due = False  # a scheduled cut fell on a request that was no GET: the next GET takes it
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self.serve(_handler(self))
 
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> "FaultProxy":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
 
     def draw(self, method: str, path: str) -> tuple[str | None, bool]:
         """The fault for the next request (None: forward it), and for a drop whether the request

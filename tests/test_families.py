@@ -35,6 +35,7 @@ from pipeline.spec import LimitsSpec, StageSpec, StorageSpec, parse_spec
 from pipeline.stages import stage_class
 from pipeline.tables import raw_images, values
 from tests.conftest import read_output, write_manifest
+from tests.test_stages import half_mask, png
 from tests.tiny_pipelines import build_all
 
 FAST = {"steps": 2, "cpus_per_actor": 0.2}
@@ -68,22 +69,6 @@ CASES = [
 ]
 FAMILY_OF = {"builtin:tiny-sd": "sd", "builtin:tiny-inpaint": "sd-inpaint", "builtin:tiny-upscaler": "sd-x4-upscaler",
              "flux-dev": "flux", "latent-upscaler": "sd-latent-upscaler"}
-
-
-def png(size: int, seed: int, mode: str = "RGB") -> bytes:
-    rng = np.random.default_rng(seed)
-    shape = (size, size, 3) if mode == "RGB" else (size, size)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def half_mask(size: int) -> bytes:
-    mask = np.zeros((size, size), dtype=np.uint8)
-    mask[:, size // 2:] = 255  # repaint the right half
-    buf = io.BytesIO()
-    Image.fromarray(mask).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="session")
