@@ -69,7 +69,7 @@ def pipeline_run(spec: JobSpec, name: str) -> Result:
     return Result(name, table.num_rows, len(later) / (times[-1] - first), wall)
 
 
-def run(rows: int, folder: Path) -> list[Result]:
+def run(rows: int, folder: Path, steps: int = 20) -> list[Result]:
     from pipeline.plan import ensure_ray
 
     prompts = sample_prompts(rows)
@@ -78,7 +78,7 @@ def run(rows: int, folder: Path) -> list[Result]:
     base = parse_spec({
         "manifest": str(folder / "manifest.parquet"),
         "output": str(folder / "dataset"),
-        "stages": [{"kind": "text_to_image", "steps": 20, "width": 64, "height": 64, "batch_size": 8}],
+        "stages": [{"kind": "text_to_image", "steps": steps, "width": 64, "height": 64, "batch_size": 8}],
     })
     stage = base.stages[0]
     ensure_ray()
@@ -98,9 +98,9 @@ def run(rows: int, folder: Path) -> list[Result]:
     return results
 
 
-def main(rows: int, out: str | None) -> None:
+def main(rows: int, out: str | None, steps: int = 20) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        results = run(rows, Path(tmp))
+        results = run(rows, Path(tmp), steps)
     width = max(len(r.name) for r in results)
     print(f"\n{'what':<{width}}  rows  steady img/s  wall s")
     for r in results:

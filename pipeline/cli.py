@@ -109,7 +109,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     from pipeline import bench
 
-    bench.main(args.rows, args.json)
+    bench.main(args.rows, args.json, args.steps)
     return 0
 
 
@@ -235,6 +235,7 @@ def parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", allow_abbrev=False,
                            help="steady throughput against a plain diffusers loop (prints figures)")
     bench.add_argument("--rows", type=int, default=96)
+    bench.add_argument("--steps", type=int, default=20, help="denoising steps per image")
     bench.add_argument("--json", help="also write the figures to this file")
     bench.add_argument("--gpu", action="store_true",
                        help="SD 1.5 and SDXL architectures (random weights): plain loop, compiled loop, shardgen")

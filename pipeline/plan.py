@@ -18,6 +18,7 @@ import ray
 from ray.data import ActorPoolStrategy
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import access, progress, route, storage
 from pipeline.cluster import check_address, connect, ensure_ray
@@ -290,7 +291,10 @@ def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array, totals: dict[
     have_cpu, have_gpu, node_cpu = cluster_resources()
     spec = fit_resources(spec, have_cpu, have_gpu, node_cpu)
     check_fits(spec, have_cpu, have_gpu, log)
-    counter = _Job.remote()
+    # On the driver's node: stage actors join it as they start, so it must outlive any worker
+    # node a job can lose (a job that loses the driver's node is lost anyway).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    counter = _Job.options(scheduling_strategy=here).remote()
     sink = ShardDatasink(ShardWriter(spec.output, spec.storage, run_id, spec.format.rows_per_shard))
     try:
         with progress.Progress(rows, totals, lambda: ray.get(counter.get.remote(), timeout=READ_COUNTS_S), log):

@@ -167,7 +167,7 @@ def test_models_build_refuses_an_unknown_name(tmp_path, monkeypatch, capsys):
 def test_bench_runs_and_reports_every_variant(tmp_path, ray_local, capsys):
     """The figures are not asserted (speed is no test's business); the run and its shape are."""
     figures = tmp_path / "bench.json"
-    assert main(["bench", "--rows", "10", "--json", str(figures)]) == 0
+    assert main(["bench", "--rows", "10", "--steps", "2", "--json", str(figures)]) == 0
     printed = capsys.readouterr().out
     results = json.loads(figures.read_text())
     assert len(results) == 6

@@ -1,6 +1,6 @@
-"""Every `scheduler:` choice runs and records its class: one job whose flows are the same
-text_to_image stage with each scheduler (and one with none, which keeps the model's), fed the
-same prompt and seed."""
+"""Every `scheduler:` choice runs and records its class: the same text_to_image stage with each
+scheduler (and with none, which keeps the model's), fed the same prompt and seed, its row
+prepared, generated and encoded as a job's are (in this process: the choice is the stage's)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipeline.job import run_job
-from pipeline.spec import SchedulerName, parse_spec
-from tests.conftest import read_output, write_manifest
+from pipeline.access import policy
+from pipeline.encode import encode_batch
+from pipeline.output_schema import to_output_table
+from pipeline.prepare import prepare_batch
+from pipeline.spec import FormatSpec, LimitsSpec, SchedulerName, StageSpec, StorageSpec
+from pipeline.stages.text_to_image import TextToImageStage
 
 CLASSES = {
     "ddpm": "DDPMScheduler",
@@ -26,7 +29,6 @@ CLASSES = {
     "unipc": "UniPCMultistepScheduler",
 }
 MODEL_OWN = "DPMSolverMultistepScheduler"  # builtin:tiny-sd's saved scheduler
-# One flow per choice; flow names are plain words.
 FLOWS = {name.replace("+", "p"): name for name in CLASSES} | {"own": None}
 
 
@@ -35,22 +37,16 @@ def test_every_choice_is_listed():
 
 
 @pytest.fixture(scope="module")
-def rows(tmp_path_factory, ray_local):
-    """{flow: output row}: two jobs of four flows each (a pool per flow; eight pools at once are
-    more than the CPU steps leave room for on this 2-CPU test cluster)."""
-    folder = tmp_path_factory.mktemp("schedulers")
-    stage = {"kind": "text_to_image", "model": "builtin:tiny-sd", "steps": 4, "width": 32, "height": 32,
-             "cpus_per_actor": 0.25}
-    names, out = list(FLOWS), {}
-    for part, flows in enumerate((names[:4], names[4:])):
-        manifest = write_manifest(str(folder / f"m{part}.parquet"), pa.Table.from_pylist(
-            [{"id": flow, "task": flow, "prompt": "a red circle on a blue background", "seed": 7} for flow in flows]))
-        output = str(folder / f"out{part}")
-        spec = parse_spec({"manifest": manifest, "output": output,
-                           "flows": {flow: [{**stage, "scheduler": FLOWS[flow]}] for flow in flows}})
-        stats = run_job(spec, log=lambda _: None)
-        assert (stats.rows, stats.error) == (len(flows), 0), stats.errors_by_kind
-        out.update({r["id"]: r for r in read_output(output).to_pylist()})
+def rows(tmp_path_factory):
+    """{choice: output row}"""
+    access = policy(str(tmp_path_factory.mktemp("schedulers") / "m.parquet"), False, [])  # no URIs read
+    out = {}
+    for flow, scheduler in FLOWS.items():
+        spec = StageSpec(kind="text_to_image", model="builtin:tiny-sd", steps=4, width=32, height=32,
+                         scheduler=scheduler)
+        row = pa.table({"id": [flow], "prompt": ["a red circle on a blue background"], "seed": [7]})
+        prepared = prepare_batch(row, [spec], StorageSpec(), access, LimitsSpec())
+        out[flow] = to_output_table(encode_batch(TextToImageStage(spec)(prepared), FormatSpec())).to_pylist()[0]
     return out
 
 

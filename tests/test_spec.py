@@ -148,7 +148,7 @@ def test_defaults_of_every_field():
         "stages": [{"kind": "text_to_image", "revision": None, "variant": None, "scheduler": None, "steps": 20,
                     "guidance_scale": 4.0, "width": 32, "height": 32, "strength": 0.75, "noise_level": 20,
                     "batch_size": 8, "actors": [1, 1], "gpus_per_actor": None, "cpus_per_actor": 1.0, "dtype": "auto",
-                    "batch_invariant": None, "offload": "none", "true_cfg_scale": None,
+                    "batch_invariant": None, "offload": "none", "compile": False, "true_cfg_scale": None,
                     "max_sequence_length": None}],
         "flows": None,
         "format": {"image": "png", "quality": 95, "rows_per_shard": 1000},
