@@ -56,7 +56,7 @@ def assert_every_id_once(output: Path, rows: int) -> None:
 
 
 def test_driver_sigkill_then_rerun_completes_exactly_once(tmp_path, ray_local):
-    rows = 48
+    rows = 32
     output = tmp_path / "out"
     spec = write_spec(tmp_path, rows, str(output), steps=20)
     # The driver in its own process group, with its own local Ray (not the session's).
