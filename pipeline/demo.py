@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from pipeline.spec import JobSpec, parse_spec
+from pipeline.training import data
 from pipeline.training.captions import phrase
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (240, 220, 40),
-           "orange": (245, 140, 30), "purple": (140, 50, 180), "white": (245, 245, 245), "black": (15, 15, 15)}
+COLOURS = data.COLOURS  # the 8 colours the trained models know
 SHAPES = ["circle", "square", "triangle"]
-BACKGROUNDS = ["blue", "white", "black", "green"]  # the trained models know the 8 colours above
+BACKGROUNDS = ["blue", "white", "black", "green"]
 IMAGE_SIZE = 32  # the size the trained shape models know
 # Three actor pools and the CPU steps share a laptop-sized machine (2 CPUs here).
 SMALL_NODE = {"actors": 1, "cpus_per_actor": 0.5}
@@ -67,20 +67,13 @@ def _png(image: Image.Image) -> bytes:
 
 
 def drawn_scene(i: int) -> tuple[bytes, bytes]:
-    """A shape to repaint: the scene as PNG bytes, and a mask (white = repaint) over the shape."""
+    """A shape to repaint, drawn as the shape models' training scenes are (antialiased, palette
+    colours): the scene as PNG bytes, and a mask (white = repaint) over the shape's box, padded 4
+    pixels and aligned to the VAE's 4-pixel cells."""
     colour, shape, background = caption(i)
-    scene = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), COLOURS[background])
-    box = (8, 8, 24, 24)
-    draw = ImageDraw.Draw(scene)
-    if shape == "circle":
-        draw.ellipse(box, fill=COLOURS[colour])
-    elif shape == "square":
-        draw.rectangle(box, fill=COLOURS[colour])
-    else:
-        draw.polygon([(16, 7), (25, 24), (7, 24)], fill=COLOURS[colour])
-    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
-    mask[4:28, 4:28] = 255
-    return _png(scene), _png(Image.fromarray(mask))
+    scene = data.Scene(shape, colour, background, cx=0.5, cy=0.5, radius=0.25)
+    mask = data.box_mask(data.shape_box(scene, IMAGE_SIZE, align=4, pad_px=4), IMAGE_SIZE)
+    return _png(Image.fromarray(data.render(scene, IMAGE_SIZE))), _png(Image.fromarray((mask * 255).astype(np.uint8)))
 
 
 def write_manifest(path: Path, rows: int) -> Path:
@@ -113,7 +106,7 @@ def demo_spec(folder: Path, rows: int) -> JobSpec:
                  "noise_level": 20, "batch_size": 8, **SMALL_NODE},
             ],
             "inpaint": [{"kind": "inpainting", "model": "builtin:shapes-inpaint", "steps": 20, "guidance_scale": 4.0,
-                         "batch_size": 8, **SMALL_NODE}],
+                         "strength": 1.0, "batch_size": 8, **SMALL_NODE}],
         },
         "format": {"rows_per_shard": 100},
     })
