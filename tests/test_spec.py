@@ -33,6 +33,8 @@ def test_recommended_settings_fill_only_unset_fields_of_the_built_in():
     assert (t2i.guidance_scale, t2i.width, t2i.height) == (4.0, 48, 32)
     assert t2i.recommended == {"guidance_scale": 4.0, "height": 32}
     assert (sr.guidance_scale, sr.noise_level, sr.recommended) == (2.0, 20, {"noise_level": 20})
+    inpaint = parse_spec({**BASE, "stages": [{"kind": "inpainting"}]}).stages[0]
+    assert inpaint.recommended == {"guidance_scale": 4.0, "strength": 1.0}  # repaint the whole mask from noise
     # Any other model keeps the plain defaults, and says it draws noise when it is a tiny built-in.
     tiny = parse_spec({**BASE, "stages": [{"kind": "text_to_image", "model": "builtin:tiny-sd"}]}).stages[0]
     assert (tiny.guidance_scale, tiny.width, tiny.recommended, tiny.draws_noise) == (7.5, 64, {}, True)
