@@ -60,19 +60,23 @@ def fit_resources(spec: JobSpec, have_cpu: float, have_gpu: float, node_cpu: flo
         share = min(float(math.floor(share)) if share >= 1 else math.floor(share * 100) / 100, node_cpu or share)
         share = max(share, 0.01)  # a cluster too small for any share is refused by check_fits
 
-    # With GPUs, a stage whose `actors` is unset gets a fixed pool over its share of the GPUs left
-    # beside the stages that set theirs (at their largest): Ray Data's GPU actor pools do not grow
-    # as they should (Ray issue 59144), and a fixed pool loads every model at once, before the rows come.
-    unpooled = [s for s in stages if "actors" not in s.model_fields_set]
-    gpus_left = have_gpu - sum(s.actors[1] * (s.gpus_per_actor or 1.0) for s in stages if s not in unpooled)
-    gpu_share = gpus_left / max(1, len(unpooled))
+    def gpus(stage: StageSpec) -> float:
+        return stage.gpus_per_actor if stage.gpus_per_actor is not None else (1.0 if have_gpu >= 1 else 0.0)
+
+    def pooled(stage: StageSpec) -> bool:
+        return "actors" in stage.model_fields_set
+
+    # With GPUs, a GPU stage whose `actors` is unset gets a fixed pool over an even share of the
+    # GPUs left beside the stages that set theirs (at their largest): Ray Data's GPU actor pools do
+    # not grow as they should (Ray issue 59144), and a fixed pool loads every model at once, before
+    # the rows come.
+    gpu_pools = [s for s in stages if gpus(s) > 0 and not pooled(s)]
+    gpu_share = (have_gpu - sum(s.actors[1] * gpus(s) for s in stages if pooled(s))) / max(1, len(gpu_pools))
 
     def fitted(stage: StageSpec) -> StageSpec:
-        gpus = stage.gpus_per_actor if stage.gpus_per_actor is not None else (1.0 if have_gpu >= 1 else 0.0)
-        cpus = share if stage.fits_cpus else stage.cpus_per_actor
-        update = {"gpus_per_actor": gpus, "cpus_per_actor": cpus}
-        if have_gpu >= 1 and gpus > 0 and stage in unpooled:
-            size = max(1, math.floor(gpu_share / gpus + 1e-9))
+        update = {"gpus_per_actor": gpus(stage), "cpus_per_actor": share if stage.fits_cpus else stage.cpus_per_actor}
+        if have_gpu >= 1 and gpus(stage) > 0 and not pooled(stage):
+            size = max(1, math.floor(gpu_share / gpus(stage) + 1e-9))
             update["actors"] = (size, size)
         return stage.model_copy(update=update)
 

@@ -131,6 +131,11 @@ def test_gpu_stages_get_fixed_pools_over_their_share_of_the_gpus():
     halves = parse_spec({"manifest": "m", "output": "o", "stages": [{"kind": "text_to_image", "gpus_per_actor": 0.5}]})
     assert fit_resources(halves, 8, 2, 8).stages[0].actors == (4, 4)
     assert fit_resources(spec, 4, 0, 4).stages[0].actors == (1, 1)  # no GPUs: the spec's default pool
+    # A stage kept on CPUs takes no share of the GPUs, pooled or not.
+    cpu_beside = parse_spec({"manifest": "m", "output": "o", "stages": [
+        {"kind": "text_to_image"}, {"kind": "super_resolution", "gpus_per_actor": 0, "actors": 2},
+        {"kind": "inpainting", "gpus_per_actor": 0}]})
+    assert [s.actors for s in fit_resources(cpu_beside, 32, 4, 16).stages] == [(4, 4), (2, 2), (1, 1)]
 
 
 def test_explicit_resources_are_taken_as_written():
