@@ -24,9 +24,14 @@ def _nvml_handle(nvml):
 
 
 class GpuSampler:
-    def __init__(self, period_s: float = 0.02):
+    """``keep=False`` keeps only the running mean (``mean_busy``), for a sampler that runs all
+    night: no list that grows, no scan of it per batch."""
+
+    def __init__(self, period_s: float = 0.02, keep: bool = True):
         self.period_s = period_s
+        self.keep = keep
         self.samples: list[tuple[float, int, int]] = []  # (time, utilisation %, bytes used)
+        self._util_sum, self._count = 0, 0
         self._stop = threading.Event()
         self._handle = None
         if torch.cuda.is_available():
@@ -56,13 +61,19 @@ class GpuSampler:
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):
             util = self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu
-            used = self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used
-            self.samples.append((time.time(), util, used))
+            self._util_sum, self._count = self._util_sum + util, self._count + 1
+            if self.keep:
+                used = self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used
+                self.samples.append((time.time(), util, used))
 
     def busy(self, start: float, end: float) -> float | None:
         """The GPU's mean utilisation between ``start`` and ``end`` (time.time()), as a share."""
         window = [u for t, u, _ in self.samples if start <= t <= end]
         return round(sum(window) / len(window) / 100, 3) if window else None
+
+    def mean_busy(self) -> float | None:
+        """The GPU's mean utilisation since the sampler started, as a share."""
+        return round(self._util_sum / self._count / 100, 3) if self._count else None
 
     def peak_gb(self) -> float | None:
         return round(max(m for _, _, m in self.samples) / 2**30, 2) if self.samples else None

@@ -17,29 +17,24 @@ class ActorClock:
 
     def __init__(self, kind: str, device: str):
         self.metrics = ActorMetrics(kind)
-        self.device = device
         self.born = time.time()
-        self.first_start: float | None = None
         self.last_end: float | None = None
-        self.sampler = GpuSampler(period_s=0.1) if device == "cuda" else None
+        # Started with the first batch, so its mean covers the actor's working time.
+        self.sampler = GpuSampler(period_s=0.1, keep=False) if device == "cuda" else None
 
     def loaded(self) -> None:
         self.metrics.load_s = round(time.time() - self.born, 3)
 
     def batch_starts(self) -> None:
-        now = time.time()
         if self.last_end is not None:
-            self.metrics.wait_s += now - self.last_end
-        if self.first_start is None:
-            self.first_start = now
-            if self.sampler is not None:
-                self.sampler.start()
+            self.metrics.wait_s += time.time() - self.last_end
+        if self.sampler is not None:
+            self.sampler.start()  # once: a running sampler is left as it is
 
     def pipeline_ran(self, seconds: float) -> None:
         self.metrics.pipeline_s += seconds
 
-    def batch_ends(self, rows: int) -> ActorMetrics:
-        """The figures so far, after a batch of ``rows`` rows."""
+    def batch_ends(self, rows: int) -> None:
         m = self.metrics
         self.last_end = time.time()
         m.batches += 1
@@ -47,6 +42,5 @@ class ActorClock:
         if m.first_image_s is None:
             m.first_image_s = round(self.last_end - self.born, 3)
         if self.sampler is not None:
-            m.gpu_busy = self.sampler.busy(self.first_start, self.last_end)
+            m.gpu_busy = self.sampler.mean_busy()
             m.peak_gpu_memory_gb = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        return m
