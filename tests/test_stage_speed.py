@@ -5,7 +5,6 @@ the conversion to uint8 on the device is diffusers' own, and each actor reports 
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from pipeline.access import policy
+from pipeline.gpubench import psnr
 from pipeline.models.resolve import resolve
 from pipeline.prepare import prepare_batch
 from pipeline.spec import LimitsSpec, StageSpec, StorageSpec
@@ -25,11 +25,6 @@ from pipeline.tables import raw_images, values
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 SIZE = dict(width=32, height=32)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def plain_images(pipe, seeds: list[int]) -> list[np.ndarray]:
