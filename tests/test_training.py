@@ -8,7 +8,6 @@ import itertools
 
 import numpy as np
 import pytest
-import ray
 import torch
 from diffusers import AutoPipelineForText2Image, DDPMPipeline
 
@@ -19,19 +18,6 @@ from pipeline.training.classifier import NAME as CLASSIFIER_NAME
 from pipeline.training.classifier import ShapeClassifier
 from pipeline.training.distributed import Cluster, Schedule, Worker, fit
 from pipeline.training.latents import vae_payload
-from tests.conftest import start_ray
-
-
-@pytest.fixture(scope="module", autouse=True)
-def private_ray_for_training():
-    """Ray Train needs both CPUs of a 2-CPU Ray. In the suite's shared Ray an earlier test's failed
-    job can leave its actor pool holding them (Ray Data does not kill the pool when a write raises; a
-    real run ends its process), so the trainers here start a private Ray, and the suite's comes back."""
-    was_running = ray.is_initialized()
-    ray.shutdown()
-    yield
-    if was_running:
-        start_ray(lambda: ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False))
 
 
 def test_scenes_are_a_function_of_the_seed():
