@@ -28,6 +28,7 @@ from tests.conftest import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
 STARTS = 5
+STOP_WAIT_S = 3
 
 
 @dataclass
@@ -53,10 +54,11 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 def _stop(head: subprocess.Popen) -> None:
     # Stop exactly the processes this test started: the head's process group (a graceful
-    # SIGTERM first, then SIGKILL for whatever of the group is left).
+    # SIGTERM first, then SIGKILL for whatever of the group is left). `ray start --block` itself
+    # rarely exits on SIGTERM (its parts do): a longer wait only added 20 s to each test.
     _signal_group(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=20)
+        head.wait(timeout=STOP_WAIT_S)
     except subprocess.TimeoutExpired:
         pass
     _signal_group(head.pid, signal.SIGKILL)
