@@ -143,6 +143,16 @@ def test_held_out_phrasings_are_never_drawn_in_training():
     assert 0.05 < np.mean([d == "" for d in drawn]) < 0.15
     # Every drawn caption names its own scene's shape and colour.
     assert all(d == "" or (scenes[i].shape in d and scenes[i].colour in d) for d, i in zip(drawn, idx.tolist()))
+    # Inpainting's sampler draws many more captions that leave the background out, all of them training ones.
+    shape_only = captions.CaptionSampler(tokenizer, scenes, template_share=0.3, uncond_share=0.1, shape_only_share=0.6)
+    decoded = tokenizer.batch_decode(shape_only(idx, generator), skip_special_tokens=True)
+    inpainting = [d.replace(" ,", ",") for d in decoded]
+    assert set(inpainting) <= training | {""}
+    unnamed = _all_captions(shape_only.shape_only)
+    assert unnamed and not any("{bg}" in p or "{a_bg}" in p for p in shape_only.shape_only)
+    no_background = lambda texts: np.mean([t in unnamed for t in texts])  # noqa: E731
+    shares = no_background(drawn), no_background(inpainting)
+    assert shares[0] < 0.25 and shares[1] > 0.4, shares
 
 
 @pytest.fixture(scope="module")

@@ -77,23 +77,36 @@ def mentions_background(phrasing: str) -> bool:
 
 
 class CaptionSampler:
-    """Token ids of a fresh caption per drawn scene: the template (``template_share``), another
-    training phrasing, or the empty caption (``uncond_share``, for classifier-free guidance)."""
+    """Token ids of a fresh caption per drawn scene: the template (``template_share``), a training
+    phrasing that leaves the background out (``shape_only_share`` of the rest), any other training
+    phrasing, or the empty caption (``uncond_share``, for classifier-free guidance)."""
 
-    def __init__(self, tokenizer, scenes: list[Scene], template_share: float, uncond_share: float):
+    def __init__(self, tokenizer, scenes: list[Scene], template_share: float, uncond_share: float,
+                 shape_only_share: float = 0.0):
         self.tokenizer, self.scenes = tokenizer, scenes
         self.phrasings = (TEMPLATE, *TRAIN_PHRASINGS)
-        self.template_share, self.uncond_share = template_share, uncond_share
+        self.shape_only = tuple(p for p in TRAIN_PHRASINGS if not mentions_background(p))
+        self.template_share, self.uncond_share, self.shape_only_share = template_share, uncond_share, shape_only_share
 
     def __call__(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n = len(idx)
         template = torch.rand(n, generator=generator) < self.template_share
         other = 1 + torch.randint(len(self.phrasings) - 1, (n,), generator=generator)
         drop = torch.rand(n, generator=generator) < self.uncond_share
-        captions = [
-            "" if d else phrase(self.phrasings[0 if t else o], s.shape, s.colour, s.background)
-            for d, t, o, s in zip(drop.tolist(), template.tolist(), other.tolist(), (self.scenes[i] for i in idx.tolist()))
-        ]
+        shape_only = torch.rand(n, generator=generator) < self.shape_only_share
+        shape_only_pick = torch.randint(len(self.shape_only), (n,), generator=generator)
+        captions = []
+        for i, scene in enumerate(self.scenes[j] for j in idx.tolist()):
+            if drop[i]:
+                captions.append("")
+                continue
+            if template[i]:
+                phrasing = TEMPLATE
+            elif shape_only[i]:
+                phrasing = self.shape_only[shape_only_pick[i]]
+            else:
+                phrasing = self.phrasings[other[i]]
+            captions.append(phrase(phrasing, scene.shape, scene.colour, scene.background))
         return token_ids(self.tokenizer, captions)
 
 
