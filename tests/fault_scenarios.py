@@ -33,7 +33,7 @@ STAGE_ACTOR = "MapWorker(MapBatches(TextToImageStage))"
 DEADLINE_S = 240  # generous: a condition that is not met by then is a failure, not a wait
 # The stage options of each scenario (the node-loss actor asks for a whole node's CPUs).
 STAGE_OPTIONS = {"worker_sigkill": {}, "node_loss": {"cpus_per_actor": 2}}
-REPLACEMENT_DELAY_S = 15  # how long a lost node's replacement takes to join (well under Ray Data's no-progress timeout)
+REPLACEMENT_DELAY_S = 10  # how long a lost node's replacement takes to join (well under Ray Data's no-progress timeout)
 
 
 def spec(manifest: str, output: str, **stage):
