@@ -174,8 +174,9 @@ def inpainting(folder: Path, classifier: ShapeClassifier, n: int, steps: int, gu
         keep = mask < 0.5
         pasted = keep_unmasked(original, image, (mask * 255).astype(np.uint8))
         pasted_all.append(pasted)
-        outside_raw.append(np.abs(image.astype(np.int16) - original)[keep].mean())
-        outside_pasted.append(np.abs(pasted.astype(np.int16) - original)[keep].mean())
+        if keep.any():  # a large shape's box padded 8 px can cover the whole image
+            outside_raw.append(np.abs(image.astype(np.int16) - original)[keep].mean())
+            outside_pasted.append(np.abs(pasted.astype(np.int16) - original)[keep].mean())
         reading = measure.read(pasted, region=~keep, background=np.array(data.PALETTE[scene.background], np.float32))
         colour_ok.append(reading.colour == colour)
     shapes = classifier.predict(np.stack(pasted_all))
