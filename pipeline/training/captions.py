@@ -96,17 +96,10 @@ class CaptionSampler:
         shape_only = torch.rand(n, generator=generator) < self.shape_only_share
         shape_only_pick = torch.randint(len(self.shape_only), (n,), generator=generator)
         captions = []
-        for i, scene in enumerate(self.scenes[j] for j in idx.tolist()):
-            if drop[i]:
-                captions.append("")
-                continue
-            if template[i]:
-                phrasing = TEMPLATE
-            elif shape_only[i]:
-                phrasing = self.shape_only[shape_only_pick[i]]
-            else:
-                phrasing = self.phrasings[other[i]]
-            captions.append(phrase(phrasing, scene.shape, scene.colour, scene.background))
+        for d, t, s, pick, o, scene in zip(drop.tolist(), template.tolist(), shape_only.tolist(), shape_only_pick.tolist(),
+                                           other.tolist(), (self.scenes[i] for i in idx.tolist())):
+            phrasing = TEMPLATE if t else self.shape_only[pick] if s else self.phrasings[o]
+            captions.append("" if d else phrase(phrasing, scene.shape, scene.colour, scene.background))
         return token_ids(self.tokenizer, captions)
 
 
