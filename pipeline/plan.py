@@ -30,6 +30,7 @@ from pipeline.spec import JobSpec, StageSpec
 from pipeline.stages import stage_class
 from pipeline.stats import ActorMetrics
 from pipeline.synth.filters import score_batch
+from pipeline.tracker import JobTracker
 from pipeline.writers.shards import ShardReport, ShardWriter
 
 # Reading, prepare, encode and writing are light next to diffusion: a quarter CPU each lets them
@@ -125,43 +126,6 @@ def check_fits(spec: JobSpec, have_cpu: float, have_gpu: float, log=print) -> No
         raise SpecError(f"{message} (set SHARDGEN_AUTOSCALING=1 where the cluster grows on demand)")
 
 
-@ray.remote(num_cpus=0)
-class _Job:
-    """Rows finished per stage and rows written, for the progress line; each stage actor's latest
-    figures, for the stats; and the job's stage actors, which execute ends. Ray Data only drops its
-    handles to them, and an actor runs on through the batches queued on it, holding its CPUs and
-    GPUs, after the job has failed."""
-
-    def __init__(self):
-        self.counts: dict[str, int] = {}
-        self.figures: dict[str, dict] = {}
-        self.actors: list = []
-        self.ended = False
-
-    def add(self, key: str, rows: int) -> None:
-        self.counts[key] = self.counts.get(key, 0) + rows
-
-    def get(self) -> dict[str, int]:
-        return dict(self.counts)
-
-    def report(self, key: str, figures: dict) -> None:
-        self.figures[key] = figures
-
-    def actor_figures(self) -> list[dict]:
-        return list(self.figures.values())
-
-    def join(self, actor) -> bool:
-        """Keep ``actor`` (a stage actor's own handle, which does not keep it alive when Ray Data
-        lets it go) to end with the job; False when the job has already ended."""
-        if not self.ended:
-            self.actors.append(actor)
-        return not self.ended
-
-    def end(self) -> list:
-        self.ended = True
-        return self.actors
-
-
 def _count(counter, table: pa.Table, kind: str, last: bool) -> None:
     counter.add.remote(kind, table.num_rows)
     if last:  # the rows are done: they only wait for their shard now
@@ -170,7 +134,7 @@ def _count(counter, table: pa.Table, kind: str, last: bool) -> None:
 
 
 def _counted(cls: type, counter, kind: str, last: bool, flow: str | None) -> type:
-    """``cls`` that joins the job (_Job.join), generates only the rows of ``flow`` (all rows without
+    """``cls`` that joins the job (JobTracker.join), generates only the rows of ``flow`` (all rows without
     flows), counts them and reports its figures (pipeline/stages/metrics.py). It keeps the
     stage's class name, which names its actors (`MapWorker(MapBatches(TextToImageStage))`)."""
 
@@ -246,7 +210,7 @@ def _stages(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec, counter,
 
 def build(spec: JobSpec, rows: int, done: pa.Array, counter) -> ray.data.Dataset:
     """The whole job as one dataset; ``rows`` are to be generated, the ids in ``done`` skipped.
-    ``spec`` has its resources fitted (fit_resources); ``counter`` is the job's _Job."""
+    ``spec`` has its resources fitted (fit_resources); ``counter`` is the job's JobTracker."""
     # Ray's newer Parquet reader lists files in a step that asks for a whole CPU and takes no
     # resource arguments: behind actor pools that hold most CPUs of a small node it can wait
     # forever. The classic reader runs with the CPU share given below.
@@ -298,7 +262,7 @@ def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array, totals: dict[
     # On the driver's node: stage actors join it as they start, so it must outlive any worker
     # node a job can lose (a job that loses the driver's node is lost anyway).
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    counter = _Job.options(scheduling_strategy=here).remote()
+    counter = JobTracker.options(scheduling_strategy=here).remote()
     sink = ShardDatasink(ShardWriter(spec.output, spec.storage, run_id, spec.format.rows_per_shard))
     try:
         with progress.Progress(rows, totals, lambda: ray.get(counter.get.remote(), timeout=READ_COUNTS_S), log):

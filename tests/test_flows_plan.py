@@ -8,6 +8,7 @@ import ray
 
 from pipeline import plan
 from pipeline.spec import parse_spec
+from pipeline.tracker import JobTracker
 from tests.conftest import write_manifest
 
 
@@ -21,7 +22,7 @@ def test_two_flows_read_the_manifest_once(tmp_path, ray_local, capsys):
     spec = parse_spec({"manifest": manifest, "output": str(tmp_path / "out"),
                        "flows": {"t2i": [{"kind": "text_to_image", "width": 32, "height": 32, **stage}],
                                  "sr": [{"kind": "super_resolution", **stage}]}})
-    job = plan._Job.remote()
+    job = JobTracker.remote()
     try:
         plan.build(plan.fit_resources(spec, 2, 0, 2), 3, pa.array([], pa.string()), job).explain()
     finally:

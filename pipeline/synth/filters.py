@@ -18,6 +18,7 @@ import io
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import imagehash
 import numpy as np
@@ -29,8 +30,10 @@ from PIL import Image
 from pipeline import columns, manifest, storage
 from pipeline.errors import SpecError
 from pipeline.spec import ConfidenceFilterSpec, FiltersSpec, JobSpec
-from pipeline.synth.classifiers import Classifier, load_classifier
 from pipeline.writers.parquet import ParquetWriter
+
+if TYPE_CHECKING:
+    from pipeline.synth.classifiers import Classifier
 
 PHASH = "phash"
 PROB = "label_prob"
@@ -42,6 +45,10 @@ LOW_CONFIDENCE, EXACT, NEAR = "low_confidence", "exact_duplicate", "near_duplica
 
 @lru_cache(maxsize=2)
 def _classifier(model: str) -> Classifier:
+    # Imported here: torch is only needed where a confidence filter runs, and the plan (imported
+    # by every write task) imports this module.
+    from pipeline.synth.classifiers import load_classifier
+
     return load_classifier(model)
 
 
