@@ -1,4 +1,5 @@
-"""Worker and node faults injected into a real text_to_image job, for tests/test_worker_faults.py.
+"""Worker and node faults injected into a real text_to_image job, for tests/test_worker_sigkill.py
+and tests/test_node_loss.py (through tests/fault_runs.py).
 
 Each scenario runs in its own process (``python -m tests.fault_scenarios SCENARIO MANIFEST OUTPUT``)
 with its own Ray, so that killing workers or nodes cannot disturb the pytest process's Ray. The job
