@@ -40,13 +40,15 @@ def decode(data: bytes) -> np.ndarray:
 
 
 FAST = {"steps": 3, "cpus_per_actor": 0.25}
+MIXED_OUTPUT = "s3://mixed/out"
 
 
-def mixed_spec(manifest: str, output: str, batch_size: int):
-    stage = lambda kind, **kw: {"kind": kind, **FAST, "batch_size": batch_size, **kw}  # noqa: E731
+def mixed_spec(manifest: str):
+    # Batches of 3: bad rows share batches with good ones.
+    stage = lambda kind, **kw: {"kind": kind, **FAST, "batch_size": 3, **kw}  # noqa: E731
     return parse_spec({
         "manifest": manifest,
-        "output": output,
+        "output": MIXED_OUTPUT,
         "flows": {
             # The random-weight built-ins, named: their shared text encoder is what the cascade test checks.
             "cascade": [stage("text_to_image", width=32, height=32, model="builtin:tiny-sd"),
@@ -90,9 +92,9 @@ def mixed(tmp_path_factory, s3_endpoint, ray_local):
                           ("mask", pa.binary())]),
     )
     manifest = write_manifest("s3://mixed/manifest.parquet", table)
-    stats = run_job(mixed_spec(manifest, "s3://mixed/out", batch_size=3))
+    stats = run_job(mixed_spec(manifest))
     assert (stats.rows, stats.error) == (len(rows), 5)
-    return {"out": {r["id"]: r for r in read_output("s3://mixed/out").to_pylist()}, "inputs": {r[0]: r for r in rows}}
+    return {"out": {r["id"]: r for r in read_output(MIXED_OUTPUT).to_pylist()}, "inputs": {r[0]: r for r in rows}}
 
 
 def test_every_row_comes_back_once(mixed):
@@ -109,7 +111,7 @@ def test_super_resolution_of_16px_gives_64px(mixed):
 
 
 def test_cascade_in_one_job(mixed):
-    fs, path = storage.filesystem("s3://mixed/out")
+    fs, path = storage.filesystem(MIXED_OUTPUT)
     # Nothing but the dataset: no intermediate output between the two stages.
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path))
     assert names == ["README.md", "_SUCCESS", "_job.json", "_stats.json", "data"]
