@@ -58,9 +58,8 @@ def test_same_images_across_batch_sizes_and_actor_counts(run):
     reference = run("b1-a1", batch_size=1, actors=1)
     assert len(reference) == ROWS and all(reference.values())
     assert len(set(reference.values())) == ROWS  # different rows, different images
-    for batch_size, actors in [(4, 1), (4, 2)]:
-        images = run(f"b{batch_size}-a{actors}", batch_size=batch_size, actors=actors)
-        assert images == reference, f"images differ for batch_size, actors = {batch_size, actors}"
+    # Batch size 4 with one actor runs in another row order below.
+    assert run("b4-a2", batch_size=4, actors=2) == reference
 
 
 def test_same_images_in_another_row_order(run, tmp_path_factory):
