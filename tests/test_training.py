@@ -1,5 +1,5 @@
 """Training the shapes models: the procedural set, the pixel measurements, and real Ray Train runs
-(2 CPU workers, data parallel): one in which the DDPM loss falls, one that ends at its wall-clock
+(2 CPU workers, data parallel, on the session's Ray): one in which the DDPM loss falls, one that ends at its wall-clock
 budget."""
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def test_standardising_the_latents_leaves_decoded_images_unchanged():
     assert torch.allclose(latents.std(dim=(0, 2, 3)) * architectures.SCALING_FACTOR, torch.ones(4), atol=1e-3)
 
 
-def test_ray_train_ddpm_loss_falls_and_saves_a_loadable_pipeline(tmp_path):
+def test_ray_train_ddpm_loss_falls_and_saves_a_loadable_pipeline(tmp_path, ray_local):
     torch.manual_seed(0)
     random_vae = architectures.vae().eval()
     schedule = Schedule(steps=40, batch_size=16, lr=2e-3, warmup=5, log_every=10)
@@ -99,7 +99,7 @@ def test_aligned_crops_cut_the_same_window_at_each_scale():
         assert torch.equal(x[k], images[i, :, 4 * y : 4 * (y + 8), 4 * x0 : 4 * (x0 + 8)])
 
 
-def test_a_wall_clock_budget_ends_the_run_on_every_worker(tmp_path):
+def test_a_wall_clock_budget_ends_the_run_on_every_worker(tmp_path, ray_local):
     torch.manual_seed(0)
     random_vae = architectures.vae().eval()
     steps = 1_000_000  # far more than fit in the budget: the budget must end the run
