@@ -1,4 +1,4 @@
-"""``python -m pipeline.training {vae,t2i,sr,inpaint,ddpm,classifier,all,eval}``: train the built-in
+"""``python -m pipeline.training {vae,t2i,sr,sr-captions,inpaint,ddpm,classifier,all,eval}``: train the built-in
 shapes models on Ray Train and save them as diffusers pipelines, or measure them."""
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ from pipeline.training.distributed import Cluster
 
 TRAINED = Path(__file__).resolve().parent.parent / "models" / "trained"
 # Dependency order: the UNets are trained in the VAE's latent space, and the super-resolution and
-# inpainting models reuse the text-to-image model's text encoder; the pixel-space DDPM needs nothing.
-ORDER = ("classifier", "vae", "t2i", "sr-vae", "sr", "inpaint", "ddpm")
+# inpainting models reuse the text-to-image model's text encoder; sr-captions distils into the saved
+# upscaler; the pixel-space DDPM needs nothing.
+ORDER = ("classifier", "vae", "t2i", "sr-vae", "sr", "sr-captions", "inpaint", "ddpm")
+# Config fields the command line may set, besides the schedule's.
+CONFIG_FLAGS = ("scenes", "crop", "unet_lr_scale", "template_share")
 
 
 def _configured(config, args: argparse.Namespace, field: str = "schedule"):
@@ -29,9 +32,9 @@ def _configured(config, args: argparse.Namespace, field: str = "schedule"):
     if args.max_minutes is not None:
         schedule = dataclasses.replace(schedule, max_seconds=60.0 * args.max_minutes)
     fields = {f.name for f in dataclasses.fields(config)}
-    extra = {key: getattr(args, key) for key in ("scenes", "crop") if getattr(args, key) is not None}
+    extra = {key: getattr(args, key) for key in CONFIG_FLAGS if getattr(args, key) is not None}
     for key in extra.keys() - fields:
-        raise SystemExit(f"--{key} does not apply to this model (its config has no field {key!r})")
+        raise SystemExit(f"--{key.replace('_', '-')} does not apply to this model (its config has no field {key!r})")
     return dataclasses.replace(config, **{field: schedule}, **extra)
 
 
@@ -56,6 +59,10 @@ def _train(name: str, out: Path, cluster: Cluster, args: argparse.Namespace) -> 
         from pipeline.training import sr
 
         return sr.train(out, cluster, _configured(sr.SRConfig(), args), resume=args.resume)
+    if name == "sr-captions":
+        from pipeline.training import sr_captions
+
+        return sr_captions.train(out, cluster, _configured(sr_captions.CaptionDistillConfig(), args))
     if name == "ddpm":
         from pipeline.training import ddpm
 
@@ -80,6 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-minutes", type=float, default=None, help="Ray Train models: end the run (and its lr decay) at this wall-clock budget")
     parser.add_argument("--scenes", type=int, default=None, help="override the number of training scenes")
     parser.add_argument("--crop", type=int, default=None, help="sr: training crop, in latent (= low-res) pixels; 32 is the whole image")
+    parser.add_argument("--unet-lr-scale", type=float, default=None,
+                        help="sr-captions: the U-Net's learning rate as a fraction of the caption encoder's (0: frozen)")
+    parser.add_argument("--template-share", type=float, default=None,
+                        help="t2i, sr, sr-captions, inpaint: share of training captions in the template phrasing")
     parser.add_argument("--resume", action="store_true", help="t2i, sr, inpaint: continue from the model saved in --out")
     parser.add_argument("--images", type=int, default=None, help="eval: images per figure (default: the acceptance counts)")
     parser.add_argument("--models", type=Path, nargs="+", default=None, help="eval-sr: upscaler folders (default: --out's shapes-sr)")

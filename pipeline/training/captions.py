@@ -89,18 +89,24 @@ class CaptionSampler:
         self.template_share, self.uncond_share, self.shape_only_share = template_share, uncond_share, shape_only_share
 
     def __call__(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return token_ids(self.tokenizer, self.texts(idx, generator)[0])
+
+    def texts(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[list[str], list[str]]:
+        """The drawn captions, and the template captions of the same scenes (both empty where the
+        caption is dropped): what the upscaler's caption distillation pairs."""
         n = len(idx)
         template = torch.rand(n, generator=generator) < self.template_share
         other = 1 + torch.randint(len(self.phrasings) - 1, (n,), generator=generator)
         drop = torch.rand(n, generator=generator) < self.uncond_share
         shape_only = torch.rand(n, generator=generator) < self.shape_only_share
         shape_only_pick = torch.randint(len(self.shape_only), (n,), generator=generator)
-        captions = []
+        captions, templates = [], []
         for d, t, s, pick, o, scene in zip(drop.tolist(), template.tolist(), shape_only.tolist(), shape_only_pick.tolist(),
                                            other.tolist(), (self.scenes[i] for i in idx.tolist())):
             phrasing = TEMPLATE if t else self.shape_only[pick] if s else self.phrasings[o]
             captions.append("" if d else phrase(phrasing, scene.shape, scene.colour, scene.background))
-        return token_ids(self.tokenizer, captions)
+            templates.append("" if d else scene.caption)
+        return captions, templates
 
 
 def held_out_captions(scenes: list[Scene], phrasings: tuple[str, ...] = HELD_OUT_PHRASINGS) -> list[str]:

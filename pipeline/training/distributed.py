@@ -150,9 +150,11 @@ class Worker:
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=self.noise_generator, device=self.noise_generator.device).to(self.device)
 
-    def train(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.Tensor]) -> dict[str, Any]:
+    def train(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.Tensor],
+              lr_scales: dict[str, float] | None = None) -> dict[str, Any]:
         """Optimise ``model`` (already seeded) for the scheduled steps and return its EMA weights and
-        the logged losses. ``loss_fn(ddp_model)`` draws a batch and returns this worker's loss."""
+        the logged losses. ``loss_fn(ddp_model)`` draws a batch and returns this worker's loss.
+        ``lr_scales`` ({parameter name prefix: factor}) gives parts of the model a smaller step."""
         s = self.schedule
         if self.in_process:
             ddp, report = model, lambda metrics: None
@@ -161,8 +163,16 @@ class Worker:
             import ray.train.torch
 
             ddp, report = ray.train.torch.prepare_model(model), ray.train.report
-        params = [p for p in ddp.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+
+        def scale(name: str) -> float:
+            return next((f for prefix, f in (lr_scales or {}).items() if name.startswith(prefix)), 1.0)
+
+        groups: dict[float, list[torch.nn.Parameter]] = {}
+        for name, p in named:
+            groups.setdefault(scale(name), []).append(p)
+        opt = torch.optim.AdamW([{"params": ps, "scale": f} for f, ps in groups.items()], lr=s.lr, weight_decay=0.0)
 
         start = time.time()
 
@@ -177,7 +187,7 @@ class Worker:
         def set_lr(step: int, done: float) -> None:
             factor = (step + 1) / s.warmup if step < s.warmup else 0.5 * (1 + math.cos(math.pi * done))
             for group in opt.param_groups:
-                group["lr"] = s.lr * factor
+                group["lr"] = s.lr * factor * group["scale"]
 
         ema = EMA(model, s.ema_decay)
         losses, window, step, done = [], [], 0, 0.0
