@@ -32,8 +32,10 @@ from tests.conftest import start_ray
 
 STAGE_ACTOR = "MapWorker(MapBatches(TextToImageStage))"
 DEADLINE_S = 240  # generous: a condition that is not met by then is a failure, not a wait
-# The stage options of each scenario (the node-loss actor asks for a whole node's CPUs).
-STAGE_OPTIONS = {"worker_sigkill": {}, "node_loss": {"cpus_per_actor": 2}}
+# The stage options of each scenario (one CPU, one torch thread: the reference run in the test's
+# process makes the same images with the same thread count, and no thread spins on a loaded machine).
+STAGE_OPTIONS = {"worker_sigkill": {}, "node_loss": {"cpus_per_actor": 1}}
+NODE_CPUS = 2  # the node-loss worker node's: the actor's and one for the CPU steps
 REPLACEMENT_DELAY_S = 10  # how long a lost node's replacement takes to join (well under Ray Data's no-progress timeout)
 
 
@@ -41,7 +43,7 @@ def spec(manifest: str, output: str, **stage):
     """A small text_to_image job whose shards appear as rows finish (two rows a shard)."""
     return parse_spec({
         "manifest": manifest, "output": output, "format": {"rows_per_shard": 2},
-        "stages": [{"kind": "text_to_image", "steps": 20, "width": 64, "height": 64, "batch_size": 2, **stage}],
+        "stages": [{"kind": "text_to_image", "steps": 10, "width": 64, "height": 64, "batch_size": 2, **stage}],
     })
 
 
@@ -162,7 +164,7 @@ def node_loss(manifest: str, output: str) -> dict:
     cluster = start_ray(lambda: Cluster(initialize_head=True, head_node_args=head))
     head_address = cluster.gcs_address
     try:
-        worker = start_ray(lambda: cluster.add_node(num_cpus=3), clean_up=lambda: None)
+        worker = start_ray(lambda: cluster.add_node(num_cpus=NODE_CPUS), clean_up=lambda: None)
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
         raylets = {raylet_pid(cluster.head_node): "head", raylet_pid(worker): "worker"}
@@ -187,7 +189,8 @@ def node_loss(manifest: str, output: str) -> dict:
         time.sleep(REPLACEMENT_DELAY_S)
         waited = {"seconds": REPLACEMENT_DELAY_S, "job_alive": job.is_alive(), "shards_before": shards_before,
                   "shards_after": len(shards(output)), "stage_actors": len(stage_actors("submit"))}
-        raylets[raylet_pid(start_ray(lambda: cluster.add_node(num_cpus=3), clean_up=lambda: None))] = "replacement"
+        replacement = start_ray(lambda: cluster.add_node(num_cpus=NODE_CPUS), clean_up=lambda: None)
+        raylets[raylet_pid(replacement)] = "replacement"
         restarted = wait_for("the stage actor restarted", lambda: stage_actors("submit"), job)[0]
         job.join()
         return {"stats": job.stats, "error": job.error, "lost": lost, "waited": waited,

@@ -9,7 +9,7 @@ and reports what it lost and what the job did meanwhile.
 from __future__ import annotations
 
 from tests.fault_runs import assert_every_row_once, run_scenario
-from tests.fault_scenarios import REPLACEMENT_DELAY_S, STAGE_ACTOR
+from tests.fault_scenarios import NODE_CPUS, REPLACEMENT_DELAY_S, STAGE_ACTOR
 
 
 def test_node_running_the_stage_lost_mid_run(tmp_path):
@@ -18,7 +18,7 @@ def test_node_running_the_stage_lost_mid_run(tmp_path):
     assert lost["title"] == f"ray::{STAGE_ACTOR}.submit"
     assert lost["node"] == "worker"
     # The head offers no CPUs: every CPU step of the job ran on the lost node, beside the actor.
-    assert lost["cpus"] == {"head": 0, "worker": 3}
+    assert lost["cpus"] == {"head": 0, "worker": NODE_CPUS}
     assert 0 < lost["shards_at_loss"] < result["stats"]["shards"]
     # Until the replacement joined, nothing fitted anywhere: the job waited, alive, without progress.
     waited = result["waited"]

@@ -62,7 +62,7 @@ def _train(name: str, out: Path, cluster: Cluster, args: argparse.Namespace) -> 
     if name == "sr-captions":
         from pipeline.training import sr_captions
 
-        return sr_captions.train(out, cluster, _configured(sr_captions.CaptionDistillConfig(), args))
+        return sr_captions.train(out, cluster, _configured(sr_captions.CaptionDistillConfig(), args), args.teacher)
     if name == "ddpm":
         from pipeline.training import ddpm
 
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crop", type=int, default=None, help="sr: training crop, in latent (= low-res) pixels; 32 is the whole image")
     parser.add_argument("--unet-lr-scale", type=float, default=None,
                         help="sr-captions: the U-Net's learning rate as a fraction of the caption encoder's (0: frozen)")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="sr-captions: the upscaler folder to distil from (default: the one saved in --out)")
     parser.add_argument("--template-share", type=float, default=None,
                         help="t2i, sr, sr-captions, inpaint: share of training captions in the template phrasing")
     parser.add_argument("--resume", action="store_true", help="t2i, sr, inpaint: continue from the model saved in --out")

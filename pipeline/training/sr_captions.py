@@ -1,8 +1,9 @@
 """Teaching the upscaler the phrasings people write without losing what it does with the template:
 caption distillation.
 
-The teacher is the saved upscaler as it is (its U-Net and its caption encoder given the training
-template, "a red circle on a blue background"). The student starts as a copy of it. Each step draws
+The teacher is an upscaler as it is (its U-Net and its caption encoder given the training
+template, "a red circle on a blue background"): by default the saved one, which the student starts
+as a copy of; a run may also continue a student from another teacher (``teacher``). Each step draws
 scenes, noised latents and noised low-res inputs as ``sr`` trains, and a caption in one of the
 training phrasings (or the template, or none); the student's U-Net output for that caption is
 pulled towards the teacher's output for the template caption of the same scene, and the student's
@@ -60,9 +61,11 @@ def _loop(config: dict) -> None:
     tokenizer = architectures.tokenizer()
     captions = CaptionSampler(tokenizer, scenes, config["template_share"], config["uncond_share"])
     teacher = Denoiser(architectures.sr_unet(), architectures.text_encoder(tokenizer))
-    teacher.load_state_dict(config["init"])
+    teacher.load_state_dict(config["teacher"])
     teacher.to(worker.device).eval().requires_grad_(False)
-    student = _Student(copy.deepcopy(teacher.unet), copy.deepcopy(teacher.text_encoder)).train().requires_grad_(True)
+    student = _Student(copy.deepcopy(teacher.unet), copy.deepcopy(teacher.text_encoder))
+    student.load_state_dict(config["init"])
+    student.train().requires_grad_(True)
     student.unet.requires_grad_(config["unet_lr_scale"] > 0)
     scheduler = architectures.noise_scheduler(sr.PREDICTION)
 
@@ -85,15 +88,23 @@ def _loop(config: dict) -> None:
     worker.finish(worker.train(student, loss_fn, {"unet.": config["unet_lr_scale"]}))
 
 
-def train(out: Path, cluster: Cluster, config: CaptionDistillConfig = CaptionDistillConfig()) -> Path:
-    """Distil the captions of the upscaler saved in ``out``/shapes-sr into it (module docstring)."""
+def _state(folder: Path) -> tuple[StableDiffusionUpscalePipeline, dict]:
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    return pipe, Denoiser(pipe.unet, pipe.text_encoder).state_dict()
+
+
+def train(out: Path, cluster: Cluster, config: CaptionDistillConfig = CaptionDistillConfig(),
+          teacher: Path | None = None) -> Path:
+    """Distil the captions of ``teacher`` (an upscaler folder; default: the one saved in
+    ``out``/shapes-sr) into the upscaler saved in ``out`` (module docstring)."""
     dest = out / NAME
-    saved = StableDiffusionUpscalePipeline.from_pretrained(dest, use_safetensors=True, local_files_only=True)
+    saved, init = _state(dest)
     config_dict = {
         **config.__dict__,
         "schedule": config.schedule.to_dict(),
         "vae": vae_payload(saved.vae),
-        "init": Denoiser(saved.unet, saved.text_encoder).state_dict(),
+        "init": init,
+        "teacher": init if teacher is None else _state(teacher)[1],
     }
     payload = fit(_loop, config_dict, cluster, f"{NAME}-captions")
     sr.assemble(saved.vae, payload["ema"]).save_pretrained(dest, safe_serialization=True)
