@@ -58,6 +58,8 @@ def environment(tmp_path_factory, s3_endpoint):
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
         "SHARDGEN_CACHE": str(cache),
+        # No usage reporting from the tests' Rays: it costs each Ray a collector actor (a process).
+        "RAY_USAGE_STATS_ENABLED": "0",
     }
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
