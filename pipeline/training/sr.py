@@ -112,32 +112,35 @@ def _noise_levels(n: int, low: int, worker: Worker) -> torch.Tensor:
     return (torch.rand(n, generator=worker.generator) * (cap + 1)).long()
 
 
-def training_set(config: dict, worker: Worker) -> tuple[list[data.Scene], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This worker's scenes, their 128x128 renders' latent posterior (mean, std) and their 32x32
-    renders in [-1, 1]. The whole (small) set lives on the worker's device; crops are gathered there."""
-    scenes = worker.shard(data.sample_scenes(config["scenes"], worker.schedule.seed + 2))
-    mean, std = posterior(vae_from_payload(config["vae"]).to(worker.device), data.render_all(scenes, data.HIGH_RES), chunk=32)
-    low = torch.from_numpy(data.to_tensor_range(data.render_all(scenes, data.LOW_RES))).to(worker.device)
-    return scenes, mean, std, low
+class TrainingSet:
+    """This worker's scenes, their 128x128 renders' latent posterior (``mean``, ``std``) and their
+    32x32 renders in [-1, 1] (``low``). The whole (small) set lives on the worker's device; crops are
+    gathered there."""
 
+    def __init__(self, config: dict, worker: Worker):
+        self.crop, self.low_noise_level, self.worker = config["crop"], config["low_noise_level"], worker
+        self.scenes = worker.shard(data.sample_scenes(config["scenes"], worker.schedule.seed + 2))
+        vae = vae_from_payload(config["vae"]).to(worker.device)
+        self.mean, self.std = posterior(vae, data.render_all(self.scenes, data.HIGH_RES), chunk=32)
+        self.low = torch.from_numpy(data.to_tensor_range(data.render_all(self.scenes, data.LOW_RES))).to(worker.device)
+        self.low_res_scheduler = architectures.low_res_scheduler()
 
-def conditions(idx: torch.Tensor, config: dict, worker: Worker, mean: torch.Tensor, std: torch.Tensor,
-               low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For the drawn scenes: a latent sample (aligned ``crop``), the low-res crop noised at a
-    random level as the pipeline noises it, and that level (the U-Net's class label)."""
-    crop = config["crop"]
-    z_mean, z_std, low_crop = _aligned_crops(idx, crop, worker, mean, std, low)
-    z0 = sample_latents(z_mean, z_std, worker)
-    levels = _noise_levels(len(idx), config["low_noise_level"], worker).to(worker.device)
-    noisy_low = architectures.low_res_scheduler().add_noise(low_crop, worker.randn(len(idx), 3, crop, crop), levels)
-    return z0, noisy_low, levels
+    def draw(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the scenes ``idx``: a latent sample (aligned ``crop``), the low-res crop noised at a
+        random level as the pipeline noises it, and that level (the U-Net's class label)."""
+        worker, crop = self.worker, self.crop
+        z_mean, z_std, low_crop = _aligned_crops(idx, crop, worker, self.mean, self.std, self.low)
+        z0 = sample_latents(z_mean, z_std, worker)
+        levels = _noise_levels(len(idx), self.low_noise_level, worker).to(worker.device)
+        noisy_low = self.low_res_scheduler.add_noise(low_crop, worker.randn(len(idx), 3, crop, crop), levels)
+        return z0, noisy_low, levels
 
 
 def _loop(config: dict) -> None:
     worker = Worker(config)
-    scenes, mean, std, low = training_set(config, worker)
+    batches = TrainingSet(config, worker)
     tokenizer = architectures.tokenizer()
-    captions = CaptionSampler(tokenizer, scenes, config["template_share"], config["uncond_share"])
+    captions = CaptionSampler(tokenizer, batches.scenes, config["template_share"], config["uncond_share"])
     model = Denoiser(architectures.sr_unet(), architectures.text_encoder(tokenizer))
     if config["init"] is not None:
         model.load_state_dict(config["init"])
@@ -146,8 +149,8 @@ def _loop(config: dict) -> None:
     scheduler = architectures.noise_scheduler(PREDICTION)
 
     def loss_fn(ddp):
-        idx = worker.batch_indices(len(mean))
-        z0, noisy_low, levels = conditions(idx, config, worker, mean, std, low)
+        idx = worker.batch_indices(len(batches.scenes))
+        z0, noisy_low, levels = batches.draw(idx)
         return ddpm_loss(
             ddp, scheduler, z0, captions(idx, worker.generator), worker,
             condition=noisy_low, class_labels=levels,

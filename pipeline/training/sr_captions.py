@@ -57,9 +57,9 @@ class _Student(Denoiser):
 
 def _loop(config: dict) -> None:
     worker = Worker(config)
-    scenes, mean, std, low = sr.training_set(config, worker)
+    batches = sr.TrainingSet(config, worker)
     tokenizer = architectures.tokenizer()
-    captions = CaptionSampler(tokenizer, scenes, config["template_share"], config["uncond_share"])
+    captions = CaptionSampler(tokenizer, batches.scenes, config["template_share"], config["uncond_share"])
     teacher = Denoiser(architectures.sr_unet(), architectures.text_encoder(tokenizer))
     teacher.load_state_dict(config["teacher"])
     teacher.to(worker.device).eval().requires_grad_(False)
@@ -71,8 +71,8 @@ def _loop(config: dict) -> None:
 
     def loss_fn(ddp):
         # 1. The upscaler's inputs for the drawn scenes, noised at a random step.
-        idx = worker.batch_indices(len(mean))
-        z0, noisy_low, levels = sr.conditions(idx, config, worker, mean, std, low)
+        idx = worker.batch_indices(len(batches.scenes))
+        z0, noisy_low, levels = batches.draw(idx)
         t = torch.randint(scheduler.config.num_train_timesteps, (len(idx),), generator=worker.generator).to(worker.device)
         x = torch.cat([scheduler.add_noise(z0, worker.randn(*z0.shape), t), noisy_low], dim=1)
         # 2. The teacher's output given the template caption of each scene.
