@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipeline.images import keep_unmasked
 from pipeline.training import architectures, captions, data, ddpm, evaluate, measure, sr, sr_captions, t2i, vae
-from pipeline.training.__main__ import TRAINED
+from pipeline.training.__main__ import TRAINED, main
 from pipeline.training.classifier import NAME as CLASSIFIER_NAME
 from pipeline.training.classifier import ShapeClassifier
 from pipeline.training.distributed import Cluster, Schedule, Worker, fit
@@ -179,6 +179,28 @@ def test_ddpm_trains_in_process_and_saves_a_ddpm_pipeline(tmp_path):
     pipe = DDPMPipeline.from_pretrained(dest, use_safetensors=True, local_files_only=True)
     image = pipe(batch_size=1, num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (32, 32, 3)
+
+
+def test_compare_sr_pairs_scenes_so_a_model_against_itself_differs_by_nothing(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    base = TRAINED / sr.NAME
+    other = tmp_path / sr.NAME
+    shutil.copytree(base, other)
+    weights_file = other / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_file)
+    weights["conv_out.bias"] = weights["conv_out.bias"] + 0.05  # a shift every scene's output carries
+    save_file(weights, weights_file)
+    same = evaluate.sr_paired(base, base, 3, evaluate.PHRASINGS["template"])
+    assert same == {"mean_db": 0.0, "standard_error_db": 0.0, "worse": 0, "n": 3}
+    shifted = evaluate.sr_paired(base, other, 3, evaluate.PHRASINGS["template"])
+    assert shifted["mean_db"] != 0.0 and shifted["standard_error_db"] > 0.0
+    main(["compare-sr", "--models", str(base), str(other), "--images", "2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(evaluate.PHRASINGS)
+    assert all("other - base:" in line and "of 2 scenes" in line for line in lines)
+    with pytest.raises(SystemExit, match="two upscaler folders"):
+        main(["compare-sr", "--models", str(base)])
 
 
 @pytest.mark.parametrize("unet_lr_scale", [0.0, 0.5])

@@ -1,5 +1,5 @@
-"""``python -m pipeline.training {vae,t2i,sr,sr-captions,inpaint,ddpm,classifier,all,eval}``: train the built-in
-shapes models on Ray Train and save them as diffusers pipelines, or measure them."""
+"""``python -m pipeline.training {vae,t2i,sr,sr-captions,inpaint,ddpm,classifier,all,eval,eval-sr,compare-sr}``:
+train the built-in shapes models on Ray Train and save them as diffusers pipelines, or measure them."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def _train(name: str, out: Path, cluster: Cluster, args: argparse.Namespace) -> 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.training", description=__doc__)
-    parser.add_argument("what", choices=(*ORDER, "all", "eval", "eval-sr"))
+    parser.add_argument("what", choices=(*ORDER, "all", "eval", "eval-sr", "compare-sr"))
     parser.add_argument("--out", type=Path, default=TRAINED, help="folder of the saved models (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (data parallel)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (and Ray CPUs) per worker")
@@ -94,15 +94,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--template-share", type=float, default=None,
                         help="t2i, sr, sr-captions, inpaint: share of training captions in the template phrasing")
     parser.add_argument("--resume", action="store_true", help="t2i, sr, inpaint: continue from the model saved in --out")
-    parser.add_argument("--images", type=int, default=None, help="eval: images per figure (default: the acceptance counts)")
-    parser.add_argument("--models", type=Path, nargs="+", default=None, help="eval-sr: upscaler folders (default: --out's shapes-sr)")
-    parser.add_argument("--device", default="cpu", help="eval-sr: torch device of the pipelines")
+    parser.add_argument("--images", type=int, default=None, help="eval: images per figure (default: the acceptance counts); eval-sr, compare-sr: scenes (default 100, 200)")
+    parser.add_argument("--models", type=Path, nargs="+", default=None, help="eval-sr: upscaler folders (default: --out's shapes-sr); compare-sr: the base folder, then the other")
+    parser.add_argument("--device", default="cpu", help="eval-sr, compare-sr: torch device of the pipelines")
     parser.add_argument("--json", type=Path, default=None, help="eval-sr: also write the figures to this file")
     args = parser.parse_args(argv)
     if args.what == "eval-sr":
         from pipeline.training import evaluate
 
         evaluate.sr_figures(args.models or [args.out / "shapes-sr"], args.images or 100, args.device, args.json)
+        return
+    if args.what == "compare-sr":
+        from pipeline.training import evaluate
+
+        if not args.models or len(args.models) != 2:
+            raise SystemExit("compare-sr: --models takes two upscaler folders, the base and the other")
+        for key, phrasings in evaluate.PHRASINGS.items():
+            figures = evaluate.sr_paired(*args.models, args.images or 200, phrasings, args.device)
+            print(f"{key:<11} other - base: {figures['mean_db']:+.3f} dB, standard error {figures['standard_error_db']:.3f} dB, "
+                  f"worse on {figures['worse']} of {figures['n']} scenes", flush=True)
         return
     if args.what == "eval":
         from pipeline.training import evaluate
