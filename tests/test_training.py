@@ -203,24 +203,38 @@ def test_compare_sr_pairs_scenes_so_a_model_against_itself_differs_by_nothing(tm
         main(["compare-sr", "--models", str(base)])
 
 
-@pytest.mark.parametrize("unet_lr_scale", [0.0, 0.5])
-def test_caption_distillation_moves_what_it_trains_and_saves_a_loadable_upscaler(tmp_path, unet_lr_scale):
+@pytest.mark.parametrize(("unet_lr_scale", "unet_kept"), [(0.0, "all"), (0.5, "all"), (0.5, "cross-attention-kv")])
+def test_caption_distillation_moves_what_it_trains_and_saves_a_loadable_upscaler(tmp_path, unet_lr_scale, unet_kept):
     shutil.copytree(TRAINED / sr.NAME, tmp_path / sr.NAME)
     before = StableDiffusionUpscalePipeline.from_pretrained(tmp_path / sr.NAME, local_files_only=True)
     schedule = Schedule(steps=3, batch_size=2, lr=1e-3, warmup=1, ema_decay=0.0, log_every=1)
-    config = sr_captions.CaptionDistillConfig(schedule=schedule, scenes=8, unet_lr_scale=unet_lr_scale)
+    config = sr_captions.CaptionDistillConfig(schedule=schedule, scenes=8, unet_lr_scale=unet_lr_scale,
+                                              unet_kept=unet_kept)
     # The U-Net trains from another teacher (here the shipped upscaler itself: the same weights).
     teacher = TRAINED / sr.NAME if unet_lr_scale else None
     dest = sr_captions.train(tmp_path, Cluster(workers=1, in_process=True), config, teacher)
     after = StableDiffusionUpscalePipeline.from_pretrained(dest, local_files_only=True)
 
-    def changed(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-        return any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    def changed(a: torch.nn.Module, b: torch.nn.Module) -> set[str]:
+        return {k for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()) if not torch.equal(x, y)}
 
     assert changed(before.text_encoder, after.text_encoder)
-    assert changed(before.unet, after.unet) == (unet_lr_scale > 0)  # scale 0: the teacher's U-Net, bit for bit
+    moved = changed(before.unet, after.unet)
+    if unet_lr_scale == 0:
+        assert not moved  # the teacher's U-Net, bit for bit
+    elif unet_kept == "all":
+        assert any("attn2" not in k for k in moved)
+    else:  # the teacher's U-Net but for the cross-attention's key and value projections, all of them trained
+        kv = {k for k in before.unet.state_dict() if k.endswith(sr_captions.CROSS_ATTENTION_KV)}
+        assert moved == kv and len(kv) > 0
     assert not changed(before.vae, after.vae)
     low = Image.fromarray(data.render(data.sample_scenes(1, 5)[0]))
     image = after("a red circle", image=low, num_inference_steps=2, noise_level=20, guidance_scale=1.0,
                   output_type="np").images[0]
     assert image.shape == (128, 128, 3) and np.isfinite(image).all()
+
+
+def test_caption_distillation_names_an_unknown_unet_kept_choice(tmp_path):
+    config = sr_captions.CaptionDistillConfig(unet_kept="attention")
+    with pytest.raises(ValueError, match="unet_kept must be one of all, cross-attention-kv, not 'attention'"):
+        sr_captions.train(tmp_path, Cluster(workers=1, in_process=True), config)

@@ -16,7 +16,7 @@ TRAINED = Path(__file__).resolve().parent.parent / "models" / "trained"
 # upscaler; the pixel-space DDPM needs nothing.
 ORDER = ("classifier", "vae", "t2i", "sr-vae", "sr", "sr-captions", "inpaint", "ddpm")
 # Config fields the command line may set, besides the schedule's.
-CONFIG_FLAGS = ("scenes", "crop", "unet_lr_scale", "template_share")
+CONFIG_FLAGS = ("scenes", "crop", "unet_lr_scale", "unet_kept", "template_share")
 
 
 def _configured(config, args: argparse.Namespace, field: str = "schedule"):
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crop", type=int, default=None, help="sr: training crop, in latent (= low-res) pixels; 32 is the whole image")
     parser.add_argument("--unet-lr-scale", type=float, default=None,
                         help="sr-captions: the U-Net's learning rate as a fraction of the caption encoder's (0: frozen)")
+    parser.add_argument("--unet-kept", default=None,
+                        help="sr-captions: what of the trained U-Net is saved: all (the default) or cross-attention-kv "
+                             "(the key and value projections of its cross-attention; the teacher's weights elsewhere)")
     parser.add_argument("--teacher", type=Path, default=None,
                         help="sr-captions: the upscaler folder to distil from (default: the one saved in --out)")
     parser.add_argument("--template-share", type=float, default=None,
