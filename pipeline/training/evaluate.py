@@ -54,6 +54,7 @@ SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm-solver": DPMSolve
 # sharp sample of the distribution, whose PSNR is lower wherever the model is unsure.
 # The upscaling stage's defaults as (sampler, steps, noise level); guidance is 1 in every setting.
 STAGE_SR_SETTING = ("dpm-solver", 20, 20)
+SR_CHUNK = 25  # upscaled scenes per pipeline call (memory only: the noise is drawn per scene)
 SR_SETTINGS = (
     STAGE_SR_SETTING, ("dpm-solver", 20, 0), ("ddim", 20, 20), ("ddim", 50, 20), ("ddim", 1, 20), ("ddim", 2, 20),
 )
@@ -141,7 +142,7 @@ def _sr_psnrs(
 
 def super_resolution(
     folder: Path, n: int, steps: int, noise_level: int, guidance: float, sampler: str = "dpm-solver", device: str = "cpu",
-    chunk: int = 25, phrasings: tuple[str, ...] = (TEMPLATE,),
+    chunk: int = SR_CHUNK, phrasings: tuple[str, ...] = (TEMPLATE,),
 ) -> dict[str, float]:
     """Mean PSNR of the upscaled held-out scenes and of their bicubic upsampling (``_sr_psnrs``)."""
     model, bicubic = _sr_psnrs(folder, n, steps, noise_level, guidance, sampler, device, chunk, phrasings)
@@ -155,7 +156,7 @@ def sr_paired(base: Path, other: Path, n: int, phrasings: tuple[str, ...], devic
     error and how many scenes ``other`` does worse on. A difference of a few hundredths of a dB
     between two means is real only when it is several standard errors."""
     sampler, steps, noise_level = STAGE_SR_SETTING
-    base_psnrs, other_psnrs = (_sr_psnrs(f, n, steps, noise_level, 1.0, sampler, device, 25, phrasings)[0] for f in (base, other))
+    base_psnrs, other_psnrs = (_sr_psnrs(f, n, steps, noise_level, 1.0, sampler, device, SR_CHUNK, phrasings)[0] for f in (base, other))
     diff = other_psnrs - base_psnrs
     return {
         "mean_db": float(diff.mean()),
