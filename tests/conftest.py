@@ -7,7 +7,7 @@ a test is integration when it uses a fixture that starts one of them (INTEGRATIO
 fixture built on one) or is listed in INTEGRATION_TESTS (whose tests start them by
 themselves: the CLI in a subprocess, a job through `run_job`). In the fast tier a test that starts
 Ray, a subprocess or a server anyway fails, naming this file, instead of slowing the tier silently.
-Bench, GPU bench, training and synth-eval runs are also `slow` (SLOW_MODULES); `make test` runs all.
+Bench, GPU bench, training and synth-eval runs are also `slow` (SLOW_TESTS); `make test` runs all.
 
 The environment is set up before Ray starts so that Ray's workers inherit it: test credentials,
 the model cache folder, and (once the S3 server runs: `s3_endpoint`) the S3 endpoint. Ray Data's
@@ -44,7 +44,7 @@ RAY_DATA_NO_PROGRESS_S = 600
 
 # Fixtures that start Ray, a subprocess or a server; a test using one, or a fixture built on one,
 # is an integration test.
-INTEGRATION_FIXTURES = {"ray_local", "s3_endpoint", "ray_head", "synth_output", "hub", "cluster"}
+INTEGRATION_FIXTURES = {"ray_local", "s3_endpoint", "ray_head", "synth_output", "hub", "cluster", "browser"}
 # Modules ("test_x.py") and tests ("test_x.py::test_y") that start Ray, a subprocess or a server
 # without such a fixture (through `run_job`, the CLI, or a process of their own).
 INTEGRATION_TESTS = {
@@ -52,9 +52,19 @@ INTEGRATION_TESTS = {
     "test_families.py::test_mismatch_exits_2_through_the_cli_before_any_actor",
     "test_inspect.py::test_memory_stays_flat_in_dataset_size",
     "test_progress.py::test_a_run_prints_a_few_lines_and_the_summary_last",
+    # torch.compile's inductor compiles in worker processes
+    "test_stage_speed.py::test_compiled_stage_pads_calls_to_one_shape_and_gives_the_same_images",
 }
-# Runs that measure or train rather than check a promise: also a `slow` tier.
-SLOW_MODULES = {"test_gpubench.py", "test_training.py", "test_synth.py"}
+# Runs that measure or train rather than check a promise (bench, GPU bench, training, synth-eval):
+# the `slow` tier, as modules or module::test.
+SLOW_TESTS = {
+    "test_gpubench.py", "test_synth.py::test_small_experiment",
+    "test_training.py::test_ray_train_ddpm_loss_falls_and_saves_a_loadable_pipeline",
+    "test_training.py::test_a_wall_clock_budget_ends_the_run_on_every_worker",
+    "test_training.py::test_ddpm_trains_in_process_and_saves_a_ddpm_pipeline",
+    "test_training.py::test_compare_sr_pairs_scenes_so_a_model_against_itself_differs_by_nothing",
+    "test_training.py::test_caption_distillation_moves_what_it_trains_and_saves_a_loadable_upscaler",
+}
 
 
 def pytest_configure(config):
@@ -70,16 +80,19 @@ def pytest_configure(config):
 FIRST = ("test_node_loss.py", "test_worker_sigkill.py")
 
 
+def listed(item, names: set[str]) -> bool:
+    return bool({item.path.name, f"{item.path.name}::{item.originalname}"} & names)
+
+
 def is_integration(item) -> bool:
-    listed = {item.path.name, f"{item.path.name}::{item.originalname}"} & INTEGRATION_TESTS
-    return bool(listed) or bool(INTEGRATION_FIXTURES & set(item.fixturenames))
+    return listed(item, INTEGRATION_TESTS) or bool(INTEGRATION_FIXTURES & set(item.fixturenames))
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if is_integration(item):
             item.add_marker(pytest.mark.integration)
-        if item.path.name in SLOW_MODULES:
+        if listed(item, SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: item.path.name not in FIRST)  # stable: the rest keep their order
 
