@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import weakref
 
+import diffusers
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -91,10 +92,19 @@ def test_out_of_memory_fails_its_row_alone(stage, tmp_path):
     assert stage.freed_before_next_call and all(stage.freed_before_next_call)
 
 
-def test_stage_keeps_working_after_a_fault(stage, tmp_path):
-    stage(prepared(["OOM"], tmp_path))
+def test_stage_keeps_working_after_a_fault_with_the_model_it_loaded(stage, tmp_path, monkeypatch):
+    """The actor keeps its model: no pipeline is loaded again after a faulted row (a load counted
+    on the pipeline class), and the stage's pipeline is the very object it loaded at start."""
+    loads = []
+    pipeline_class = getattr(diffusers, stage.pipeline_class)
+    real = pipeline_class.from_pretrained.__func__
+    monkeypatch.setattr(pipeline_class, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or real(cls, *a, **k)))
+    pipe = stage.pipe
+    stage(prepared(["OOM", "RAM"], tmp_path))
     out = stage(prepared(["a red circle", "a blue square"], tmp_path))
     assert values(out, "status") == ["ok", "ok"] and values(out, "error") == [None, None]
+    assert stage.pipe is pipe and loads == []
 
 
 POISON = "purple"

@@ -10,7 +10,6 @@ import os
 import time
 
 import boto3
-import numpy as np
 import pytest
 import ray
 from botocore.exceptions import ClientError
@@ -20,7 +19,7 @@ from pipeline import storage
 from pipeline.errors import ManifestError, SpecError, StorageError
 from pipeline.job import run_job
 from pipeline.spec import JobSpec, StorageSpec, parse_spec
-from tests.conftest import read_output, small_spec, write_manifest
+from tests.helpers import png, read_output, small_spec, write_manifest
 from tests.s3_fault_proxy import FAULTS, FaultProxy
 
 ROWS = 10
@@ -31,13 +30,6 @@ def most_sends(fault: str, max_attempts: int) -> int:
     each with botocore's max_attempts tries, and aiohttp sends a try again once when the server
     closed the connection without an answer."""
     return 5 * max_attempts * (2 if fault == "drop" else 1)
-
-
-def png(size: int, seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def through(spec: JobSpec, proxy: FaultProxy, **storage_fields) -> JobSpec:

@@ -6,34 +6,20 @@ without building or loading a model; on a good spec it prints the plan and exits
 
 from __future__ import annotations
 
-import io
-from contextlib import redirect_stderr, redirect_stdout
-
 import pyarrow as pa
 import pytest
-import yaml
 
-from pipeline.cli import main
 from pipeline.errors import SpecError
 from pipeline.plan import check_fits, fit_resources
 from pipeline.spec import parse_spec
-from tests.conftest import prompts_manifest, write_manifest
-from tests.test_bad_manifests import REFUSED, png
+from tests.helpers import png, prompts_manifest, run_cli, write_manifest
+from tests.test_bad_manifests import REFUSED
 
 
 @pytest.fixture(autouse=True)
 def local_ray(monkeypatch):
     """Validate as for a local run, whatever `ray start` left on this machine."""
     monkeypatch.setenv("RAY_ADDRESS", "local")
-
-
-def cli(tmp_path, command: str, spec: dict) -> tuple[int, str, str]:
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main([command, "--spec", str(path)])
-    return code, out.getvalue(), err.getvalue()
 
 
 # test_validation.py's cases and the corpus's, as (name, spec fields, manifest rows).
@@ -55,8 +41,8 @@ def test_refuses_each_bad_manifest_as_run_does_without_a_model(tmp_path, monkeyp
     spec = {"manifest": manifest, "output": str(tmp_path / "out"), **fields}
     if "flows" not in spec:
         spec.setdefault("stages", [{"kind": "text_to_image", "model": "builtin:tiny-sd"}])
-    validated = cli(tmp_path, "validate", spec)
-    ran = cli(tmp_path, "run", spec)
+    validated = run_cli(tmp_path, spec, command="validate")
+    ran = run_cli(tmp_path, spec, command="run")
     assert validated[0] == ran[0] == 2, validated
     assert validated[2] == ran[2] and validated[2].startswith("shardgen: error: ")
     assert not cache.exists() and not (tmp_path / "out").exists()
@@ -68,7 +54,7 @@ def test_good_spec_prints_the_plan_and_exits_0(tmp_path):
     manifest = write_manifest(str(tmp_path / "m.parquet"), [{**r, "steps": r.get("steps")} for r in rows])
     spec = {"manifest": manifest, "output": str(tmp_path / "out"), "format": {"rows_per_shard": 2},
             "stages": [{"kind": "text_to_image"}, {"kind": "super_resolution", "batch_size": 4}]}
-    code, out, err = cli(tmp_path, "validate", spec)
+    code, out, err = run_cli(tmp_path, spec, command="validate")
     assert code == 0, err
     assert "5 rows" in out and "output " + str(tmp_path / "out") + ": new" in out
     assert "0. text_to_image: builtin:shapes-t2i, 20 steps, guidance 4 (recommended), 32x32 (recommended)" in out
@@ -84,7 +70,7 @@ def test_shows_the_columns_mapping_and_tiny_model_warning(tmp_path):
     manifest = write_manifest(str(tmp_path / "m.parquet"), table)
     spec = {"manifest": manifest, "output": str(tmp_path / "out"), "columns": {"id": "image_name", "prompt": "caption"},
             "stages": [{"kind": "text_to_image", "model": "builtin:tiny-sd", "cpus_per_actor": 0.5}]}
-    code, out, err = cli(tmp_path, "validate", spec)
+    code, out, err = run_cli(tmp_path, spec, command="validate")
     assert code == 0, err
     assert "mapped: image_name -> id, caption -> prompt; passed through: sampler" in out
     assert out.count("builtin:tiny-sd has random weights and draw(s) noise") == 1
@@ -95,7 +81,7 @@ def test_refuses_stages_that_cannot_fit_the_machine(tmp_path):
     manifest = write_manifest(str(tmp_path / "m.parquet"), prompts_manifest(1))
     spec = {"manifest": manifest, "output": str(tmp_path / "out"),
             "stages": [{"kind": "text_to_image", "cpus_per_actor": 64}]}
-    code, _, err = cli(tmp_path, "validate", spec)
+    code, _, err = run_cli(tmp_path, spec, command="validate")
     assert code == 2 and "the stages' minimum actors need 64.25 CPUs" in err, err
 
 
@@ -103,7 +89,7 @@ def test_samples_images_of_an_image_flow(tmp_path):
     rows = [{"id": "ok", "image": png((16, 16))}, {"id": "odd", "image": png((12, 12))}]
     manifest = write_manifest(str(tmp_path / "m.parquet"), rows)
     spec = {"manifest": manifest, "output": str(tmp_path / "out"), "stages": [{"kind": "super_resolution"}]}
-    code, out, err = cli(tmp_path, "validate", spec)
+    code, out, err = run_cli(tmp_path, spec, command="validate")
     assert code == 0, err
     assert "'odd': image: width 12 is not a positive multiple of 8" in out
 
