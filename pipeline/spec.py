@@ -49,6 +49,9 @@ NOISE_MODEL_PREFIX = "builtin:tiny-"
 # The manifest columns shardgen reads by name; `columns:` maps them to a manifest's own names.
 ManifestColumn = Literal["id", "task", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width",
                          "height", "strength", "image", "mask"]
+# The manifest columns that set a generation parameter per row. Opt-in: a caption set's `width` is
+# the photo's size, not the size to generate at.
+OverrideColumn = Literal["steps", "guidance_scale", "strength", "width", "height"]
 
 
 class _Strict(BaseModel):
@@ -291,7 +294,14 @@ class JobSpec(_Strict):
     columns: dict[ManifestColumn, str] = Field(
         default={},
         description="the manifest's own name for a column shardgen reads, e.g. {id: image_name, "
-        "guidance_scale: cfg}; the output names it as shardgen does",
+        "guidance_scale: cfg}; the output names it as shardgen does. An entry for a generation parameter "
+        "(steps, guidance_scale, strength, width, height) makes that column a per-row override",
+    )
+    overrides: list[OverrideColumn] = Field(
+        default=[],
+        description="manifest columns, under their own names, that set a generation parameter per row of the "
+        "first stage; every other manifest column passes through to the output, under `source_NAME` where the "
+        "output has a column NAME of its own (docs/contract.md)",
     )
     storage: StorageSpec = Field(default=StorageSpec(), description="object storage options")
     stages: Annotated[list[StageSpec], Field(min_length=1)] = Field(

@@ -34,13 +34,19 @@ def _output_state(spec: JobSpec, checked: job.Checked) -> str:
 
 def _columns(spec: JobSpec) -> str:
     names = manifest.open_manifest(spec).schema.names
+    read_as = manifest.read_names(spec, names)
     mapped = ", ".join(f"{column} -> {name}" for name, column in spec.columns.items())
     known = set(manifest.COLUMN_TYPES)
-    passed = [n for n in manifest.mapped_names(spec, names) if n not in known]
+    passed = [c if n == c else f"{c} (as {n})" for c, n in read_as.items()
+              if n not in known and c not in spec.columns.values()]
     text = f"columns {names}"
     if mapped:
         text += f"; mapped: {mapped}"
-    return text + (f"; passed through: {', '.join(passed)}" if passed else "")
+    if passed:
+        text += f"; passed through: {', '.join(passed)}"
+    overrides = manifest.overrides(spec)
+    return text + (f"; per-row overrides: {', '.join(overrides)}" if overrides else
+                   "; per-row overrides: none (every row runs at its stage's settings)")
 
 
 def _stage(stage: StageSpec) -> str:

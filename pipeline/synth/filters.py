@@ -29,15 +29,13 @@ from PIL import Image
 
 from pipeline import columns, manifest, storage
 from pipeline.errors import SpecError
+from pipeline.output_schema import PHASH, PROB, REASON
 from pipeline.spec import ConfidenceFilterSpec, FiltersSpec, JobSpec
 from pipeline.writers.parquet import ParquetWriter
 
 if TYPE_CHECKING:
     from pipeline.synth.classifiers import Classifier
 
-PHASH = "phash"
-PROB = "label_prob"
-REASON = "filter_reason"
 FILTERED = "filtered"
 # Filter kinds, in the order they are applied; a reason starts with its kind.
 LOW_CONFIDENCE, EXACT, NEAR = "low_confidence", "exact_duplicate", "near_duplicate"
