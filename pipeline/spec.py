@@ -270,19 +270,20 @@ class ConfidenceFilterSpec(_Strict):
         description="the classifier: builtin:shape-classifier (the shapes set) or a folder in its format",
     )
     threshold: Annotated[float, Field(ge=0, le=1)] | None = Field(
-        default=None, description="None: 1/C for a classifier of C classes (He et al., ICLR 2023)")
+        default=None, description="None: 1/C, C the number of classes among the job's rows (He et al., ICLR 2023)")
     label_column: str = Field(default="label_name",
                               description="the manifest column that names each row's class as the classifier does")
 
 
 class FiltersSpec(_Strict):
     """Filters mark rows `status: filtered` with the reason in `filter_reason`; no row is dropped.
-    They run over the whole output once every shard is written (pipeline/synth/filters.py)."""
+    They run over the whole output once every shard is written (pipeline/synth/filters.py). Only
+    the filters the spec names run: each is off by default."""
 
-    exact_duplicates: bool = Field(default=True, description="filter rows whose image_sha256 an earlier id has")
+    exact_duplicates: bool = Field(default=False, description="filter rows whose image_sha256 an earlier id has")
     near_duplicate_distance: Annotated[int, Field(ge=0, le=64)] | None = Field(
-        default=2, description="filter rows whose 64-bit perceptual hash (imagehash.phash) is at most this many "
-        "bits from a kept earlier id's; None: off")
+        default=None, description="filter rows whose 64-bit perceptual hash (imagehash.phash) is at most this many "
+        "bits from a kept earlier id's (2 is a usual choice); None: off")
     confidence: ConfidenceFilterSpec | None = Field(default=None, description="the classifier-confidence filter")
 
 
