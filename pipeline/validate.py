@@ -11,7 +11,7 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import access, job, layout, manifest, storage
+from pipeline import access, job, layout, manifest, storage, vocabulary
 from pipeline.models.resolve import check_sources
 from pipeline.prepare import prepare_batch
 from pipeline.spec import JobSpec, StageSpec
@@ -97,9 +97,9 @@ def validate(spec: JobSpec, log=print) -> None:
     ids: pa.Array = checked.ids
     log(f"shardgen: manifest {spec.manifest}: {len(ids)} rows, {_columns(spec)}")
     log(f"  output {spec.output}: {_output_state(spec, checked)}")
-    warning = job.noise_warning(spec)
-    if warning:
-        log(warning)
+    for warning in (job.noise_warning(spec), vocabulary.warning(spec)):
+        if warning:
+            log(warning)
     have_cpu, have_gpu, node_cpu, where = plan.resources_for_run()
     fitted = plan.fit_resources(spec, have_cpu, have_gpu, node_cpu)
     log(f"  cluster: {where}: {have_cpu:g} CPUs, {have_gpu:g} GPUs")
