@@ -31,9 +31,26 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _nightly(args: argparse.Namespace) -> int:
-    from pipeline import nightly
+    """Catch up the nights of a spec, locally or on a cluster (--address). It sits here, above
+    both nightly and submit, so that neither imports the other back."""
+    from pipeline import dates, submit
+    from pipeline.errors import EXIT_OK, SpecError
+    from pipeline.nightly import catch_up, first_night, load_nights, outcome_table, run_local
 
-    return nightly.command(args)
+    overrides = {"manifest": args.manifest, "output": args.output}
+    last = dates.parse_night(args.to)
+    if args.from_:
+        first = dates.parse_night(args.from_)
+    elif args.missing:
+        root, (night,) = load_nights(args.spec, [last], **overrides)
+        first = min(first_night(root, night.spec.storage) or last, last)
+    else:
+        raise SpecError("--from: give the first night, or --missing for every night since the first one")
+    run = submit.run_remote(submit.client(args.address), args.spec, args.working_dir, overrides) \
+        if args.address else run_local
+    outcomes = catch_up(args.spec, first, last, run, args.missing, **overrides)
+    print(outcome_table(outcomes) if outcomes else f"shardgen nightly: every night from {first} to {last} is complete")
+    return next((o.code for o in outcomes if o.code != EXIT_OK and o.status != "running"), EXIT_OK)
 
 
 def _validate(args: argparse.Namespace) -> int:
