@@ -53,7 +53,18 @@ def open_manifest(spec: JobSpec) -> pads.Dataset:
         with storage.guard("read manifest", spec.manifest, spec.storage):
             return pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=False)
     except (FileNotFoundError, OSError, pa.ArrowInvalid) as err:
-        raise ManifestError(storage.redact(f"cannot read manifest {spec.manifest}: {err}", spec.storage)) from None
+        raise ManifestError(storage.redact(f"cannot read manifest {spec.manifest}: {_reason(err, path)}",
+                                           spec.storage)) from None
+
+
+def _reason(err: Exception, path: str) -> str:
+    """Why a manifest could not be read, in words: an OSError's text is often just the path."""
+    if isinstance(err, FileNotFoundError):
+        return "no such file or folder"
+    if isinstance(err, PermissionError):
+        return "permission denied"
+    text = str(err)
+    return type(err).__name__ if text in ("", path, repr(path)) else text
 
 
 def source(spec: JobSpec, name: str) -> str:

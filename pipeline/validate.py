@@ -93,7 +93,7 @@ def validate(spec: JobSpec, log=print) -> None:
 
     checked = job.check(spec)
     if checked.finished is None:
-        check_sources(spec)
+        check_sources(spec, build=False)
     ids: pa.Array = checked.ids
     log(f"shardgen: manifest {spec.manifest}: {len(ids)} rows, {_columns(spec)}")
     log(f"  output {spec.output}: {_output_state(spec, checked)}")
