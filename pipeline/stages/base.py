@@ -273,7 +273,7 @@ class DiffusionStage:
             (images, text), problem = self.generate(batch, rows), None
         except Exception as err:  # noqa: BLE001 - every failure becomes the row's error message
             images, problem = None, _problem(self.kind, err)
-        self.clock.pipeline_ran(time.perf_counter() - start)
+        self.clock.pipeline_ran(time.perf_counter() - start, len(rows), self.call_rows)
         # Retried outside the except block: the exception's traceback holds the failed call's
         # tensors, which an out-of-memory retry needs freed first.
         if images is None:
