@@ -23,7 +23,8 @@ TOTALS = {"text_to_image": 36, "super_resolution": 36, "inpainting": 12}
 # What a run printed before: library warnings and loading bars of every actor, Ray's notices, Ray
 # Data's operator table and its filter warning.
 NOISE = ("[transformers]", "torchvision", "Loading pipeline components", "Loading weights", "Token authentication",
-         "UserWarning", "INFO", "Running Dataset", "Parquet dataset sampling")
+         "UserWarning", "INFO", "Running Dataset", "Parquet dataset sampling",
+         ".cc:")  # Ray's native log lines ("core_worker.cc:2465: Actor ... max_restarts > 0") stay in its logs
 
 
 def test_line_says_rows_rate_and_time_left_per_stage():
