@@ -9,8 +9,8 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.job import run_job
-from pipeline.output_schema import OUTPUT_SCHEMA
 from tests.conftest import prompts_manifest, read_output, small_spec, write_manifest
+from tests.test_readme_contracts import README_COLUMNS
 
 
 def test_s3_manifest_to_s3_dataset(bucket, ray_local):
@@ -25,7 +25,7 @@ def test_s3_manifest_to_s3_dataset(bucket, ray_local):
 
     assert (stats.rows, stats.ok, stats.error) == (10, 10, 0)
     table = read_output(output)
-    assert table.schema.names[: len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
+    assert table.schema.names[: len(README_COLUMNS)] == README_COLUMNS
     assert "label" in table.schema.names  # pass-through column
     out = {r["id"]: r for r in table.to_pylist()}
     assert sorted(out) == [r["id"] for r in rows]
