@@ -119,8 +119,11 @@ def upscale_job(bucket: str) -> JobSpec:
 
 
 def test_job_rides_out_faults(bucket, s3_endpoint, ray_local):
+    """Storage calls are retried everywhere: the first try of every request the job makes fails
+    (each distinct method and path once, the fault kinds in turn), so any request made without
+    retries (the manifest, an input image, a shard, _job.json, _stats.json, the card, _SUCCESS) fails the job."""
     spec = upscale_job(bucket)
-    with FaultProxy(s3_endpoint, rate=0.1, seed=11, every=8) as proxy:
+    with FaultProxy(s3_endpoint, first_each=True) as proxy:
         stats = run_job(through(spec, proxy))
     assert (stats.rows, stats.ok, stats.error) == (ROWS, ROWS, 0)
     table = read_output(spec.output)
@@ -129,6 +132,10 @@ def test_job_rides_out_faults(bucket, s3_endpoint, ray_local):
     assert all(Image.open(io.BytesIO(r["bytes"])).size == (64, 64) for r in table.column("image").to_pylist())
     assert stored(bucket, "out/_SUCCESS", s3_endpoint) is not None
     assert all(proxy.counts[fault] > 0 for fault in FAULTS), proxy.counts
+    faulted_puts = {path.split("?")[0].removeprefix(f"/{bucket.removeprefix('s3://')}/out/")
+                    for method, path in proxy.faulted if method == "PUT"}
+    assert {"_SUCCESS", "_job.json", "_stats.json", "README.md"} <= faulted_puts, faulted_puts
+    assert any(p.startswith("data/part-") for p in faulted_puts), faulted_puts
 
 
 def test_job_fails_loudly_when_storage_never_recovers(bucket, s3_endpoint, ray_local):
