@@ -6,10 +6,14 @@ without building or loading a model; on a good spec it prints the plan and exits
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pyarrow as pa
 import pytest
 
 from pipeline.errors import SpecError
+from pipeline.models.resolve import resolve
 from pipeline.plan import check_fits, fit_resources
 from pipeline.spec import parse_spec
 from tests.helpers import png, prompts_manifest, run_cli, write_manifest
@@ -132,3 +136,32 @@ def test_explicit_resources_are_taken_as_written():
     assert [s.cpus_per_actor for s in fitted.stages] == [1, 1.0]  # 4 - 0.25 - 2 leaves 1.75: 1 whole CPU
     with pytest.raises(SpecError, match="need 2.26 CPUs and 0 GPUs .* the cluster has 2 CPUs"):
         check_fits(fit_resources(spec, 2, 0, 2), 2, 0)
+
+
+def test_validate_on_a_finished_output_and_on_another_specs_output(synthetic_output, tmp_path):
+    """On the output a spec finished: exit 0, saying a rerun does nothing; the same output under a
+    spec that differs in a row field: exit 2 with run's message, and nothing written."""
+    output = tmp_path / "out"
+    shutil.copytree(synthetic_output.output, output)
+    spec = {**json.loads((output / "_job.json").read_text())["spec"], "output": str(output)}
+    before = sorted(p.relative_to(output) for p in output.rglob("*"))
+    code, out, err = run_cli(tmp_path, spec, command="validate")
+    assert code == 0, err
+    assert f"finished by run {json.loads((output / '_stats.json').read_text())['run_id']}: a rerun does nothing" in out
+    spec["stages"][0]["steps"] += 1
+    code, _, err = run_cli(tmp_path, spec, command="validate")
+    assert code == 2 and "holds a run of another spec (changed: stages.0.steps (4 -> 5))" in err, err
+    assert sorted(p.relative_to(output) for p in output.rglob("*")) == before
+
+
+def test_validate_refuses_a_pickle_only_model_as_run_does(tmp_path):
+    from tests.test_security import _pickled
+
+    folder = _pickled(resolve("builtin:tiny-sd"), tmp_path / "pickled")
+    manifest = write_manifest(str(tmp_path / "m.parquet"), prompts_manifest(2))
+    spec = {"manifest": manifest, "output": str(tmp_path / "out"),
+            "stages": [{"kind": "text_to_image", "model": str(folder)}]}
+    code, _, err = run_cli(tmp_path, spec, command="validate")
+    assert code == 2 and f"model: {folder} holds weights only as pickles" in err, err
+    assert (code, err) == run_cli(tmp_path, spec)[::2]  # run refuses it with the same code and message
+    assert not (tmp_path / "out").exists()
