@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from pipeline.families import family_of
 from tests.helpers import read_output
@@ -32,6 +33,15 @@ def test_output_columns_are_the_readmes_in_its_order(synthetic_output):
     assert table.schema.field("image").type == pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     shard = min(Path(synthetic_output.output, "data").rglob("*.parquet"))
     assert json.loads(pq.read_schema(shard).metadata[b"huggingface"])["info"]["features"]["image"] == {"_type": "Image"}
+
+
+def test_the_card_declares_image_an_image_feature_and_every_column(synthetic_output):
+    """README: "README.md, a dataset card whose YAML declares `image` as an image feature"."""
+    card = Path(synthetic_output.output, "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    features = {f["name"]: f.get("dtype", f.get("list")) for f in front["dataset_info"]["features"]}
+    assert features["image"] == "image"
+    assert list(features)[:len(README_COLUMNS)] == README_COLUMNS
 
 
 CLIP = ["transformers", "CLIPTextModel"]
