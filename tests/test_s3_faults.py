@@ -19,7 +19,7 @@ from pipeline import storage
 from pipeline.errors import ManifestError, SpecError, StorageError
 from pipeline.job import run_job
 from pipeline.spec import JobSpec, StorageSpec, parse_spec
-from tests.helpers import png, read_output, small_spec, write_manifest
+from tests.helpers import assert_finished_exactly_once, png, read_output, small_spec, write_manifest
 from tests.s3_fault_proxy import FAULTS, FaultProxy
 
 ROWS = 10
@@ -131,6 +131,7 @@ def test_job_rides_out_faults(bucket, s3_endpoint, ray_local):
     assert set(table.column("status").to_pylist()) == {"ok"}
     assert all(Image.open(io.BytesIO(r["bytes"])).size == (64, 64) for r in table.column("image").to_pylist())
     assert stored(bucket, "out/_SUCCESS", s3_endpoint) is not None
+    assert_finished_exactly_once(spec.output, spec.manifest)
     assert all(proxy.counts[fault] > 0 for fault in FAULTS), proxy.counts
     faulted_puts = {path.split("?")[0].removeprefix(f"/{bucket.removeprefix('s3://')}/out/")
                     for method, path in proxy.faulted if method == "PUT"}

@@ -210,3 +210,15 @@ def test_deep_decodes_every_image_and_checks_its_size(copy, capsys):
     assert examples[0].startswith(f"{ids[broken_row]}: does not decode: ") or \
         examples[1].startswith(f"{ids[broken_row]}: does not decode: "), examples
     assert f"{ids[resized_row]}: decodes to 32x32, the row says 33x32" in examples
+
+
+def test_a_leftover_hidden_file_passes_verify_but_not_the_suites_exactly_once_check(copy, synthetic_output, capsys):
+    """A killed write's temporary dot-file: pyarrow and verify pass over hidden names, so the
+    check every faulted or resumed run in the suite makes lists data/ itself."""
+    from tests.helpers import assert_finished_exactly_once
+
+    assert_finished_exactly_once(str(copy), synthetic_output.manifest)
+    (copy / "data" / ".part-x.parquet.tmp-7").write_bytes(b"partial")
+    assert verify(capsys, copy, "--manifest", synthetic_output.manifest)[0] == 0
+    with pytest.raises(AssertionError, match="data/ holds files that are not shards"):
+        assert_finished_exactly_once(str(copy), synthetic_output.manifest)
