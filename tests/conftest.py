@@ -19,6 +19,7 @@ test module imports it; Ray's workers and the tests' subprocesses inherit it).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import re
 import socket
@@ -45,13 +46,10 @@ RAY_DATA_NO_PROGRESS_S = 600
 # Fixtures that start Ray, a subprocess or a server; a test using one, or a fixture built on one,
 # is an integration test.
 INTEGRATION_FIXTURES = {"ray_local", "s3_endpoint", "ray_head", "synth_output", "hub", "cluster", "browser"}
-# Modules ("test_x.py") and tests ("test_x.py::test_y") that start Ray, a subprocess or a server
-# without such a fixture (through `run_job`, the CLI, or a process of their own).
+# Modules ("test_x.py") and tests ("test_x.py::test_y") that start Ray, a subprocess or a server in
+# a way neither such a fixture nor STARTS below shows (a helper of another module, a library).
 INTEGRATION_TESTS = {
-    "test_node_loss.py", "test_worker_sigkill.py",
-    "test_families.py::test_mismatch_exits_2_through_the_cli_before_any_actor",
-    "test_inspect.py::test_memory_stays_flat_in_dataset_size",
-    "test_progress.py::test_a_run_prints_a_few_lines_and_the_summary_last",
+    "test_node_loss.py", "test_worker_sigkill.py",  # through tests/fault_runs.py
     # torch.compile's inductor compiles in worker processes
     "test_stage_speed.py::test_compiled_stage_pads_calls_to_one_shape_and_gives_the_same_images",
 }
@@ -84,8 +82,35 @@ def listed(item, names: set[str]) -> bool:
     return bool({item.path.name, f"{item.path.name}::{item.originalname}"} & names)
 
 
+# What in a test's code (or in a helper of its module it calls, or a fixture of its module it uses)
+# starts a process or a Ray: such a test is integration with no list entry.
+STARTS = re.compile(r"\bsubprocess\.(?:run|Popen|call|check_call|check_output)\b|\brun_shardgen\(|\bray\.init\(|"
+                    r"\bstart_ray\(|\brun_job\(")
+
+
+def _source(fn) -> str:
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return ""
+
+
+def starts_something(item) -> bool:
+    fn = getattr(item, "function", None)
+    module = inspect.getmodule(fn)
+    if fn is None or module is None:
+        return False
+    own = [_source(fn)] + [_source(d.func) for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs
+                           if getattr(d.func, "__module__", None) == module.__name__]
+    helpers = {name for text in own for name in re.findall(r"\b([A-Za-z_]\w*)\(", text)}
+    own += [_source(f) for name in helpers if inspect.isfunction(f := getattr(module, name, None))
+            and f.__module__ == module.__name__]
+    return any(STARTS.search(text) for text in own)
+
+
 def is_integration(item) -> bool:
-    return listed(item, INTEGRATION_TESTS) or bool(INTEGRATION_FIXTURES & set(item.fixturenames))
+    return (listed(item, INTEGRATION_TESTS) or bool(INTEGRATION_FIXTURES & set(item.fixturenames))
+            or starts_something(item))
 
 
 def pytest_collection_modifyitems(items):
