@@ -141,6 +141,8 @@ def _stage_figures(st: StageStats) -> str:
     """Where one stage's actor time went, for the summary line."""
     text = (f"{st.kind} ({st.actors} actor{'s' if st.actors > 1 else ''}): load {st.load_s:.1f} s, first image "
             f"{st.first_image_s:.1f} s, in pipeline {st.pipeline_s:.1f} s, waiting for input {st.wait_s:.1f} s")
+    if st.calls:
+        text += f", {st.call_rows} rows in {st.calls} calls (fill {st.fill:.0%})"
     if st.gpu_busy is not None:
         text += f", GPU busy {st.gpu_busy:.0%}, peak {st.peak_gpu_memory_gb:g} GB"
     return text

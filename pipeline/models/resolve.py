@@ -104,7 +104,11 @@ def check_sources(spec: JobSpec, build: bool = True) -> None:
         files, indexes[key] = contents(key[0], spec.storage, key[1], key[2], build)
         check_model(key[0], files, indexes[key])
     for stage in spec.all_stages():
-        check_family(stage.model, indexes[(stage.model, stage.revision, stage.variant)], stage)
+        family = check_family(stage.model, indexes[(stage.model, stage.revision, stage.variant)], stage)
+        if stage.loras or stage.controlnet:
+            from pipeline.conditioning import checks
+
+            checks.check_stage(stage, family, indexes[(stage.model, stage.revision, stage.variant)], spec.storage)
 
 
 def resolve(source: str, storage_spec: StorageSpec | None = None, revision: str | None = None,
