@@ -132,10 +132,18 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _manifest_synth(args: argparse.Namespace) -> int:
+    from pipeline.errors import SpecError
+    from pipeline.synth import control_maps
     from pipeline.synth.manifest import main
 
-    table = main(args.classes, args.templates, args.per_class, args.seed, args.splits, args.output,
-                 args.guidance, args.guidance_range)
+    if args.control_maps:  # one row per label map; the classes present make the prompt
+        table = control_maps.main(args.control_maps, args.classes, args.templates, args.seed, args.splits,
+                                  args.output)
+    elif args.templates is None or args.per_class is None:
+        raise SpecError("manifest synth: --templates and --per-class are needed (or --control-maps DIR)")
+    else:
+        table = main(args.classes, args.templates, args.per_class, args.seed, args.splits, args.output,
+                     args.guidance, args.guidance_range)
     print(f"shardgen: {table.num_rows} rows -> {args.output}")
     return 0
 
@@ -267,8 +275,11 @@ def parser() -> argparse.ArgumentParser:
     synth = manifest_sub.add_parser("synth", allow_abbrev=False,
                                     help="classes x prompt templates x seeds, balanced, split, labelled")
     synth.add_argument("--classes", required=True, help="YAML/JSON/CSV of classes (name, synonyms, description)")
-    synth.add_argument("--templates", required=True, help="YAML/JSON (templates, slots, distinct) or .txt")
-    synth.add_argument("--per-class", type=int, required=True, help="rows per class")
+    synth.add_argument("--templates", help="YAML/JSON (templates, slots, distinct) or .txt (with --control-maps: "
+                       "optional, {class} names the classes present)")
+    synth.add_argument("--per-class", type=int, help="rows per class (not with --control-maps)")
+    synth.add_argument("--control-maps", help="a folder of label-map PNGs (class indices): one row each, with the "
+                       "colour-coded control_image and the label_map as target")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--splits", default="train=0.8,validation=0.1,test=0.1")
     synth.add_argument("--guidance", help="guidance_scale values, comma-separated, balanced over each class's rows")

@@ -49,11 +49,11 @@ NOISE_MODEL_PREFIX = "builtin:tiny-"
 # The manifest columns shardgen reads by name; `columns:` maps them to a manifest's own names.
 ManifestColumn = Literal["id", "task", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width",
                          "height", "strength", "image", "mask", "control_image", "controlnet_scale", "lora"]
+# The stage kinds a ControlNet can condition (diffusers has ControlNet pipelines for each).
+CONTROLNET_KINDS = ("text_to_image", "image_to_image", "inpainting")
 # The manifest columns that set a generation parameter per row. Opt-in: a caption set's `width` is
 # the photo's size, not the size to generate at.
 OverrideColumn = Literal["steps", "guidance_scale", "strength", "width", "height"]
-# The stage kinds a ControlNet can condition (diffusers has ControlNet pipelines for each).
-CONTROLNET_KINDS = ("text_to_image", "image_to_image", "inpainting")
 
 
 class _Strict(BaseModel):
@@ -298,8 +298,15 @@ class FormatSpec(_Strict):
 
     image: Literal["png", "webp", "jpeg"] = Field(default="png", description="image encoding: png | webp | jpeg")
     quality: Annotated[int, Field(ge=1, le=100)] = Field(default=95, description="webp / jpeg quality")
-    rows_per_shard: Annotated[int, Field(ge=1)] = Field(default=1000, description="at most this many rows per "
-                                                        "Parquet shard")
+    rows_per_shard: Annotated[int, Field(ge=1)] = Field(default=1000, description="rows per Parquet shard: every "
+                                                        "shard holds this many but the last of a run (per split) "
+                                                        "and those published by time (publish_every_minutes)")
+    publish_every_minutes: Annotated[float, Field(gt=0)] = Field(
+        default=4.0, description="a row waits at most this long for its shard to fill: then the rows waiting are "
+        "published as a partial shard, so an interrupt or a lost node costs minutes of work, not a shard")
+    png_compress_level: Annotated[int, Field(ge=0, le=9)] = Field(
+        default=1, description="zlib level of png images, 0 (none) to 9 (smallest, slowest); 1 encodes about 2.5x "
+        "faster than PIL's default 6 for a slightly larger file")
 
 
 class LimitsSpec(_Strict):

@@ -262,3 +262,60 @@ def test_control_from_the_rows_image_on_image_to_image(models, tmp_path):
     (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
     assert record["pipeline"] == "StableDiffusionControlNetImg2ImgPipeline"
     assert record["controlnet"]["control_image"] == "canny"
+
+
+# -- the segmentation recipe, end to end on real Ray ------------------------------------------------
+
+
+def label_png(label_map: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(label_map.astype(np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_segmentation_recipe_from_label_maps_to_webdataset_pairs(models, tmp_path, ray_local):
+    """Label maps -> `manifest synth --control-maps` -> a ControlNet job (with a LoRA) on Ray ->
+    WebDataset tars whose samples pair each image with its label map."""
+    import webdataset as wds
+
+    from pipeline.cli import main as cli
+    from pipeline.export import export_webdataset
+    from pipeline.job import run_job
+    from pipeline.synth.control_maps import palette
+    from tests.conftest import read_output
+
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    expected = {}
+    for k, (lo, hi, cls) in enumerate(((4, 14, 1), (10, 28, 2), (2, 30, 1))):
+        label = np.zeros((32, 32), dtype=np.uint8)
+        label[lo:hi, lo:hi] = cls
+        label[:3, :3] = 2 if k == 2 else 0  # the third map holds both classes
+        (maps / f"scene-{k}.png").write_bytes(label_png(label))
+        expected[f"scene-{k}"] = label
+    (tmp_path / "classes.yaml").write_text("[background, circle, square]\n")
+    (tmp_path / "templates.yaml").write_text("templates: ['a {colour} {class} on a white background']\n"
+                                             "slots: {colour: [red, blue]}\n")
+    manifest = str(tmp_path / "m.parquet")
+    assert cli(["manifest", "synth", "--control-maps", str(maps), "--classes", str(tmp_path / "classes.yaml"),
+                "--templates", str(tmp_path / "templates.yaml"), "--splits", "train=1", "--output", manifest]) == 0
+    spec = parse_spec({"manifest": manifest, "output": str(tmp_path / "out"),
+                       "stages": [{"kind": "text_to_image", "model": TINY, "controlnet": str(models["controlnet"]),
+                                   "loras": [{"source": str(models["lora"]), "scale": 0.5}], **FAST}]})
+    stats = run_job(spec, log=lambda _: None)
+    assert (stats.rows, stats.ok) == (3, 3)
+    rows = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
+    assert rows["scene-2"]["prompt"].endswith("circle and square on a white background")
+    assert rows["scene-0"]["classes_present"] == ["circle"]
+    control = np.asarray(Image.open(io.BytesIO(rows["scene-1"]["control_image"])))
+    assert tuple(control[20, 20]) == palette(2) and tuple(control[0, 0]) == palette(0)
+    (record,) = json.loads(rows["scene-0"]["stage_params"])
+    assert record["controlnet"]["models"] == [str(models["controlnet"])] and record["loras"][0]["scale"] == 0.5
+
+    export_webdataset(str(tmp_path / "out"), str(tmp_path / "wds"), log=lambda *_: None)
+    samples = list(wds.WebDataset(str(tmp_path / "wds" / "train-000000.tar"), shardshuffle=False).decode("pil"))
+    assert len(samples) == 3
+    for sample in samples:
+        assert sample["png"].size == (32, 32)
+        # The "pil" decoder makes every PNG RGB; the class indices are each channel's values.
+        assert np.array_equal(np.asarray(sample["label_map.png"].convert("L")), expected[sample["json"]["id"]])

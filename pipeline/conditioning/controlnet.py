@@ -74,10 +74,15 @@ def _check_folder(source: str, files: list[str], config: dict | None) -> str:
 
 
 def locate(source: str, storage_spec: StorageSpec | None) -> Path:
-    """A ControlNet's local folder (copied once per node for a remote one), checked."""
-    from pipeline.models.resolve import _locate
+    """A ControlNet's local folder (copied once per node for a remote one; a trained built-in,
+    builtin:NAME, ships in the package), checked."""
+    from pipeline.models.resolve import BUILTIN_PREFIX, TRAINED_DIR, _locate
 
-    folder = _locate(source, storage_spec, None, None)
+    shipped = TRAINED_DIR / source.removeprefix(BUILTIN_PREFIX)
+    if source.startswith(BUILTIN_PREFIX) and (shipped / "config.json").is_file():
+        folder = shipped
+    else:
+        folder = _locate(source, storage_spec, None, None)
     config = folder / "config.json"
     files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
     _check_folder(source, files, json.loads(config.read_text()) if config.is_file() else None)
