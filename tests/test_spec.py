@@ -7,7 +7,7 @@ from pipeline.errors import SpecError
 from pipeline.spec import json_schema, parse_spec, parse_spec_text
 
 BASE = {"manifest": "m.parquet", "output": "out"}
-README = Path(__file__).resolve().parents[1] / "README.md"
+REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "reference.md"
 
 
 def test_defaults_fill_every_field():
@@ -129,12 +129,12 @@ def test_schema_has_every_field_of_every_model_with_its_description():
         assert all(p.get("description") for p in model["properties"].values()), model.get("title")
 
 
-def test_readme_spec_reference_names_every_schema_field():
-    text = README.read_text()
+def test_spec_reference_names_every_schema_field():
+    text = REFERENCE.read_text()
     section = text[text.index("### The job spec"):]
     section = section[:section.index("\n### ", 1)]
     missing = sorted(n for n in _properties(json_schema()) if not re.search(rf"\b{n}\b", section))
-    assert not missing, f"README's spec section lacks {missing}"
+    assert not missing, f"the reference's spec section lacks {missing}"
 
 
 def test_defaults_of_every_field():
