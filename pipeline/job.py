@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import layout, manifest, resume, storage
+from pipeline import layout, manifest, resume, storage, vocabulary
 from pipeline.errors import EXIT_OK, EXIT_ROWS_FAILED, SpecError
 from pipeline.models.resolve import check_sources
 from pipeline.spec import JobSpec, StorageSpec, parse_spec_text
@@ -109,9 +109,9 @@ def run_job(spec: JobSpec, overwrite: bool = False, log=print, verbose: bool = F
 
     check_address()  # a cluster that does not answer fails in seconds, before the models' imports
     check_sources(spec)
-    warning = noise_warning(spec)
-    if warning:
-        log(warning)
+    for warning in (noise_warning(spec), vocabulary.warning(spec)):
+        if warning:
+            log(warning)
     from pipeline import job_record, plan, sink
     from pipeline.synth import filters
 
@@ -151,6 +151,8 @@ def _stage_figures(st: StageStats) -> str:
     """Where one stage's actor time went, for the summary line."""
     text = (f"{st.kind} ({st.actors} actor{'s' if st.actors > 1 else ''}): load {st.load_s:.1f} s, first image "
             f"{st.first_image_s:.1f} s, in pipeline {st.pipeline_s:.1f} s, waiting for input {st.wait_s:.1f} s")
+    if st.calls:
+        text += f", {st.call_rows} rows in {st.calls} calls (fill {st.fill:.0%})"
     if st.gpu_busy is not None:
         text += f", GPU busy {st.gpu_busy:.0%}, peak {st.peak_gpu_memory_gb:g} GB"
     return text

@@ -20,7 +20,7 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline import access, progress, route, storage
+from pipeline import access, manifest, progress, route, storage
 from pipeline.cluster import check_address, connect, ensure_ray
 from pipeline.encode import encode_batch, seconds_per_image
 from pipeline.errors import ShardgenError, SpecError
@@ -244,8 +244,10 @@ def build(spec: JobSpec, rows: int, done: pa.Array, counter) -> ray.data.Dataset
     blocks = max(1, min(MAX_READ_BLOCKS, -(-rows // min(s.batch_size for s in spec.all_stages()))))
     ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"], num_cpus=CPU_STEP_CPUS,
                                override_num_blocks=blocks)
-    if spec.columns:
-        ds = ds.rename_columns({source: name for name, source in spec.columns.items()}, num_cpus=CPU_STEP_CPUS)
+    names = manifest.read_names(spec, manifest.open_manifest(spec).schema.names)
+    renamed = {column: name for column, name in names.items() if column != name}
+    if renamed:
+        ds = ds.rename_columns(renamed, num_cpus=CPU_STEP_CPUS)
     if len(done):
         ds = ds.map_batches(drop_done, fn_kwargs={"done": done}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
     checks = {"storage": spec.storage, "access": access.for_job(spec), "limits": spec.limits}

@@ -17,7 +17,7 @@ import pyarrow as pa
 from pipeline import columns, sink
 from pipeline.spec import StorageSpec, parse_spec
 from pipeline.writers.shards import ShardWriter, output_rows
-from tests.conftest import write_manifest
+from tests.helpers import write_manifest
 
 SCRIPT_PROMPT = "<script>document.title='pwned'</script><img src=x onerror=alert(1)> a castle"
 ERRORS = ["prompt: empty", "size: 64x128 is 8192 pixels, over limits.max_pixels 4096",
