@@ -194,6 +194,11 @@ def check_family(source: str, model_index: dict, stage) -> Family:
     if stage.true_cfg_scale and "true_cfg_scale" not in _call_parameters(family.pipelines[kind]):
         raise ModelError(f"true_cfg_scale: {family.pipelines[kind]} ({family.title}) has no true classifier-free "
                          f"guidance; leave true_cfg_scale unset for model {source}")
+    from pipeline.stages import speed
+
+    problem = speed.check(stage, model_index)
+    if problem:
+        raise ModelError(f"{problem} (model {source})")
     return family
 
 
