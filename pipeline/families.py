@@ -173,7 +173,10 @@ FAMILIES: tuple[Family, ...] = (
 
 
 def family_of(model_index: dict) -> Family | None:
-    return next((f for f in FAMILIES if f.detect(model_index)), None)
+    from pipeline.conditioning.controlnet import base_index  # a saved ControlNet pipeline: its base family
+
+    index = base_index(model_index)
+    return next((f for f in FAMILIES if f.detect(index)), None)
 
 
 def families_for(kind: str) -> list[Family]:

@@ -147,7 +147,7 @@ def test_defaults_of_every_field():
     data = parse_spec(BASE).model_dump(mode="json")
     data["stages"][0].pop("model")
     assert data == {
-        "manifest": "m.parquet", "output": "out", "columns": {},
+        "manifest": "m.parquet", "output": "out", "columns": {}, "overrides": [],
         "storage": {"endpoint_url": None, "key": None, "secret": None, "token": None, "region": None, "anon": False,
                     "allowed_prefixes": [], "max_attempts": 10, "retry_mode": "standard"},
         "stages": [{"kind": "text_to_image", "revision": None, "variant": None, "scheduler": None, "steps": 20,
@@ -155,7 +155,8 @@ def test_defaults_of_every_field():
                     "batch_size": "auto", "actors": [1, 1], "gpus_per_actor": None, "cpus_per_actor": 1.0,
                     "dtype": "auto", "batch_invariant": None, "offload": "none", "compile": False,
                     "attention_backend": None, "cache": None, "true_cfg_scale": None,
-                    "max_sequence_length": None}],
+                    "max_sequence_length": None, "loras": [], "controlnet": [], "controlnet_scale": 1.0,
+                    "control_start": 0.0, "control_end": 1.0, "control": None}],
         "flows": None,
         "format": {"image": "png", "quality": 95, "rows_per_shard": 1000},
         "limits": {"max_width": 2048, "max_height": 2048, "max_pixels": 4194304, "max_steps": 200,

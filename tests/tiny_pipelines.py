@@ -8,6 +8,7 @@ stages load them with ``from_pretrained`` as they would load the published check
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -227,13 +228,21 @@ BUILDERS: dict[str, Callable] = {
 }
 
 
-def build_all(folder: Path) -> dict[str, str]:
-    """Save every tiny pipeline under ``folder``; return {name: its folder}."""
-    out = {}
-    for name, builder in BUILDERS.items():
+def saved(make: Callable) -> Callable[[Path], Path]:
+    """A builder: ``make()``'s pipeline from torch seed 0 (the global generator left as it was), saved
+    into ``folder`` as safetensors."""
+
+    @functools.wraps(make)
+    def build(folder: Path) -> Path:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            pipe = builder()
-        pipe.save_pretrained(folder / name, safe_serialization=True)
-        out[name] = str(folder / name)
-    return out
+            pipe = make()
+        pipe.save_pretrained(folder, safe_serialization=True)
+        return folder
+
+    return build
+
+
+def build_all(folder: Path) -> dict[str, str]:
+    """Save every tiny pipeline under ``folder``; return {name: its folder}."""
+    return {name: str(saved(builder)(folder / name)) for name, builder in BUILDERS.items()}

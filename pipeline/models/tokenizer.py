@@ -18,7 +18,7 @@ WORDS = (
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def _byte_chars() -> list[str]:
+def byte_chars() -> list[str]:
     # GPT-2 / CLIP byte-to-unicode table: printable stand-ins for all 256 bytes.
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -32,25 +32,17 @@ def _byte_chars() -> list[str]:
     return chars
 
 
-def vocab_and_merges(
-    words: tuple[str, ...] | list[str] = WORDS,
-) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    tokens: list[str] = []
-    seen: set[str] = set()
-
-    def add(token: str) -> None:
-        if token not in seen:
-            seen.add(token)
-            tokens.append(token)
-
-    for ch in _byte_chars():
-        add(ch)
-    for ch in _byte_chars():
-        add(ch + "</w>")
+def learn_bpe(
+    words: tuple[str, ...] | list[str], alphabet: list[str], end_of_word: str = ""
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """The tokens (``alphabet`` first, then one per merge) and the merges that turn every word into one
+    token; ``end_of_word`` marks a word's last symbol (CLIP's ``</w>``; byte-level BPE has none)."""
+    tokens = list(dict.fromkeys(alphabet))
+    seen = set(tokens)
     # Learn merges as BPE training does (most frequent pair first) so that applying them in rank
     # order turns every listed word into one token.
     merges: list[tuple[str, str]] = []
-    words_as_parts = [list(w[:-1]) + [w[-1] + "</w>"] for w in dict.fromkeys(words)]
+    words_as_parts = [list(w[:-1]) + [w[-1] + end_of_word] for w in dict.fromkeys(words)]
     while True:
         counts: dict[tuple[str, str], int] = {}
         for parts in words_as_parts:
@@ -60,11 +52,20 @@ def vocab_and_merges(
             break
         best = max(counts, key=lambda pair: (counts[pair], -len(merges)))
         merges.append(best)
-        add(best[0] + best[1])
+        if best[0] + best[1] not in seen:
+            seen.add(best[0] + best[1])
+            tokens.append(best[0] + best[1])
         for i, parts in enumerate(words_as_parts):
             words_as_parts[i] = _merge(parts, best)
-    add(BOS)
-    add(EOS)
+    return tokens, merges
+
+
+def vocab_and_merges(
+    words: tuple[str, ...] | list[str] = WORDS,
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    chars = byte_chars()
+    tokens, merges = learn_bpe(words, chars + [ch + "</w>" for ch in chars], end_of_word="</w>")
+    tokens += [BOS, EOS]
     return {token: i for i, token in enumerate(tokens)}, merges
 
 

@@ -41,6 +41,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from pipeline import columns
+from pipeline.conditioning.stage import Conditioning
 from pipeline.families import check_family
 from pipeline.kinds import KINDS
 from pipeline.models.resolve import cache_root, resolve
@@ -119,11 +120,17 @@ class DiffusionStage:
             # Ray starts actors with one torch thread; use the CPUs this actor reserved.
             torch.set_num_threads(max(1, int(spec.cpus_per_actor)))
         folder = resolve(spec.model, storage, spec.revision, spec.variant)
-        self.family = check_family(spec.model, json.loads((folder / "model_index.json").read_text()), spec)
-        self.pipeline_class = self.family.pipelines[self.kind]
+        index = json.loads((folder / "model_index.json").read_text())
+        self.family = check_family(spec.model, index, spec)
+        # LoRA adapters and ControlNets (pipeline/conditioning/): they may change the pipeline class.
+        self.conditioning = Conditioning(spec, storage, position, self.family.name, index,
+                                         self.family.pipelines[self.kind])
+        self.pipeline_class = self.conditioning.pipeline_class
         self.dtype = self._dtype()
         self.pipe: DiffusionPipeline = getattr(diffusers, self.pipeline_class).from_pretrained(
-            folder, dtype=self.dtype, use_safetensors=True, local_files_only=True)
+            folder, dtype=self.dtype, use_safetensors=True, local_files_only=True,
+            **self.conditioning.components(self.dtype))
+        self.conditioning.attach(self.pipe)
         self.offload = self._place()
         if spec.scheduler:
             self.pipe.scheduler = SCHEDULERS[spec.scheduler].from_config(self.pipe.scheduler.config)
@@ -265,6 +272,7 @@ class DiffusionStage:
             batch["pixels"] = raw_images(table)
         if "mask" in self.info.inputs:
             batch["mask"] = raw_images(table, columns.MASK, channels=1)
+        batch |= self.conditioning.read(table)
         if self.text_encoder_id:  # only after a stage that kept its embeddings
             batch[columns.TEXT_ENCODER] = values(table, columns.TEXT_ENCODER)
             batch[columns.TEXT_EMBEDS] = values(table, columns.TEXT_EMBEDS)
@@ -279,6 +287,7 @@ class DiffusionStage:
         for i, status in enumerate(batch["status"]):
             if status == "ok":
                 key = tuple(self.param(batch, name, i) for name in self.info.overrides)
+                key += self.conditioning.group_key(batch, i)
                 if self.info.takes_image:
                     key += (batch["pixels"][i].shape,)
                 groups[key].append(i)
@@ -338,7 +347,8 @@ class DiffusionStage:
         calls = rows + [rows[-1]] * (self.call_rows - len(rows)) if self.spec.compile else rows
         text = self.text(batch, calls)
         kwargs = {**text.args, **self.call_kwargs(batch, calls), **self.family.call_args(self.pipe, self.spec,
-                                                                                          *self.size(batch, i))}
+                                                                                          *self.size(batch, i)),
+                  **self.conditioning.call_args(self.takes, batch, calls, *self.size(batch, i))}
         if "guidance_scale" in self.info.params:
             kwargs["guidance_scale"] = self.param(batch, "guidance_scale", i)
         out = self.pipe(**kwargs, num_inference_steps=self.param(batch, "steps", i), output_type="pt",
@@ -395,6 +405,7 @@ class DiffusionStage:
             record["text_embeds"] = outcome.text
         if self.offload != "none":
             record["offload"] = self.offload
+        record |= self.conditioning.record(batch, i)
         return record | self.family.call_args(self.pipe, self.spec, *self.size(batch, i))
 
     def write(self, table: pa.Table, batch: dict[str, list], outcomes: dict[int, Outcome]) -> pa.Table:
