@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -31,9 +32,26 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _nightly(args: argparse.Namespace) -> int:
-    from pipeline import nightly
+    """Catch up the nights of a spec, locally or on a cluster (--address). It sits here, above
+    both nightly and submit, so that neither imports the other back."""
+    from pipeline import dates, submit
+    from pipeline.errors import EXIT_OK, SpecError
+    from pipeline.nightly import catch_up, first_night, load_nights, outcome_table, run_local
 
-    return nightly.command(args)
+    overrides = {"manifest": args.manifest, "output": args.output}
+    last = dates.parse_night(args.to)
+    if args.from_:
+        first = dates.parse_night(args.from_)
+    elif args.missing:
+        root, (night,) = load_nights(args.spec, [last], **overrides)
+        first = min(first_night(root, night.spec.storage) or last, last)
+    else:
+        raise SpecError("--from: give the first night, or --missing for every night since the first one")
+    run = submit.run_remote(submit.client(args.address), args.spec, args.working_dir, overrides) \
+        if args.address else run_local
+    outcomes = catch_up(args.spec, first, last, run, args.missing, **overrides)
+    print(outcome_table(outcomes) if outcomes else f"shardgen nightly: every night from {first} to {last} is complete")
+    return next((o.code for o in outcomes if o.code != EXIT_OK and o.status != "running"), EXIT_OK)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -288,6 +306,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `shardgen` command; its exit status. A reader that closes the pipe early (`| head`)
+    ends it quietly: no traceback, now or at exit."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at interpreter exit, where a closed pipe could not be caught
+        return code
+    except BrokenPipeError:
+        # The flush at exit would fail again: leave it nothing to write to.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
         from pipeline.training.__main__ import main as training_main

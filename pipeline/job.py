@@ -9,7 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import layout, manifest, resume, storage
+from pipeline import layout, manifest, resume, storage, vocabulary
 from pipeline.errors import EXIT_OK, EXIT_ROWS_FAILED, SpecError
 from pipeline.models.resolve import check_sources
 from pipeline.spec import JobSpec, StorageSpec, parse_spec_text
@@ -99,9 +99,9 @@ def run_job(spec: JobSpec, overwrite: bool = False, log=print, verbose: bool = F
 
     check_address()  # a cluster that does not answer fails in seconds, before the models' imports
     check_sources(spec)
-    warning = noise_warning(spec)
-    if warning:
-        log(warning)
+    for warning in (noise_warning(spec), vocabulary.warning(spec)):
+        if warning:
+            log(warning)
     from pipeline import job_record, plan, sink
     from pipeline.synth import filters
 

@@ -20,26 +20,33 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline import access, progress, route, storage
+from pipeline import access, manifest, progress, route, storage
 from pipeline.cluster import check_address, connect, ensure_ray
-from pipeline.encode import encode_batch
+from pipeline.encode import encode_batch, seconds_per_image
 from pipeline.errors import ShardgenError, SpecError
+from pipeline.kinds import KINDS
 from pipeline.prepare import prepare_batch
 from pipeline.resume import drop_done
+from pipeline.shard_publisher import ShardPublisher
 from pipeline.spec import JobSpec, StageSpec
 from pipeline.stages import stage_class
 from pipeline.stats import ActorMetrics
 from pipeline.synth.filters import score_batch
 from pipeline.tracker import JobTracker
-from pipeline.writers.shards import ShardReport, ShardWriter
+from pipeline.writers.shards import ShardReport, ShardWriter, output_rows
 
 # Reading, prepare, encode and writing are light next to diffusion: a quarter CPU each lets them
 # run beside actor pools that reserve most CPUs of a node (a task that asked for a whole CPU
 # could wait forever behind actors that wait for its rows).
 CPU_STEP_CPUS = 0.25
 MAX_READ_BLOCKS = 4096
+# Seconds of encoding per write task: short enough that the last rows are encoded in parallel
+# within seconds of their stage, long enough that a task's overhead is small beside its work.
+ENCODE_BUNDLE_S = 2.0
 # The progress line skips an update rather than wait longer than this for the counts.
 READ_COUNTS_S = 5
+# How long an interrupted run waits for the rows it holds to be published.
+PUBLISH_ON_INTERRUPT_S = 60
 def _node_cpus() -> float:
     """The CPUs of the largest live node: no actor can reserve more."""
     return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
@@ -167,24 +174,40 @@ def _prepare_routed(table: pa.Table, flows: dict[str, list[StageSpec]], counter,
     return out
 
 
-class ShardDatasink(Datasink[ShardReport]):
-    def __init__(self, writer: ShardWriter):
-        self.writer = writer
-        self.reports: list[ShardReport] = []
+class ShardDatasink(Datasink[None]):
+    """Write tasks encode their bundle (fused with the encode step before them), turn it into
+    output rows and hand those to the run's ShardPublisher, which cuts the shards: so bundles are
+    sized by encode time, not by the shard, and the last images are encoded in parallel as they
+    come instead of in one task after the stages are done."""
+
+    def __init__(self, publisher, rows_per_write: int):
+        self.publisher = publisher
+        self.rows_per_write = rows_per_write
 
     @property
     def min_rows_per_write(self) -> int:
-        # Bundle rows so that shards come out near rows_per_shard rows, not one per batch.
-        return self.writer.rows_per_shard
+        return self.rows_per_write
 
-    def write(self, blocks: Iterable[Block], ctx) -> ShardReport:
+    def write(self, blocks: Iterable[Block], ctx) -> None:
         tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
         if not tables:  # every row of these blocks was done by an earlier run
-            return ShardReport()
-        return self.writer.write(pa.concat_tables(tables, promote_options="permissive"), ctx.task_idx)
+            return
+        rows, report = output_rows(pa.concat_tables(tables, promote_options="permissive"))
+        try:
+            # The task's index: a retried task's rows are taken once.
+            ray.get(self.publisher.add.remote(rows, report, ctx.task_idx))
+        except ray.exceptions.RayTaskError as err:
+            raise err.cause from None  # the publisher's own error (storage), not Ray's wrapping
 
-    def on_write_complete(self, write_result) -> None:
-        self.reports = list(write_result.write_returns)
+
+def encode_bundle_rows(spec: JobSpec) -> int:
+    """Rows per write task: about ENCODE_BUNDLE_S of encoding at the job's largest output size,
+    and no more than a last stage's batch, so that rows never wait for later batches to fill a
+    bundle (small images would otherwise wait for a whole shard, and publishing by time with them)."""
+    flows = list(spec.flow_map().values())
+    pixels = max(flow[0].width * flow[0].height * math.prod(KINDS[s.kind].scale ** 2 for s in flow) for flow in flows)
+    rows = int(ENCODE_BUNDLE_S / max(seconds_per_image(pixels, spec.format), 1e-9))
+    return max(1, min(rows, max(flow[-1].batch_size for flow in flows)))
 
 
 def _stages(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec, counter,
@@ -221,8 +244,10 @@ def build(spec: JobSpec, rows: int, done: pa.Array, counter) -> ray.data.Dataset
     blocks = max(1, min(MAX_READ_BLOCKS, -(-rows // min(s.batch_size for s in spec.all_stages()))))
     ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"], num_cpus=CPU_STEP_CPUS,
                                override_num_blocks=blocks)
-    if spec.columns:
-        ds = ds.rename_columns({source: name for name, source in spec.columns.items()}, num_cpus=CPU_STEP_CPUS)
+    names = manifest.read_names(spec, manifest.open_manifest(spec).schema.names)
+    renamed = {column: name for column, name in names.items() if column != name}
+    if renamed:
+        ds = ds.rename_columns(renamed, num_cpus=CPU_STEP_CPUS)
     if len(done):
         ds = ds.map_batches(drop_done, fn_kwargs={"done": done}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
     checks = {"storage": spec.storage, "access": access.for_job(spec), "limits": spec.limits}
@@ -263,11 +288,19 @@ def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array, totals: dict[
     # node a job can lose (a job that loses the driver's node is lost anyway).
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     counter = JobTracker.options(scheduling_strategy=here).remote()
-    sink = ShardDatasink(ShardWriter(spec.output, spec.storage, run_id, spec.format.rows_per_shard))
+    writer = ShardWriter(spec.output, spec.storage, run_id, spec.format.rows_per_shard,
+                         publish_every_s=spec.format.publish_every_minutes * 60)
+    publisher = ShardPublisher.options(scheduling_strategy=here).remote(writer)
+    sink = ShardDatasink(publisher, encode_bundle_rows(spec))
     try:
         with progress.Progress(rows, totals, lambda: ray.get(counter.get.remote(), timeout=READ_COUNTS_S), log):
             build(spec, rows, done, counter).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})
+        report = ray.get(publisher.finish.remote())
         actors = [ActorMetrics(**m) for m in ray.get(counter.actor_figures.remote())]
+    except KeyboardInterrupt:
+        # The rows the publisher holds are done work: publish them, so a resume skips them.
+        ray.get(publisher.finish.remote(), timeout=PUBLISH_ON_INTERRUPT_S)
+        raise
     except ray.exceptions.RayTaskError as err:
         # A task's own error (a shard write that ran out of storage retries) reaches the user as
         # itself, not inside Ray's worker traceback.
@@ -278,4 +311,5 @@ def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array, totals: dict[
         for actor in ray.get(counter.end.remote()):
             ray.kill(actor)
         ray.kill(counter)
-    return Executed(sink.reports, actors)
+        ray.kill(publisher)
+    return Executed([report], actors)

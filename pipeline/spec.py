@@ -51,6 +51,9 @@ ManifestColumn = Literal["id", "task", "prompt", "negative_prompt", "seed", "ste
                          "height", "strength", "image", "mask", "control_image", "controlnet_scale", "lora"]
 # The stage kinds a ControlNet can condition (diffusers has ControlNet pipelines for each).
 CONTROLNET_KINDS = ("text_to_image", "image_to_image", "inpainting")
+# The manifest columns that set a generation parameter per row. Opt-in: a caption set's `width` is
+# the photo's size, not the size to generate at.
+OverrideColumn = Literal["steps", "guidance_scale", "strength", "width", "height"]
 
 
 class _Strict(BaseModel):
@@ -295,8 +298,15 @@ class FormatSpec(_Strict):
 
     image: Literal["png", "webp", "jpeg"] = Field(default="png", description="image encoding: png | webp | jpeg")
     quality: Annotated[int, Field(ge=1, le=100)] = Field(default=95, description="webp / jpeg quality")
-    rows_per_shard: Annotated[int, Field(ge=1)] = Field(default=1000, description="at most this many rows per "
-                                                        "Parquet shard")
+    rows_per_shard: Annotated[int, Field(ge=1)] = Field(default=1000, description="rows per Parquet shard: every "
+                                                        "shard holds this many but the last of a run (per split) "
+                                                        "and those published by time (publish_every_minutes)")
+    publish_every_minutes: Annotated[float, Field(gt=0)] = Field(
+        default=4.0, description="a row waits at most this long for its shard to fill: then the rows waiting are "
+        "published as a partial shard, so an interrupt or a lost node costs minutes of work, not a shard")
+    png_compress_level: Annotated[int, Field(ge=0, le=9)] = Field(
+        default=1, description="zlib level of png images, 0 (none) to 9 (smallest, slowest); 1 encodes about 2.5x "
+        "faster than PIL's default 6 for a slightly larger file")
 
 
 class LimitsSpec(_Strict):
@@ -342,19 +352,20 @@ class ConfidenceFilterSpec(_Strict):
         description="the classifier: builtin:shape-classifier (the shapes set) or a folder in its format",
     )
     threshold: Annotated[float, Field(ge=0, le=1)] | None = Field(
-        default=None, description="None: 1/C for a classifier of C classes (He et al., ICLR 2023)")
+        default=None, description="None: 1/C, C the number of classes among the job's rows (He et al., ICLR 2023)")
     label_column: str = Field(default="label_name",
                               description="the manifest column that names each row's class as the classifier does")
 
 
 class FiltersSpec(_Strict):
     """Filters mark rows `status: filtered` with the reason in `filter_reason`; no row is dropped.
-    They run over the whole output once every shard is written (pipeline/synth/filters.py)."""
+    They run over the whole output once every shard is written (pipeline/synth/filters.py). Only
+    the filters the spec names run: each is off by default."""
 
-    exact_duplicates: bool = Field(default=True, description="filter rows whose image_sha256 an earlier id has")
+    exact_duplicates: bool = Field(default=False, description="filter rows whose image_sha256 an earlier id has")
     near_duplicate_distance: Annotated[int, Field(ge=0, le=64)] | None = Field(
-        default=2, description="filter rows whose 64-bit perceptual hash (imagehash.phash) is at most this many "
-        "bits from a kept earlier id's; None: off")
+        default=None, description="filter rows whose 64-bit perceptual hash (imagehash.phash) is at most this many "
+        "bits from a kept earlier id's (2 is a usual choice); None: off")
     confidence: ConfidenceFilterSpec | None = Field(default=None, description="the classifier-confidence filter")
 
 
@@ -366,7 +377,14 @@ class JobSpec(_Strict):
     columns: dict[ManifestColumn, str] = Field(
         default={},
         description="the manifest's own name for a column shardgen reads, e.g. {id: image_name, "
-        "guidance_scale: cfg}; the output names it as shardgen does",
+        "guidance_scale: cfg}; the output names it as shardgen does. An entry for a generation parameter "
+        "(steps, guidance_scale, strength, width, height) makes that column a per-row override",
+    )
+    overrides: list[OverrideColumn] = Field(
+        default=[],
+        description="manifest columns, under their own names, that set a generation parameter per row of the "
+        "first stage; every other manifest column passes through to the output, under `source_NAME` where the "
+        "output has a column NAME of its own (docs/contract.md)",
     )
     storage: StorageSpec = Field(default=StorageSpec(), description="object storage options")
     stages: Annotated[list[StageSpec], Field(min_length=1)] = Field(

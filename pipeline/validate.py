@@ -11,7 +11,7 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import access, job, layout, manifest, storage
+from pipeline import access, job, layout, manifest, storage, vocabulary
 from pipeline.models.resolve import check_sources
 from pipeline.prepare import prepare_batch
 from pipeline.spec import JobSpec, StageSpec
@@ -34,13 +34,19 @@ def _output_state(spec: JobSpec, checked: job.Checked) -> str:
 
 def _columns(spec: JobSpec) -> str:
     names = manifest.open_manifest(spec).schema.names
+    read_as = manifest.read_names(spec, names)
     mapped = ", ".join(f"{column} -> {name}" for name, column in spec.columns.items())
     known = set(manifest.COLUMN_TYPES)
-    passed = [n for n in manifest.mapped_names(spec, names) if n not in known]
+    passed = [c if n == c else f"{c} (as {n})" for c, n in read_as.items()
+              if n not in known and c not in spec.columns.values()]
     text = f"columns {names}"
     if mapped:
         text += f"; mapped: {mapped}"
-    return text + (f"; passed through: {', '.join(passed)}" if passed else "")
+    if passed:
+        text += f"; passed through: {', '.join(passed)}"
+    overrides = manifest.overrides(spec)
+    return text + (f"; per-row overrides: {', '.join(overrides)}" if overrides else
+                   "; per-row overrides: none (every row runs at its stage's settings)")
 
 
 def _stage(stage: StageSpec) -> str:
@@ -87,13 +93,13 @@ def validate(spec: JobSpec, log=print) -> None:
 
     checked = job.check(spec)
     if checked.finished is None:
-        check_sources(spec)
+        check_sources(spec, build=False)
     ids: pa.Array = checked.ids
     log(f"shardgen: manifest {spec.manifest}: {len(ids)} rows, {_columns(spec)}")
     log(f"  output {spec.output}: {_output_state(spec, checked)}")
-    warning = job.noise_warning(spec)
-    if warning:
-        log(warning)
+    for warning in (job.noise_warning(spec), vocabulary.warning(spec)):
+        if warning:
+            log(warning)
     have_cpu, have_gpu, node_cpu, where = plan.resources_for_run()
     fitted = plan.fit_resources(spec, have_cpu, have_gpu, node_cpu)
     log(f"  cluster: {where}: {have_cpu:g} CPUs, {have_gpu:g} GPUs")

@@ -133,6 +133,7 @@ def corpus(tmp_path_factory, ray_local):
             "sr": [{"kind": "super_resolution", **STEP}],
             "inpaint": [{"kind": "inpainting", **STEP}],
         },
+        "overrides": ["steps", "width", "height", "guidance_scale"],
         "limits": {"max_pixels": 64 * 64},
         "max_error_fraction": 0.7,
     }
@@ -214,7 +215,8 @@ REFUSED = [
      ["['task']"]),
     ("mask-as-int", {"stages": [{"kind": "inpainting"}]}, [{"id": "a", "prompt": "p", "image": b"x", "mask": 3}],
      ["'mask'", "bytes, struct{bytes, path} or URI string", "int64"]),
-    ("width-as-float", {}, [{"id": "a", "prompt": "p", "width": 32.0}], ["'width'", "integer", "double"]),
+    ("width-as-float", {"overrides": ["width"]}, [{"id": "a", "prompt": "p", "width": 32.0}],
+     ["'width'", "integer", "double"]),
     ("prompt-as-list", {}, [{"id": "a", "prompt": ["p"]}], ["'prompt'", "string"]),
     ("id-as-int", {}, [{"id": 1, "prompt": "p"}], ["'id'", "string", "int64"]),
     ("no-rows", {}, pa.table({"id": pa.array([], pa.string()), "prompt": pa.array([], pa.string())}), ["no rows"]),

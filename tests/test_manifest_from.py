@@ -122,6 +122,7 @@ def test_diffusiondb_shaped_manifest_runs_with_a_columns_mapping(tmp_path, ray_l
     manifest = write_manifest(str(tmp_path / "metadata.parquet"), diffusiondb(2))
     spec = {"manifest": manifest, "output": str(tmp_path / "out"),
             "columns": {"id": "image_name", "steps": "step", "guidance_scale": "cfg"},
+            "overrides": ["width", "height"],  # DiffusionDB's sizes are the sizes its images were made at
             "stages": [{"kind": "text_to_image", **FAST}]}
     code, out, err = run_spec(tmp_path, spec)
     assert code == 0, err
@@ -139,7 +140,7 @@ def test_diffusiondb_shaped_manifest_runs_with_a_columns_mapping(tmp_path, ray_l
 
 @pytest.mark.parametrize("columns, words", [
     ({"id": "image_name", "steps": "steps_"}, "columns.steps: manifest"),
-    ({"prompt": "user_name"}, "has both 'user_name' and 'prompt'"),
+    ({"id": "image_name", "prompt": "part_id"}, "manifest column 'prompt' ('part_id' in the manifest) must be string"),
 ])
 def test_bad_mapping_is_refused_naming_the_column(tmp_path, columns, words):
     manifest = write_manifest(str(tmp_path / "metadata.parquet"), diffusiondb(1))

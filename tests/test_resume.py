@@ -26,13 +26,13 @@ from tests.conftest import prompts_manifest, read_output, write_manifest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_spec(tmp_path: Path, rows: int, output: str, **stage) -> Path:
+def write_spec(tmp_path: Path, rows: int, output: str, fmt: dict | None = None, **stage) -> Path:
     manifest = write_manifest(str(tmp_path / "manifest.parquet"), prompts_manifest(rows))
     spec = {
         "manifest": manifest,
         "output": output,
         "stages": [{"kind": "text_to_image", "steps": 4, "width": 32, "height": 32, "batch_size": 2, **stage}],
-        "format": {"rows_per_shard": 4},
+        "format": {"rows_per_shard": 4, **(fmt or {})},
     }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -56,9 +56,11 @@ def assert_every_id_once(output: Path, rows: int) -> None:
 
 
 def test_driver_sigkill_then_rerun_completes_exactly_once(tmp_path, ray_local):
+    """The shards that the killed run published by time (its shard of 1000 rows never filled)
+    are kept, and the rerun makes the rest."""
     rows = 32
     output = tmp_path / "out"
-    spec = write_spec(tmp_path, rows, str(output), steps=20)
+    spec = write_spec(tmp_path, rows, str(output), {"rows_per_shard": 1000, "publish_every_minutes": 0.02}, steps=20)
     # The driver in its own process group, with its own local Ray (not the session's).
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--spec", str(spec)], cwd=ROOT, env=env,
@@ -101,11 +103,12 @@ def test_driver_sigkill_then_rerun_completes_exactly_once(tmp_path, ray_local):
 def test_rerun_skips_written_ids_and_cleans_leftovers(tmp_path, ray_local, capsys):
     rows = 12
     output = tmp_path / "out"
-    spec = write_spec(tmp_path, rows, str(output))
+    spec = write_spec(tmp_path, rows, str(output), batch_size=3)
     assert main(["run", "--spec", str(spec)]) == 0
     reference = images_by_id(output)
     shards = sorted((output / "data").glob("*.parquet"))
-    assert len(shards) >= 3
+    # Batches of 3 rows, shards of 4: each shard holds 4 rows all the same.
+    assert [pq.ParquetFile(s).metadata.num_rows for s in shards] == [4, 4, 4]
     # A crash's leavings: no _SUCCESS, a lost shard, a temporary file of an interrupted write, and
     # a shard that a dead run's worker published late, repeating ids of a kept shard.
     (output / "_SUCCESS").unlink()

@@ -144,7 +144,7 @@ def test_defaults_of_every_field():
     data = parse_spec(BASE).model_dump(mode="json")
     data["stages"][0].pop("model")
     assert data == {
-        "manifest": "m.parquet", "output": "out", "columns": {},
+        "manifest": "m.parquet", "output": "out", "columns": {}, "overrides": [],
         "storage": {"endpoint_url": None, "key": None, "secret": None, "token": None, "region": None, "anon": False,
                     "allowed_prefixes": [], "max_attempts": 10, "retry_mode": "standard"},
         "stages": [{"kind": "text_to_image", "revision": None, "variant": None, "scheduler": None, "steps": 20,

@@ -67,6 +67,7 @@ def test_good_spec_prints_the_plan_and_exits_0(tmp_path):
     rows[1]["steps"] = 100_000
     manifest = write_manifest(str(tmp_path / "m.parquet"), [{**r, "steps": r.get("steps")} for r in rows])
     spec = {"manifest": manifest, "output": str(tmp_path / "out"), "format": {"rows_per_shard": 2},
+            "overrides": ["steps"],
             "stages": [{"kind": "text_to_image"}, {"kind": "super_resolution", "batch_size": 4}]}
     code, out, err = cli(tmp_path, "validate", spec)
     assert code == 0, err

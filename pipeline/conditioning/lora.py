@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline import storage
 from pipeline.errors import ModelError
-from pipeline.models.resolve import _fill_once, cache_root
+from pipeline.models.cache import cache_root, fill_once
 from pipeline.spec import LoraSpec, StageSpec, StorageSpec
 
 SUFFIX = ".safetensors"
@@ -60,7 +60,7 @@ def _pick(where: str, names: list[str], weight_name: str | None) -> str:
 def _cached(key: str, fill) -> Path:
     """The one file that ``fill(folder)`` puts in a cache folder, filled once per node."""
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    folder = _fill_once(cache_root() / "lora" / digest, fill)
+    folder = fill_once(cache_root() / "lora" / digest, fill)
     return next(p for p in folder.iterdir() if p.name.endswith(SUFFIX))
 
 
