@@ -61,6 +61,14 @@ def assert_every_id_once(output: Path, rows: int) -> None:
     assert stats.rows == stats.ok == rows and stats.shards == len(list((output / "data").iterdir()))
 
 
+def group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_driver_sigkill_then_rerun_completes_exactly_once(tmp_path, ray_local):
     """The shards that the killed run published by time (its shard of 1000 rows never filled)
     are kept, and the rerun makes the rest."""
@@ -79,14 +87,20 @@ def test_driver_sigkill_then_rerun_completes_exactly_once(tmp_path, ray_local):
             assert driver.poll() is None, driver.stdout.read().decode()
             assert time.time() < deadline, f"{KILL_AFTER_SHARDS} shards were not published in time"
             time.sleep(0.1)
-        os.kill(driver.pid, signal.SIGKILL)
+        assert driver.poll() is None, "the job ended before the kill"
+        # The driver and its Ray (GCS, raylet, workers: its process group) at once, so that no
+        # worker of it publishes after the snapshot below (late writes have a test of their own).
+        os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
-        # The rest of that Ray (GCS, raylet, workers) goes with its group.
         try:
             os.killpg(driver.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.time() + 30
+    while group_alive(driver.pid):
+        assert time.time() < deadline, "the killed driver's processes did not end"
+        time.sleep(0.1)
     assert not (output / "_SUCCESS").exists()
     before = shard_digests(output)
     before_images = images_by_id(output)

@@ -65,7 +65,7 @@ def test_good_spec_prints_the_plan_and_exits_0(tmp_path):
     assert "0. text_to_image: builtin:shapes-t2i, 20 steps, guidance 4 (recommended), 32x32 (recommended)" in out
     assert "1. super_resolution: builtin:shapes-sr" in out and "batches of 4" in out
     assert "1 of the first 5 rows would be error rows {'steps': 1}: 'row-001': steps: 100000 is outside" in out
-    assert out.rstrip().endswith(f"a run writes 5 rows in at least 3 shard(s) of at most 2 rows to {tmp_path / 'out'}")
+    assert f"a run writes 5 rows in 3 shard(s) of 2 rows to {tmp_path / 'out'} (the last may hold fewer" in out
     assert not (tmp_path / "out").exists()
 
 
