@@ -31,7 +31,7 @@ class StorageError(ShardgenError):
     exit_code = 1
 
 
-# Exit codes, documented in the README.
+# Exit codes, documented in docs/reference.md ("Exit codes").
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INVALID = 2
