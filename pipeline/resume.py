@@ -35,6 +35,8 @@ from pipeline.spec import JobSpec
 STATS_COLUMNS = ["id", "status", "error"]
 # The spec fields that decide what a row becomes.
 ROW_FIELDS = ("manifest", "columns", "stages", "flows", "format", "limits", "filters")
+# Row fields whose keys are the user's (column names, flow names), not spec fields.
+MAPPING_FIELDS = ("columns", "flows")
 # Fields that do not shape the rows (the stages' actor pools, how often shards are published):
 # a rerun may change them.
 FREE_FIELDS = ("actors", "cpus_per_actor", "gpus_per_actor", "publish_every_minutes")
@@ -143,7 +145,9 @@ def _differences(before, now, where: str) -> list[str]:
     if isinstance(before, dict) and isinstance(now, dict):
         # A field missing from before is one that version of shardgen did not have: it ran as its default.
         keys = [k for k in before if k not in FREE_FIELDS]
-        return [d for k in keys for d in _differences(before[k], now.get(k), f"{where}.{k}")]
+        if where in MAPPING_FIELDS:  # but a column mapping or flow added on the rerun is a change
+            keys += [k for k in now if k not in before]
+        return [d for k in keys for d in _differences(before.get(k), now.get(k), f"{where}.{k}")]
     if isinstance(before, list) and isinstance(now, list) and len(before) == len(now):
         return [d for i, (b, n) in enumerate(zip(before, now)) for d in _differences(b, n, f"{where}.{i}")]
     return [] if before == now else [f"{where} ({json.dumps(before)} -> {json.dumps(now)})"]

@@ -189,6 +189,19 @@ def test_the_control_image_steers_the_image(models, tmp_path):
                                     "control_image": "manifest"}
 
 
+def test_two_controlnets_read_control_image_and_control_image_2(models, tmp_path):
+    spec = t2i(TINY, controlnet=[str(models["controlnet"])] * 2)
+    a, b = square(32, 4, 12), square(32, 16, 30)
+    rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": a, "control_image_2": c}
+            for i, c in enumerate((a, b, a))]
+    out = run(spec, rows, tmp_path)
+    got = images(out)
+    assert got[0] == got[2] != got[1]
+    assert json.loads(values(out, columns.STAGE_PARAMS)[0])[0]["controlnet"]["models"] == spec.controlnet
+    missing = run(spec, [{k: v for k, v in rows[0].items() if k != "control_image_2"}], tmp_path)
+    assert values(missing, "error") == ["control_image_2: missing"]
+
+
 def test_a_per_row_controlnet_scale_of_zero_ignores_the_control_image(models, tmp_path):
     spec = t2i(TINY, controlnet=str(models["controlnet"]))
     rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": c, "controlnet_scale": s}

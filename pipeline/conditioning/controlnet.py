@@ -117,6 +117,7 @@ def call_args(takes: set[str], stage: StageSpec, controls: list[list], scale: fl
     # the picture to change, as `control_image`.
     name = "control_image" if "control_image" in takes else "image"
     several = len(controls) > 1
-    return {name: controls if several else controls[0],
+    # Several ControlNets take a list per row, with one image per ControlNet (diffusers transposes it).
+    return {name: [list(row) for row in zip(*controls)] if several else controls[0],
             "controlnet_conditioning_scale": [scale] * len(controls) if several else scale,
             "control_guidance_start": stage.control_start, "control_guidance_end": stage.control_end}
