@@ -2,10 +2,14 @@
 SDXL architectures (random weights, built offline), measured in one run on one machine.
 
 For each architecture it measures the plain loop (what a user writes: load, loop over batches),
-the same loop with channels_last and torch.compile, and a whole shardgen job (read manifest ->
-generate -> encode PNG -> write shards) on the same prompts and seeds; and prints images/s in
-steady state, the ratio to the plain loop, MFU against the counted FLOPs, the GPU's busy share,
-the time to the first image, peak memory, and how far shardgen's images are from the loop's.
+the same loop with channels_last and torch.compile, a whole shardgen job (read manifest ->
+generate -> encode PNG -> write shards) with shardgen's defaults (`batch_size: auto` among them)
+on the same prompts and seeds, then the job again with each per-stage speed choice alone
+(CHOICES; a choice the architecture cannot take is refused by shardgen, and the row says so);
+and prints images/s in steady state, the ratio to the plain loop, MFU against the counted FLOPs,
+the GPU's busy share, the time to the first image, peak memory, and how far shardgen's images
+are from the loop's, as a table and as the markdown table docs/performance.md holds. Systems
+that would start after BUDGET_S are skipped and say so, so that one run fits its machine time.
 
 ``--quick`` runs tiny models of the same architectures on any device in about a minute: it is
 what the test suite calls, for the run and the shape of its JSON, not for the figures.
@@ -47,6 +51,15 @@ class Workload:
 
 
 FULL = (Workload("sd15", 512, 512, 25, 7.5, 32, 192), Workload("sdxl", 1024, 1024, 30, 7.5, 8, 24))
+# The per-stage speed choices, each measured alone as a shardgen job: (name, stage fields).
+CHOICES = (
+    ("compile: true", {"compile": True}),
+    ("compile: regional", {"compile": "regional"}),
+    ("attention_backend: _native_cudnn", {"attention_backend": "_native_cudnn"}),
+    ("cache: first_block 0.05", {"cache": {"method": "first_block", "threshold": 0.05}}),
+)
+# No system starts after this many seconds of the run (scripts/gpu_bench.sh stops it at 480).
+BUDGET_S = 400
 QUICK = (Workload("sd15", 64, 64, 4, 7.5, 4, 12), Workload("sdxl", 64, 64, 4, 7.5, 4, 12))
 
 
@@ -152,10 +165,12 @@ def plain_loop(folder: Path, w: Workload, rows: list[tuple[str, str]], device: s
 
 
 def shardgen_job(folder: Path, w: Workload, rows: list[tuple[str, str]], work: Path, sampler: GpuSampler,
-                 reference_images: dict[str, np.ndarray], compiled: bool) -> Measure:
-    """A whole job through shardgen on the same rows: manifest on disk, PNG shards out."""
+                 reference_images: dict[str, np.ndarray], system: str, choice: dict) -> Measure:
+    """A whole job through shardgen on the same rows, with shardgen's defaults and ``choice``:
+    manifest on disk, PNG shards out. A choice the model cannot take is refused: the row says why."""
     from PIL import Image
 
+    from pipeline.errors import ModelError
     from pipeline.job import run_job
     from pipeline.spec import parse_spec
 
@@ -164,11 +179,13 @@ def shardgen_job(folder: Path, w: Workload, rows: list[tuple[str, str]], work: P
     spec = parse_spec({
         "manifest": str(manifest), "output": str(work / f"{w.arch}-dataset"),
         "stages": [{"kind": "text_to_image", "model": str(folder), "steps": w.steps,
-                    "guidance_scale": w.guidance_scale, "width": w.width, "height": w.height,
-                    "batch_size": w.batch_size, "actors": 1, "compile": compiled}],
+                    "guidance_scale": w.guidance_scale, "width": w.width, "height": w.height, "actors": 1, **choice}],
     })
     start = time.time()
-    run_job(spec, overwrite=True, log=lambda _: None)
+    try:
+        stats = run_job(spec, overwrite=True, log=lambda _: None)
+    except ModelError as err:
+        return Measure(system, w.arch, 0, note=f"refused: {err}")
     wall = time.time() - start
     table = pq.read_table(Path(spec.output) / layout.DATA, columns=["id", "image", "created_at", "status", "error"])
     failed = table.filter(pa.compute.not_equal(table.column("status"), "ok"))
@@ -178,34 +195,41 @@ def shardgen_job(folder: Path, w: Workload, rows: list[tuple[str, str]], work: P
     later = [t for t in times if t > times[0]]
     psnrs = [psnr(np.asarray(Image.open(io.BytesIO(image["bytes"])).convert("RGB")), reference_images[i])
              for i, image in zip(table.column("id").to_pylist(), table.column("image").to_pylist())]
-    return Measure("shardgen, compile: true" if compiled else "shardgen (defaults)", w.arch, table.num_rows,
+    [stage] = stats.stages
+    return Measure(system, w.arch, table.num_rows,
                    round(len(later) / (times[-1] - times[0]), 3) if later else None,
                    gpu_busy=sampler.busy(times[0], times[-1]), first_image_s=round(times[0] - start, 2),
-                   wall_s=round(wall, 2), min_psnr_db=min(psnrs))
+                   wall_s=round(wall, 2), min_psnr_db=min(psnrs),
+                   note=f"batch {stage.batch_size}, fill {stage.fill:.0%}")
 
 
 def measure(w: Workload, quick: bool, device: str, dtype: torch.dtype, tflops: float, work: Path,
-            log=print) -> list[Measure]:
+            started: float, log=print) -> list[Measure]:
     folder = reference.build(w.arch, work / w.arch, tiny=quick, device=device, dtype=dtype)
     rows = [(f"{w.arch}-{k:05d}", p) for k, p in enumerate(sample_prompts(w.images))]
     flops = flops_per_image(_load(folder, device, dtype), w)
     results: list[Measure] = []
-    systems = [False] if quick else [False, True]  # compiling alone outlasts a quick run
+    # Compiling alone outlasts a quick run: there the choices that compile are only named.
+    choices = [(n, c) for n, c in CHOICES if not (quick and c.get("compile"))]
     with GpuSampler() as sampler:
-        for compiled in systems:
+        for compiled in ([False] if quick else [False, True]):
             log(f"shardgen bench --gpu: {w.arch} plain loop{' compiled' if compiled else ''} ...")
             m, images = plain_loop(folder, w, rows, device, dtype, compiled, sampler)
             if not compiled:
                 reference_images = images
             results.append(m)
-        for compiled in systems:
-            log(f"shardgen bench --gpu: {w.arch} shardgen{' compile: true' if compiled else ''} ...")
-            results.append(shardgen_job(folder, w, rows, work, sampler, reference_images, compiled))
+        for system, choice in [("shardgen (defaults)", {}), *((f"shardgen, {n}", c) for n, c in choices)]:
+            if time.time() - started > BUDGET_S:
+                results.append(Measure(system, w.arch, 0, note=f"skipped: the run is past {BUDGET_S} s"))
+                continue
+            log(f"shardgen bench --gpu: {w.arch} {system} ...")
+            results.append(shardgen_job(folder, w, rows, work, sampler, reference_images, system, choice))
         peak = sampler.peak_gb()
     if quick:
         results.insert(1, Measure("plain diffusers loop, channels_last + torch.compile", w.arch, 0,
                                   note="skipped in --quick"))
-        results.append(Measure("shardgen, compile: true", w.arch, 0, note="skipped in --quick"))
+        results += [Measure(f"shardgen, {n}", w.arch, 0, note="skipped in --quick") for n, c in CHOICES
+                    if c.get("compile")]
     base = results[0].images_per_s
     for m in results:
         if m.images_per_s:
@@ -223,14 +247,30 @@ def run(quick: bool, json_path: str | None, log=print) -> Report:
     report = Report(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", dtype=str(dtype),
                     peak_tflops=peak_tflops(device, dtype), quick=quick)
     ensure_ray()
+    started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for w in (QUICK if quick else FULL):
             report.workloads.append(asdict(w))
-            report.results += measure(w, quick, device, dtype, report.peak_tflops, Path(tmp), log)
+            report.results += measure(w, quick, device, dtype, report.peak_tflops, Path(tmp), started, log)
             if json_path:  # after each architecture, so a run cut short keeps what it measured
                 Path(json_path).write_text(json.dumps(asdict(report), indent=2) + "\n")
     print_table(report)
     return report
+
+
+CELLS = ("img/s", "ratio", "MFU", "GPU busy", "first image s", "peak GB", "min PSNR dB")
+
+
+def _cells(m: Measure) -> list[str]:
+    values = [m.images_per_s, m.ratio_to_plain, m.mfu, m.gpu_busy, m.first_image_s, m.peak_memory_gb, m.min_psnr_db]
+    return ["-" if v is None else f"{v:g}" for v in values]
+
+
+def markdown(report: Report) -> str:
+    """The figures as the markdown table docs/performance.md holds."""
+    lines = [f"| arch | system | {' | '.join(CELLS)} | note |", "|" + "---|" * (len(CELLS) + 3)]
+    lines += [f"| {m.arch} | {m.system} | {' | '.join(_cells(m))} | {m.note} |" for m in report.results]
+    return "\n".join(lines)
 
 
 def print_table(report: Report) -> None:
@@ -239,8 +279,7 @@ def print_table(report: Report) -> None:
     print(f"{'arch':<5} {'system':<52} {'img/s':>7} {'ratio':>6} {'MFU':>6} {'busy':>5} {'first s':>7} "
           f"{'peak GB':>7} {'PSNR':>6}  note")
     for m in report.results:
-        cells = [m.images_per_s, m.ratio_to_plain, m.mfu, m.gpu_busy, m.first_image_s, m.peak_memory_gb,
-                 m.min_psnr_db]
-        text = ["-" if v is None else f"{v:g}" for v in cells]
+        text = _cells(m)
         print(f"{m.arch:<5} {m.system:<52} {text[0]:>7} {text[1]:>6} {text[2]:>6} {text[3]:>5} {text[4]:>7} "
               f"{text[5]:>7} {text[6]:>6}  {m.note}")
+    print("\n" + markdown(report))

@@ -2,9 +2,11 @@
 # `shardgen bench --gpu` on one GPU machine, unattended, in one go: SD 1.5 architecture at 512x512
 # (25 DPM-Solver++ steps, guidance 7.5, batch 32) and SDXL architecture at 1024x1024 (30 steps,
 # batch 8), random weights built on the GPU (no download), each as the plain diffusers loop, the
-# loop with channels_last + torch.compile, and a whole shardgen job. Leaves under $OUT:
-# gpu_bench.json (every figure), gpu_bench.log (the run), nvidia-smi.txt and commit.txt, and prints
-# the table last. Needs ray, diffusers, pydantic and nvidia-ml-py importable (on the project's GPU
+# loop with channels_last + torch.compile, a whole shardgen job with shardgen's defaults, then the
+# job with each per-stage speed choice alone (compile: true / regional, attention_backend, cache;
+# systems past 400 s are skipped and say so). Leaves under $OUT: gpu_bench.json (every figure),
+# gpu_bench.log (the run), nvidia-smi.txt and commit.txt, and prints the table last, then the same
+# figures as the markdown table for docs/performance.md. Needs ray, diffusers, pydantic and nvidia-ml-py importable (on the project's GPU
 # machines: the wheel bundle's setup.sh, sourced first). Budget: about 7 minutes on an H200.
 #
 #   GPU_BENCH_TINY=1 PYTHON=.venv/bin/python OUT=/tmp/x bash scripts/gpu_bench.sh   # the same steps on CPU, tiny models
