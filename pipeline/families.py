@@ -27,12 +27,17 @@ def _encode_sd(pipe, prompts, negatives, device, spec):
 
 
 def _encode_sdxl(pipe, prompts, negatives, device, spec):
-    # No negative prompt in any row: let SDXL use zeros where its config asks (force_zeros_for_empty_prompt),
-    # as a plain diffusers call does. The stage groups rows with and without one apart.
+    # A row without a negative prompt gets zeros where the config asks (force_zeros_for_empty_prompt),
+    # as a plain diffusers call without one does, so that rows with and without one share a call.
     names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-    out = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
-                             negative_prompt=negatives if any(negatives) else None)
-    return dict(zip(names, out))
+    out = dict(zip(names, pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
+                                             do_classifier_free_guidance=True,
+                                             negative_prompt=negatives if any(negatives) else None)))
+    empty = [k for k, negative in enumerate(negatives) if not negative]
+    if any(negatives) and empty and pipe.config.get("force_zeros_for_empty_prompt", False):
+        for name in ("negative_prompt_embeds", "negative_pooled_prompt_embeds"):
+            out[name][empty] = 0
+    return out
 
 
 def _encode_sd3(pipe, prompts, negatives, device, spec):
@@ -192,6 +197,11 @@ def check_family(source: str, model_index: dict, stage) -> Family:
     if stage.true_cfg_scale and "true_cfg_scale" not in _call_parameters(family.pipelines[kind]):
         raise ModelError(f"true_cfg_scale: {family.pipelines[kind]} ({family.title}) has no true classifier-free "
                          f"guidance; leave true_cfg_scale unset for model {source}")
+    from pipeline.stages import speed
+
+    problem = speed.check(stage, model_index)
+    if problem:
+        raise ModelError(f"{problem} (model {source})")
     return family
 
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from pipeline import columns, storage
+from pipeline import columns, id_checks, storage
 from pipeline.conditioning import control_images
 from pipeline.errors import ManifestError
 from pipeline.kinds import KINDS
@@ -127,8 +127,9 @@ def mapped_names(spec: JobSpec, names: list[str]) -> list[str]:
     return [renamed[n] for n in names]
 
 
-def check(spec: JobSpec) -> pa.Array:
-    """Check the manifest's columns and ids; return the ids or raise ManifestError."""
+def check(spec: JobSpec) -> int:
+    """Check the manifest's columns and ids (streamed: pipeline/id_checks.py); return its row
+    count or raise ManifestError."""
     dataset = open_manifest(spec)
     schema = dataset.schema
     _check_mapping(spec, schema.names)
@@ -154,17 +155,23 @@ def check(spec: JobSpec) -> pa.Array:
             shown = repr(name) if column == name else f"{name!r} ({column!r} in the manifest)"
             raise ManifestError(f"manifest column {shown} must be {expected}, got {schema.field(column).type}")
     with storage.guard("read manifest", spec.manifest, spec.storage):
-        ids = dataset.to_table(columns=[source(spec, "id")]).column(0)
-    if len(ids) == 0:
+        counts = id_checks.count_ids(id_batches(spec, dataset))
+    if counts.rows == 0:
         raise ManifestError(f"manifest {spec.manifest} has no rows")
-    if ids.null_count:
-        raise ManifestError(f"manifest column 'id' has {ids.null_count} null value(s)")
-    if pc.count_distinct(ids).as_py() != len(ids):
-        counts = pc.value_counts(ids)
-        dup = [v["values"] for v in counts.to_pylist() if v["counts"] > 1]
-        shown = ", ".join(repr(d) for d in dup[:10]) + (" ..." if len(dup) > 10 else "")
-        raise ManifestError(f"manifest column 'id' has {len(dup)} duplicate id(s): {shown}")
-    return ids.combine_chunks()
+    if counts.nulls:
+        raise ManifestError(f"manifest column 'id' has {counts.nulls} null value(s)")
+    if counts.duplicated:
+        more = " ..." if counts.duplicated > len(counts.examples) else ""
+        shown = ", ".join(repr(d) for d in counts.examples) + more
+        raise ManifestError(f"manifest column 'id' has {counts.duplicated} duplicate id(s): {shown}")
+    return counts.rows
+
+
+def id_batches(spec: JobSpec, dataset: pads.Dataset | None = None) -> pa.RecordBatchReader:
+    """The manifest's ids as a stream of batches of one column, ``id``."""
+    dataset = dataset or open_manifest(spec)
+    return dataset.scanner(columns={"id": pc.field(source(spec, "id"))},
+                           batch_size=id_checks.BATCH_ROWS).to_reader()
 
 
 def read(spec: JobSpec, names: list[str] | None = None, rows: int | None = None) -> pa.Table:
@@ -176,8 +183,3 @@ def read(spec: JobSpec, names: list[str] | None = None, rows: int | None = None)
     with storage.guard("read manifest", spec.manifest, spec.storage):
         table = dataset.head(rows, columns=columns) if rows is not None else dataset.to_table(columns=columns)
     return table.rename_columns(mapped_names(spec, table.column_names))
-
-
-def ids_and_tasks(spec: JobSpec) -> list[tuple[str, str | None]]:
-    table = read(spec, ["id", "task"])
-    return list(zip(table.column("id").to_pylist(), table.column("task").to_pylist()))

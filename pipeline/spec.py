@@ -44,6 +44,11 @@ RECOMMENDED: dict[str, dict[str, Any]] = {
     # stages' default strength 0.75 the old shape's outline shows through and wins.
     "builtin:shapes-inpaint": {"guidance_scale": 4.0, "strength": 1.0},
 }
+# `batch_size: auto`: the largest batch a GPU actor's probe tries (a power of two, so that every
+# size it settles on, halvings included, divides the plan's batches of this many rows), and the
+# size of actors that do not probe.
+AUTO_MAX_BATCH = 64
+AUTO_START_BATCH = 8
 # Built-ins with random weights: they prove the plumbing and draw noise.
 NOISE_MODEL_PREFIX = "builtin:tiny-"
 # The manifest columns shardgen reads by name; `columns:` maps them to a manifest's own names.
@@ -94,6 +99,19 @@ class StorageSpec(_Strict):
             if "://" not in prefix and not prefix.startswith(("/", "~")):
                 raise ValueError(f"{prefix!r} is neither a URI (s3://bucket/...) nor an absolute path")
         return value
+
+
+class CacheSpec(_Strict):
+    """A stage's cache of the denoiser's work between steps."""
+
+    method: Literal["first_block"] = Field(
+        default="first_block",
+        description="first_block: run the transformer's first block each step and skip the others when its output "
+        "changed less than threshold since the last full step (diffusers' FirstBlockCache, the generic form of "
+        "TeaCache)")
+    threshold: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.05, description="the relative change of the first block's output under which a step reuses the "
+        "cached rest: higher is faster and further from the uncached image (diffusers' default: 0.05)")
 
 
 class LoraSpec(_Strict):
@@ -162,7 +180,12 @@ class StageSpec(_Strict):
         default=0.75, description="inpainting, image_to_image: how much of the input image is repainted")
     noise_level: Annotated[int, Field(ge=0, le=1000)] = Field(
         default=20, description="super_resolution: how much the low-res image is noised before guiding the upscaler")
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = Field(default=8, description="rows per call of an actor")
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field(
+        default="auto", description="rows per pipeline call of an actor. auto: on a GPU, the largest power of two up "
+        f"to {AUTO_MAX_BATCH} whose call at the stage's size fits in memory, found by a one-step probe as the actor "
+        f"starts (kinds that take an image start at {AUTO_START_BATCH}); on a CPU, {AUTO_START_BATCH}. A call that "
+        "runs out of memory halves its actor's batch size for the rest of the job (_stats.json: batch_size, "
+        "probed_batch_size, batch_halvings)")
     actors: tuple[int, int] = Field(default=(1, 1), description="min and max actors of the stage's pool (an int: "
                                     "a fixed pool); unset on a cluster with GPUs: a fixed pool over an even share "
                                     "of the GPUs the other stages leave")
@@ -189,12 +212,27 @@ class StageSpec(_Strict):
         "percent slower); sequential streams each layer in when it runs (enable_sequential_cpu_offload: the "
         "least GPU memory, several times slower). CPU actors have nothing to offload and ignore it",
     )
-    compile: bool = Field(
+    compile: bool | Literal["regional"] = Field(
         default=False,
-        description="torch.compile the denoiser and the VAE decoder when the actor starts, warmed up with one "
+        description="true: torch.compile the denoiser and the VAE decoder when the actor starts, warmed up with one "
         "call at the stage's size and batch_size (kinds that take an image compile on their first batch); calls "
-        "are then padded to batch_size so that shapes stay static. Off by default: it costs minutes per actor "
-        "before the first image and pays back only on long runs (docs/performance.md)",
+        "are then padded to batch_size so that shapes stay static. regional: compile only the denoiser's repeated "
+        "blocks (diffusers' compile_repeated_blocks: U-Nets and FLUX.1; a fraction of the compile time). Off by "
+        "default: it costs minutes per actor before the first image and pays back only on long runs "
+        "(docs/performance.md)",
+    )
+    attention_backend: str | None = Field(
+        default=None,
+        description="diffusers' attention backend for the denoiser (set_attention_backend): native, flash, "
+        "_native_cudnn, _native_flash, sage, flex, ...; only for denoisers that route attention through diffusers' "
+        "dispatcher (FLUX.1); images differ within the backend's rounding. null: PyTorch's scaled dot-product "
+        "attention",
+    )
+    cache: CacheSpec | None = Field(
+        default=None,
+        description="reuse the denoiser's work between steps where it barely changes (diffusers' cache hooks), for "
+        "DiT families whose transformer takes them (FLUX.1): faster at a quality cost measured in "
+        "docs/performance.md. null: off",
     )
     true_cfg_scale: Annotated[float, Field(ge=1, le=50)] | None = Field(
         default=None,

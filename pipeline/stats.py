@@ -23,6 +23,9 @@ class ActorMetrics:
     calls: int = 0  # pipeline calls, retries included
     call_rows: int = 0  # rows in those calls (a compiled call's padding left out)
     call_capacity: int = 0  # the rows those calls could have held: the actor's batch size at each call, summed
+    batch_size: int | None = None  # the actor's batch size at its end (probed with `batch_size: auto`)
+    probed_batch_size: int | None = None  # what the start-up probe found (`batch_size: auto` on a GPU)
+    batch_halvings: int = 0  # out-of-memory calls that halved the actor's batch size
 
 
 @dataclass
@@ -40,6 +43,9 @@ class StageStats:
     calls: int | None = None  # pipeline calls, all actors
     call_rows: int | None = None  # rows in those calls
     fill: float | None = None  # rows per call over the batch size then: 1.0 when every call was full
+    batch_size: int | None = None  # the smallest batch size an actor ended with
+    probed_batch_size: int | None = None  # the smallest an actor's start-up probe found (`batch_size: auto`)
+    batch_halvings: int | None = None  # out-of-memory calls that halved an actor's batch size, all actors
 
     @classmethod
     def of(cls, kind: str, busy_s: float, actors: list[ActorMetrics]) -> "StageStats":
@@ -58,6 +64,10 @@ class StageStats:
                                    default=None),
             calls=sum(a.calls for a in mine), call_rows=sum(a.call_rows for a in mine),
             fill=round(sum(a.call_rows for a in mine) / capacity, 3) if capacity else None,
+            batch_size=min((a.batch_size for a in mine if a.batch_size is not None), default=None),
+            probed_batch_size=min((a.probed_batch_size for a in mine if a.probed_batch_size is not None),
+                                  default=None),
+            batch_halvings=sum(a.batch_halvings for a in mine),
         )
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import access, job, layout, manifest, storage, vocabulary
@@ -94,8 +93,7 @@ def validate(spec: JobSpec, log=print) -> None:
     checked = job.check(spec)
     if checked.finished is None:
         check_sources(spec, build=False)
-    ids: pa.Array = checked.ids
-    log(f"shardgen: manifest {spec.manifest}: {len(ids)} rows, {_columns(spec)}")
+    log(f"shardgen: manifest {spec.manifest}: {checked.rows} rows, {_columns(spec)}")
     log(f"  output {spec.output}: {_output_state(spec, checked)}")
     for warning in (job.noise_warning(spec), vocabulary.warning(spec)):
         if warning:
@@ -113,6 +111,7 @@ def validate(spec: JobSpec, log=print) -> None:
         bad = sum(kinds.values())
         log(f"  sample: {bad} of the first {tried} rows would be error rows"
             + (f" {dict(kinds)}: " + "; ".join(examples) if bad else ""))
-    shards = -(-len(ids) // spec.format.rows_per_shard)
-    log(f"shardgen: valid: a run writes {len(ids)} rows in at least {shards} shard(s) of at most "
-        f"{spec.format.rows_per_shard} rows to {spec.output}")
+    shards = -(-checked.rows // spec.format.rows_per_shard)
+    log(f"shardgen: valid: a run writes {checked.rows} rows in {shards} shard(s) of "
+        f"{spec.format.rows_per_shard} rows to {spec.output} (the last may hold fewer, and a run slower than a "
+        f"shard per {spec.format.publish_every_minutes:g} min publishes partial ones)")

@@ -98,6 +98,15 @@ def png(size: int | tuple[int, int], seed: int = 0, mode: str = "RGB") -> bytes:
     return buf.getvalue()
 
 
+def half_mask(size: int) -> bytes:
+    """A size x size mask PNG that repaints the right half."""
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[:, size // 2:] = 255
+    buf = io.BytesIO()
+    Image.fromarray(mask).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 # --- the CLI -----------------------------------------------------------------------------------
 
 def cli(*argv: str) -> tuple[int, str, str]:
@@ -108,6 +117,17 @@ def cli(*argv: str) -> tuple[int, str, str]:
     with redirect_stdout(out), redirect_stderr(err):
         code = main(list(argv))
     return code, out.getvalue(), err.getvalue()
+
+
+def cli_output(*argv: str) -> tuple[int, str]:
+    """`shardgen ARGV` in this process: the exit code, and stdout and stderr as one text in the
+    order written."""
+    from pipeline.cli import main
+
+    out = io.StringIO()
+    with redirect_stdout(out), redirect_stderr(out):
+        code = main(list(argv))
+    return code, out.getvalue()
 
 
 def write_spec(folder: Path, spec: dict | JobSpec, name: str = "spec.yaml") -> Path:

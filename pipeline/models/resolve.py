@@ -108,7 +108,11 @@ def check_sources(spec: JobSpec, build: bool = True) -> None:
         if stage.loras or stage.controlnet:
             from pipeline.conditioning import checks
 
-            checks.check_stage(stage, family, indexes[(stage.model, stage.revision, stage.variant)], spec.storage)
+            # A hub or remote model's weights are not on the driver: its adapters' fit is checked as it loads.
+            here = not (hub.is_hub_id(stage.model) or storage.is_remote(stage.model))
+            folder = _locate(stage.model, spec.storage, None, None) if here else None
+            checks.check_stage(stage, family, indexes[(stage.model, stage.revision, stage.variant)], spec.storage,
+                               folder)
 
 
 def resolve(source: str, storage_spec: StorageSpec | None = None, revision: str | None = None,
