@@ -134,7 +134,8 @@ def measure(out: Path, images: int = 200, steps: int = 20, guidance: float = 4.0
     base = StableDiffusionPipeline.from_pretrained(out / T2I, use_safetensors=True, local_files_only=True)
     controlnet = ControlNetModel.from_pretrained(out / NAME, use_safetensors=True, local_files_only=True)
     pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=controlnet)
-    pipe.set_progress_bar_config(disable=True)
+    for each in (pipe, base):
+        each.set_progress_bar_config(disable=True)
     scenes = data.sample_scenes(images, HELD_OUT_SEED)
     figures = {}
     for name, run in (("controlnet", pipe), ("t2i alone", base)):
