@@ -98,10 +98,10 @@ def run_job(spec: JobSpec, overwrite: bool = False, log=print, verbose: bool = F
     from pipeline.cluster import check_address
 
     check_address()  # a cluster that does not answer fails in seconds, before the models' imports
-    check_sources(spec)
-    warning = noise_warning(spec)
-    if warning:
-        log(warning)
+    warnings = check_sources(spec)
+    for warning in [*warnings, noise_warning(spec)]:
+        if warning:
+            log(warning)
     from pipeline import job_record, plan, sink
     from pipeline.synth import filters
 

@@ -33,7 +33,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("created_at", pa.timestamp("us")),
 ])
 # Input columns that the generated image replaces.
-CONSUMED_INPUTS = ("image", "mask")
+CONSUMED_INPUTS = ("image", "mask", "reference_images")
 # Lets `datasets.load_dataset("parquet", ...)` decode `image` as PIL images without a cast.
 HF_METADATA = {b"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}}).encode()}
 

@@ -86,14 +86,13 @@ def validate(spec: JobSpec, log=print) -> None:
     from pipeline import plan
 
     checked = job.check(spec)
-    if checked.finished is None:
-        check_sources(spec)
+    warnings = check_sources(spec) if checked.finished is None else []
     ids: pa.Array = checked.ids
     log(f"shardgen: manifest {spec.manifest}: {len(ids)} rows, {_columns(spec)}")
     log(f"  output {spec.output}: {_output_state(spec, checked)}")
-    warning = job.noise_warning(spec)
-    if warning:
-        log(warning)
+    for warning in [*warnings, job.noise_warning(spec)]:
+        if warning:
+            log(warning)
     have_cpu, have_gpu, node_cpu, where = plan.resources_for_run()
     fitted = plan.fit_resources(spec, have_cpu, have_gpu, node_cpu)
     log(f"  cluster: {where}: {have_cpu:g} CPUs, {have_gpu:g} GPUs")

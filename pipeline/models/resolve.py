@@ -20,7 +20,8 @@ from filelock import FileLock
 
 from pipeline import storage
 from pipeline.errors import ModelError
-from pipeline.families import check_family
+from pipeline.families import check_family, size_problem, size_warning
+from pipeline.kinds import KINDS
 from pipeline.models.checks import check_model
 from pipeline.spec import JobSpec, StorageSpec
 
@@ -103,16 +104,31 @@ def contents(source: str, storage_spec: StorageSpec | None = None, revision: str
     return folder_contents(_locate(source, storage_spec, revision, variant))
 
 
-def check_sources(spec: JobSpec) -> None:
-    """Refuse, on the driver before any actor starts, a model that cannot be loaded or that no
-    stage of its kind can run (exit 2), instead of a job of failed rows. Remote folders and hub ids
-    are listed, not downloaded."""
+def check_sources(spec: JobSpec) -> list[str]:
+    """Refuse, on the driver before any actor starts, a model that cannot be loaded, that no stage
+    of its kind can run, or asked a size its family cannot make (exit 2), instead of a job of failed
+    rows; return one warning per stage asked a size far from its family's native one. Remote
+    folders and hub ids are listed, not downloaded."""
     indexes: dict[tuple, dict | None] = {}
     for key in dict.fromkeys((s.model, s.revision, s.variant) for s in spec.all_stages()):
         files, indexes[key] = contents(key[0], spec.storage, key[1], key[2])
         check_model(key[0], files, indexes[key])
-    for stage in spec.all_stages():
-        check_family(stage.model, indexes[(stage.model, stage.revision, stage.variant)], stage)
+    warnings = []
+    for name, flow in spec.flow_map().items():
+        prefix = "stages" if spec.flows is None else f"flows.{name}"
+        for i, stage in enumerate(flow):
+            family = check_family(stage.model, indexes[(stage.model, stage.revision, stage.variant)], stage)
+            if KINDS[stage.kind].size_from != "spec":
+                continue
+            problem = size_problem(family, stage.width, stage.height)
+            if problem:
+                raise ModelError(f"{prefix}.{i}.{problem} (model {stage.model})")
+            # The built-ins are trained at their own small size, which their recommended settings give.
+            warning = None if stage.model.startswith(BUILTIN_PREFIX) else size_warning(family, stage.width,
+                                                                                      stage.height)
+            if warning:
+                warnings.append(f"shardgen: warning: {prefix}.{i}: {warning} (model {stage.model})")
+    return warnings
 
 
 def resolve(source: str, storage_spec: StorageSpec | None = None, revision: str | None = None,
