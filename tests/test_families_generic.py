@@ -38,7 +38,7 @@ FAST = {"steps": 2, "cpus_per_actor": 0.2}
 # (tiny model, kind, asked side, family, pipeline class): written out here, not read from the code.
 CASES = [
     ("flux2-klein", "text_to_image", 32, "flux2-klein", "Flux2KleinPipeline"),
-    ("flux2-klein", "image_to_image", 32, "flux2-klein", "Flux2KleinPipeline"),
+    ("flux2-klein", "image_to_image", 64, "flux2-klein", "Flux2KleinPipeline"),  # FLUX.2 reads 64 px and up
     ("qwen-image", "text_to_image", 32, "qwenimage", "QwenImagePipeline"),
     ("qwen-image", "image_to_image", 32, "qwenimage", "QwenImageImg2ImgPipeline"),
     ("qwen-image", "inpainting", 32, "qwenimage", "QwenImageInpaintPipeline"),
@@ -59,11 +59,17 @@ CASES = [
     ("if-stage-1", "text_to_image", 16, "if", "IFPipeline"),
     ("if-stage-1", "image_to_image", 16, "if", "IFImg2ImgPipeline"),
     ("if-stage-2", "super_resolution", 64, "if-sr", "IFSuperResolutionPipeline"),
+    # HiDream generates at its native area whatever the size asked (the tiny one's is 128x128).
+    ("hidream", "text_to_image", 128, "hidream", "HiDreamImagePipeline"),
 ]
+# Tiny pipelines whose own build does not run yet (called straight through diffusers, outside any
+# stage): HunyuanDiT and HunyuanImage 2.1 at 32x32 raise shape errors inside the transformer, Kolors
+# gives NaN for some prompts of the contract.
+NOT_RUNNING = {"hunyuan-dit", "hunyuan-image-2.1", "kolors"}
 
 
 def test_every_tiny_pipeline_is_a_case():
-    assert {c[0] for c in CASES} == set(REGISTRY) - {"sd-flag-everything"}
+    assert {c[0] for c in CASES} == set(REGISTRY) - {"sd-flag-everything"} - NOT_RUNNING
 
 
 @pytest.fixture(scope="session")
@@ -263,22 +269,22 @@ def test_reference_images_go_to_models_that_take_several(tiny_more, tmp_path):
     """FLUX.2 [klein] edits a row's image with its reference_images after it: all rows ok at the
     image's size, and the references change the image; a model that takes one image makes an error
     row that says so; a reference that cannot be read is an error row naming its index."""
-    spec = spec_for(tiny_more("flux2-klein"), "image_to_image", 32)
+    spec = spec_for(tiny_more("flux2-klein"), "image_to_image", 64)
     stage = stage_class("image_to_image")(spec, StorageSpec())
-    plain = prepared([spec], rows_at("image_to_image", 32, 2), tmp_path)
-    table = with_references(rows_at("image_to_image", 32, 2), [[png(32, 7), png(16, 8)], None])
+    plain = prepared([spec], rows_at("image_to_image", 64, 2), tmp_path)
+    table = with_references(rows_at("image_to_image", 64, 2), [[png(64, 7), png(80, 8)], None])
     out = stage(prepared([spec], table, tmp_path))
     assert values(out, "status") == ["ok", "ok"], values(out, "error")
-    assert [im.shape for im in raw_images(out)] == [(32, 32, 3)] * 2
+    assert [im.shape for im in raw_images(out)] == [(64, 64, 3)] * 2
     alone = stage(plain)
     assert pixels(out)[0] != pixels(alone)[0] and pixels(out)[1] == pixels(alone)[1]
 
-    kontext = spec_for(tiny_more("flux-kontext"), "image_to_image", 32)
+    kontext = spec_for(tiny_more("flux-kontext"), "image_to_image", 64)
     out = stage_class("image_to_image")(kontext, StorageSpec())(prepared([kontext], table, tmp_path))
     assert values(out, "status") == ["error", "ok"]
     assert "reference_images: FluxKontextPipeline (FLUX.1 Kontext) takes one image" in values(out, "error")[0]
 
-    bad = prepared([spec], with_references(rows_at("image_to_image", 32, 1), [[png(32, 1), b"not an image"]]),
+    bad = prepared([spec], with_references(rows_at("image_to_image", 64, 1), [[png(64, 1), b"not an image"]]),
                    tmp_path)
     assert values(bad, "error") == ["reference_images[1]: not a readable image (UnidentifiedImageError: no known "
                                     "image format)"]

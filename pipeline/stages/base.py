@@ -447,25 +447,30 @@ QUANTIZED_PREFIXES = ("transformer", "unet", "prior", "decoder", "text_encoder")
 
 def quantization(name: str, index: dict, device: str):
     """diffusers' PipelineQuantizationConfig for a StageSpec.quantize setting and a model's
-    components; ModelError where this machine cannot run it."""
+    components (each through its own library's config class); ModelError where this machine
+    cannot run it."""
+    import transformers
     from diffusers import PipelineQuantizationConfig
 
     from pipeline.errors import ModelError
 
     if name != "int8_weight_only" and device != "cuda":
         raise ModelError(f"quantize: {name} runs on GPUs only; int8_weight_only runs on CPUs too")
-    components = [c for c in index if c.startswith(QUANTIZED_PREFIXES) and has_component(index, c)]
     if name == "nf4":
-        return PipelineQuantizationConfig(quant_backend="bitsandbytes_4bit", components_to_quantize=components,
-                                          quant_kwargs={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                                                        "bnb_4bit_compute_dtype": torch.bfloat16})
-    try:
-        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
-    except ImportError:
-        raise ModelError(f"quantize: {name} needs torchao (pip install 'shardgen[quantize]')") from None
-    config = Int8WeightOnlyConfig() if name == "int8_weight_only" else Float8WeightOnlyConfig()
-    return PipelineQuantizationConfig(quant_backend="torchao", quant_kwargs={"quant_type": config},
-                                      components_to_quantize=components)
+        kwargs = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16}
+        configs = {lib: lib.BitsAndBytesConfig for lib in (diffusers, transformers)}
+    else:
+        try:
+            from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+        except ImportError:
+            raise ModelError(f"quantize: {name} needs torchao (pip install 'shardgen[quantize]')") from None
+        kwargs = {"quant_type": Int8WeightOnlyConfig() if name == "int8_weight_only" else Float8WeightOnlyConfig()}
+        configs = {lib: lib.TorchAoConfig for lib in (diffusers, transformers)}
+    libraries = {"diffusers": diffusers, "transformers": transformers}
+    mapping = {component: configs[libraries[index[component][0]]](**kwargs) for component in index
+               if component.startswith(QUANTIZED_PREFIXES) and has_component(index, component)
+               and index[component][0] in libraries}
+    return PipelineQuantizationConfig(quant_mapping=mapping)
 
 
 def _problem(kind: str, err: Exception) -> str:
