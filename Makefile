@@ -1,4 +1,5 @@
-# `make demo` runs the main job on the embedded default; `make test` runs the tests.
+# `make demo` runs the main job on the embedded default; `make test` runs the tests, `make test-fast`
+# the fast tier of them (docs/testing.md).
 # Both create .venv/ first when it is missing or older than pyproject.toml.
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench eval synth-eval clean browser
+.PHONY: setup demo test test-fast lint bench eval synth-eval clean browser
 
 setup: $(VENV)/.installed
 
@@ -23,6 +24,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The tests that start no Ray, subprocess or server, and no bench or training run (docs/testing.md):
+# under two minutes, for every change before the whole suite.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check pipeline jobs tests

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -31,9 +32,26 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _nightly(args: argparse.Namespace) -> int:
-    from pipeline import nightly
+    """Catch up the nights of a spec, locally or on a cluster (--address). It sits here, above
+    both nightly and submit, so that neither imports the other back."""
+    from pipeline import dates, submit
+    from pipeline.errors import EXIT_OK, SpecError
+    from pipeline.nightly import catch_up, first_night, load_nights, outcome_table, run_local
 
-    return nightly.command(args)
+    overrides = {"manifest": args.manifest, "output": args.output}
+    last = dates.parse_night(args.to)
+    if args.from_:
+        first = dates.parse_night(args.from_)
+    elif args.missing:
+        root, (night,) = load_nights(args.spec, [last], **overrides)
+        first = min(first_night(root, night.spec.storage) or last, last)
+    else:
+        raise SpecError("--from: give the first night, or --missing for every night since the first one")
+    run = submit.run_remote(submit.client(args.address), args.spec, args.working_dir, overrides) \
+        if args.address else run_local
+    outcomes = catch_up(args.spec, first, last, run, args.missing, **overrides)
+    print(outcome_table(outcomes) if outcomes else f"shardgen nightly: every night from {first} to {last} is complete")
+    return next((o.code for o in outcomes if o.code != EXIT_OK and o.status != "running"), EXIT_OK)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -114,10 +132,18 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _manifest_synth(args: argparse.Namespace) -> int:
+    from pipeline.errors import SpecError
+    from pipeline.synth import control_maps
     from pipeline.synth.manifest import main
 
-    table = main(args.classes, args.templates, args.per_class, args.seed, args.splits, args.output,
-                 args.guidance, args.guidance_range)
+    if args.control_maps:  # one row per label map; the classes present make the prompt
+        table = control_maps.main(args.control_maps, args.classes, args.templates, args.seed, args.splits,
+                                  args.output)
+    elif args.templates is None or args.per_class is None:
+        raise SpecError("manifest synth: --templates and --per-class are needed (or --control-maps DIR)")
+    else:
+        table = main(args.classes, args.templates, args.per_class, args.seed, args.splits, args.output,
+                     args.guidance, args.guidance_range)
     print(f"shardgen: {table.num_rows} rows -> {args.output}")
     return 0
 
@@ -249,8 +275,11 @@ def parser() -> argparse.ArgumentParser:
     synth = manifest_sub.add_parser("synth", allow_abbrev=False,
                                     help="classes x prompt templates x seeds, balanced, split, labelled")
     synth.add_argument("--classes", required=True, help="YAML/JSON/CSV of classes (name, synonyms, description)")
-    synth.add_argument("--templates", required=True, help="YAML/JSON (templates, slots, distinct) or .txt")
-    synth.add_argument("--per-class", type=int, required=True, help="rows per class")
+    synth.add_argument("--templates", help="YAML/JSON (templates, slots, distinct) or .txt (with --control-maps: "
+                       "optional, {class} names the classes present)")
+    synth.add_argument("--per-class", type=int, help="rows per class (not with --control-maps)")
+    synth.add_argument("--control-maps", help="a folder of label-map PNGs (class indices): one row each, with the "
+                       "colour-coded control_image and the label_map as target")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--splits", default="train=0.8,validation=0.1,test=0.1")
     synth.add_argument("--guidance", help="guidance_scale values, comma-separated, balanced over each class's rows")
@@ -277,6 +306,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `shardgen` command; its exit status. A reader that closes the pipe early (`| head`)
+    ends it quietly: no traceback, now or at exit."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at interpreter exit, where a closed pipe could not be caught
+        return code
+    except BrokenPipeError:
+        # The flush at exit would fail again: leave it nothing to write to.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
         from pipeline.training.__main__ import main as training_main

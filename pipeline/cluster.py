@@ -10,6 +10,7 @@ import socket
 import ray
 
 from pipeline.errors import ShardgenError
+from pipeline.native_log import keep_native_lines_in_ray_logs
 
 # How long a cluster address may take to answer before the run gives up on it.
 CONNECT_TIMEOUT_S = 10
@@ -84,3 +85,4 @@ def connect(address: str | None, verbose: bool = False) -> None:
     context.enable_progress_bars = verbose
     if not verbose:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        keep_native_lines_in_ray_logs()

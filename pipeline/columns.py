@@ -11,3 +11,5 @@ MASK = "_sg_mask"  # uint8 HxW masks (white = repaint), the size of the row's im
 TEXT_EMBEDS = "_sg_text_embeds"  # safetensors bytes: a row's prompt-embedding arguments, by pipeline argument name
 TEXT_ENCODER = "_sg_text_encoder"  # fingerprint of the text encoder that made TEXT_EMBEDS
 STAGE_PARAMS = "_sg_stage_params"  # JSON list: each stage's kind, model and parameters
+LORA = "_sg_lora"  # the named LoRA adapters a row picked (comma-joined; empty: none)
+CONTROL_PREFIX = "_sg_control_"  # + k: the row's control image for the stage's k-th ControlNet, as PNG bytes

@@ -39,10 +39,11 @@ def caption(i: int) -> tuple[str, str, str]:
 
 # Prompts as people write them: the trained models follow many phrasings, not one template
 # (docs/trained-models.md; "a photo of ..." and the comma list are phrasings held out of training).
+# Each names its background: left to the model, it may pick the shape's own colour (a blank image).
 PHRASINGS = (
     "{a_colour} {shape} on {a_bg} background",
     "{colour} {shape}, {bg} background",
-    "a drawing of {a_colour} {shape}",
+    "a drawing of {a_colour} {shape} on {a_bg} background",
     "a photo of {a_colour} {shape} on {a_bg} background",
     "{a_colour} {shape} against {a_bg} background",
     "{shape}, {colour}, {bg} background",
@@ -56,8 +57,12 @@ def sample_prompts(rows: int) -> list[str]:
 
 
 def inpaint_request(i: int) -> tuple[str, str]:
-    """What an inpainted row asks for: its shape in the next colour of the list."""
-    return list(COLOURS)[(i + 1) % len(COLOURS)], caption(i)[1]
+    """What an inpainted row asks for: its shape in the next colour of the list that is not its
+    background's (a shape in the background's colour would be invisible)."""
+    names = list(COLOURS)
+    _, shape, background = caption(i)
+    colour = names[(i + 1) % len(names)]
+    return (names[(i + 2) % len(names)] if colour == background else colour), shape
 
 
 def _png(image: Image.Image) -> bytes:

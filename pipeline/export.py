@@ -32,8 +32,11 @@ def tar_name(split: str, index: int) -> str:
 
 def _rows(fs, root: str, names: list[str], statuses: list[str]) -> Iterator[pa.Table]:
     for name in names:
+        # One file, read on this thread: pq.read_table's dataset scan starts Arrow's thread pools,
+        # whose workers, still alive when the process exits, can abort it ("terminate called
+        # without an active exception", exit 134) after the export has succeeded.
         with fs.open(f"{root}/{name}", "rb") as f:
-            table = pq.read_table(f)
+            table = pq.ParquetFile(f, pre_buffer=False).read(use_threads=False)
         yield table.filter(pc.is_in(table.column("status"), value_set=pa.array(statuses)))
 
 

@@ -33,12 +33,17 @@ def _encode_sd(pipe, prompts, negatives, device, spec):
 
 
 def _encode_sdxl(pipe, prompts, negatives, device, spec):
-    # No negative prompt in any row: let SDXL use zeros where its config asks (force_zeros_for_empty_prompt),
-    # as a plain diffusers call does. The stage groups rows with and without one apart.
+    # A row without a negative prompt gets zeros where the config asks (force_zeros_for_empty_prompt),
+    # as a plain diffusers call without one does, so that rows with and without one share a call.
     names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-    out = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
-                             negative_prompt=negatives if any(negatives) else None)
-    return dict(zip(names, out))
+    out = dict(zip(names, pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
+                                             do_classifier_free_guidance=True,
+                                             negative_prompt=negatives if any(negatives) else None)))
+    empty = [k for k, negative in enumerate(negatives) if not negative]
+    if any(negatives) and empty and pipe.config.get("force_zeros_for_empty_prompt", False):
+        for name in ("negative_prompt_embeds", "negative_pooled_prompt_embeds"):
+            out[name][empty] = 0
+    return out
 
 
 def _encode_sd3(pipe, prompts, negatives, device, spec):
@@ -275,9 +280,12 @@ def _auto_family(class_name: str) -> Family | None:
 
 
 def family_of(model_index: dict) -> Family | None:
-    family = next((f for f in FAMILIES if f.detect(model_index)), None)
-    if family is None and model_index.get("_class_name"):
-        family = _auto_family(model_index["_class_name"])
+    from pipeline.conditioning.controlnet import base_index  # a saved ControlNet pipeline: its base family
+
+    index = base_index(model_index)
+    family = next((f for f in FAMILIES if f.detect(index)), None)
+    if family is None and index.get("_class_name"):
+        family = _auto_family(index["_class_name"])
     return family
 
 
@@ -324,6 +332,11 @@ def check_family(source: str, model_index: dict, stage) -> Family:
     if stage.true_cfg_scale and "true_cfg_scale" not in _call_parameters(family.pipelines[kind]):
         raise ModelError(f"true_cfg_scale: {family.pipelines[kind]} ({family.title}) has no true classifier-free "
                          f"guidance; leave true_cfg_scale unset for model {source}")
+    from pipeline.stages import speed
+
+    problem = speed.check(stage, model_index)
+    if problem:
+        raise ModelError(f"{problem} (model {source})")
     return family
 
 
@@ -336,7 +349,7 @@ def _refused(class_name: str) -> str | None:
 
     signature = inspect.signature(getattr(diffusers, class_name).__init__).parameters
     if "controlnet" in signature or "control_image" in _call_parameters(class_name):
-        return "needs a control image and a ControlNet, which no stage kind gives it"
+        return "needs a control image; a stage's `controlnet:` runs ControlNets with the families written out"
     return None
 
 

@@ -8,8 +8,9 @@ from datetime import date, datetime, timezone
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from pipeline import layout, manifest, resume, storage
+from pipeline import layout, manifest, resume, storage, vocabulary
 from pipeline.errors import EXIT_OK, EXIT_ROWS_FAILED, SpecError
 from pipeline.models.resolve import check_sources
 from pipeline.spec import JobSpec, StorageSpec, parse_spec_text
@@ -53,33 +54,42 @@ def noise_warning(spec: JobSpec) -> str | None:
 
 @dataclass
 class Checked:
-    """What the checks before a run found: the manifest's ids and the output's state."""
+    """What the checks before a run found: the manifest's row count and the output's state."""
 
-    ids: pa.Array
+    rows: int
     finished: Stats | None  # the output is complete: nothing to do
 
 
 def check(spec: JobSpec, overwrite: bool = False) -> Checked:
     """What refuses a job (exit 2) before it touches Ray: the manifest's columns and ids, an output
     written by another spec. With ``overwrite``, the output is deleted once the manifest passed;
-    without, nothing is written. The model sources are checked next (check_sources)."""
-    ids = manifest.check(spec)
+    without, nothing is written. The model sources are checked next (check_sources).
+
+    A finished output of the same spec answers from _SUCCESS, _stats.json and _job.json alone:
+    its manifest was checked by the run that wrote it, and is not read again."""
+    if not overwrite:
+        finished = finished_stats(spec)
+        if finished is not None:
+            resume.check_same_job(spec)
+            return Checked(finished.rows, finished)
+    rows = manifest.check(spec)
     if spec.filters:
         from pipeline.synth import filters
 
         filters.check(spec)
     if overwrite:
         _delete_output(spec)
-    finished = finished_stats(spec)
     resume.check_same_job(spec)
-    return Checked(ids, finished)
+    return Checked(rows, finished_stats(spec))
 
 
-def stage_totals(spec: JobSpec, todo: int, done: set[str]) -> dict[str, int]:
+def stage_totals(spec: JobSpec, todo: int, done: pa.Array) -> dict[str, int]:
     """How many of the rows to generate each stage kind will see."""
     if spec.flows is None:
         return {s.kind: todo for s in spec.stages}
-    tasks = Counter(task for row_id, task in manifest.ids_and_tasks(spec) if row_id not in done)
+    table = manifest.read(spec, ["id", "task"])
+    todo_tasks = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=done))).column("task")
+    tasks = Counter(todo_tasks.to_pylist())
     totals: dict[str, int] = {}
     for name, flow in spec.flows.items():
         for kind in dict.fromkeys(s.kind for s in flow):
@@ -99,20 +109,20 @@ def run_job(spec: JobSpec, overwrite: bool = False, log=print, verbose: bool = F
 
     check_address()  # a cluster that does not answer fails in seconds, before the models' imports
     warnings = check_sources(spec)
-    for warning in [*warnings, noise_warning(spec)]:
+    for warning in (*warnings, noise_warning(spec), vocabulary.warning(spec)):
         if warning:
             log(warning)
     from pipeline import job_record, plan, sink
     from pipeline.synth import filters
 
-    ids = checked.ids
     written = resume.scan(spec, log)
     if written.files:
-        resume.check_ids(written, ids, spec)
-    todo = len(ids) - len(written.ids)
+        resume.check_ids(written, spec)
+    done = written.done()
+    todo = checked.rows - len(done)
     run_id = sink.new_run_id()
     if written.files:
-        log(f"shardgen: resuming {spec.output}: {len(written.ids)} of {len(ids)} ids are in "
+        log(f"shardgen: resuming {spec.output}: {len(done)} of {checked.rows} ids are in "
             f"{len(written.files)} published shard(s); {todo} to go")
     log(f"shardgen: run {run_id}: {todo} rows from {spec.manifest} -> {spec.output}, "
         f"flows: {'; '.join(' -> '.join(s.kind for s in f) for f in spec.flow_map().values())}")
@@ -120,9 +130,9 @@ def run_job(spec: JobSpec, overwrite: bool = False, log=print, verbose: bool = F
     job_record.write_job_file(spec, run_id, started)
     executed = plan.Executed()
     if todo:
-        totals = stage_totals(spec, todo, written.ids)
-        executed = plan.execute(spec, todo, run_id, written.done(), totals, verbose=verbose, log=log)
-    files, table = resume.settle(spec, written, [f for r in executed.reports for f in r.files], len(ids), log)
+        totals = stage_totals(spec, todo, done)
+        executed = plan.execute(spec, todo, run_id, done, totals, verbose=verbose, log=log)
+    files, table = resume.settle(spec, written, [f for r in executed.reports for f in r.files], checked.rows, log)
     filtered = filters.apply(spec, files, log) if spec.filters else None
     return sink.finalize(spec, run_id, executed.reports, files, table, started, datetime.now(timezone.utc), filtered,
                          executed.actors)
@@ -141,6 +151,8 @@ def _stage_figures(st: StageStats) -> str:
     """Where one stage's actor time went, for the summary line."""
     text = (f"{st.kind} ({st.actors} actor{'s' if st.actors > 1 else ''}): load {st.load_s:.1f} s, first image "
             f"{st.first_image_s:.1f} s, in pipeline {st.pipeline_s:.1f} s, waiting for input {st.wait_s:.1f} s")
+    if st.calls:
+        text += f", {st.call_rows} rows in {st.calls} calls (fill {st.fill:.0%})"
     if st.gpu_busy is not None:
         text += f", GPU busy {st.gpu_busy:.0%}, peak {st.peak_gpu_memory_gb:g} GB"
     return text
@@ -148,8 +160,12 @@ def _stage_figures(st: StageStats) -> str:
 
 def summary_line(spec: JobSpec, stats: Stats) -> str:
     rate = f"{stats.images_per_s:.2f} images/s" if stats.images_per_s else "n/a"
-    line = (f"shardgen: {stats.rows} rows ({stats.ok} ok, {stats.error} error) in "
-            f"{stats.elapsed_s:.1f} s, {rate} -> {spec.output}")
+    counts = f"{stats.rows} rows ({stats.ok} ok, {stats.error} error)"
+    if len(stats.runs) > 1:  # a resume: this run's rows and rate, the output's total apart
+        line = (f"shardgen: {stats.rows_this_run} rows this run in {stats.elapsed_s:.1f} s, {rate}; the output "
+                f"holds {counts} from {len(stats.runs)} runs -> {spec.output}")
+    else:
+        line = f"shardgen: {counts} in {stats.elapsed_s:.1f} s, {rate} -> {spec.output}"
     timed = [_stage_figures(st) for st in stats.stages if st.actors]
     if timed:
         line += "\n  stages: " + "; ".join(timed)

@@ -2,7 +2,7 @@
 takes them from here.
 
 OUTPUT/
-  data/part-{run_id}-{task:05d}-{chunk:04d}.parquet   the shards (published whole)
+  data/part-{run_id}-{number:06d}.parquet   the shards (published whole)
   data/{split}/part-….parquet    the same, when the manifest has a `split` column (one folder per split)
   _job.json      the spec as run, without credentials (written first, again at the end)
   _stats.json    the run's counts and times
@@ -33,11 +33,11 @@ def split_folder(split: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", split) if split else NO_SPLIT
 
 
-def shard_name(run_id: str, task_index: int, chunk: int, split: str | None = None) -> str:
-    """A shard's name relative to the output; unique per run, write task and chunk, so a retried
-    write task reuses it (idempotent) and no two tasks or runs collide. ``split``: its folder."""
+def shard_name(run_id: str, number: int, split: str | None = None) -> str:
+    """A shard's name relative to the output: the run's ``number``th shard, so no two shards of
+    any runs collide. ``split``: its folder."""
     folder = f"{DATA}/{split}" if split else DATA
-    return f"{folder}/{SHARD_PREFIX}{run_id}-{task_index:05d}-{chunk:04d}{SHARD_SUFFIX}"
+    return f"{folder}/{SHARD_PREFIX}{run_id}-{number:06d}{SHARD_SUFFIX}"
 
 
 def split_of(name: str) -> str | None:

@@ -174,25 +174,3 @@ def first_night(root: str, storage_spec: StorageSpec | None = None) -> date | No
     found = [night for _, night in filter(None, folders)]
     found += [date.fromisoformat(e.night) for e in history(root, storage_spec)]
     return min(found, default=None)
-
-
-def command(args) -> int:
-    """`shardgen nightly`: catch up the nights of a spec, locally or on a cluster (--address)."""
-    overrides = {"manifest": args.manifest, "output": args.output}
-    last = dates.parse_night(args.to)
-    if args.from_:
-        first = dates.parse_night(args.from_)
-    elif args.missing:
-        root, (night,) = load_nights(args.spec, [last], **overrides)
-        first = min(first_night(root, night.spec.storage) or last, last)
-    else:
-        raise SpecError("--from: give the first night, or --missing for every night since the first one")
-    if args.address:
-        from pipeline import submit
-
-        run = submit.run_remote(submit.client(args.address), args.spec, args.working_dir, overrides)
-    else:
-        run = run_local
-    outcomes = catch_up(args.spec, first, last, run, args.missing, **overrides)
-    print(outcome_table(outcomes) if outcomes else f"shardgen nightly: every night from {first} to {last} is complete")
-    return next((o.code for o in outcomes if o.code != EXIT_OK and o.status != "running"), EXIT_OK)

@@ -34,6 +34,12 @@ OUTPUT_SCHEMA = pa.schema([
 ])
 # Input columns that the generated image replaces.
 CONSUMED_INPUTS = ("image", "mask", "reference_images")
+# The columns the spec's `filters:` add after the fixed ones (pipeline/synth/filters.py).
+PHASH, PROB, REASON = "phash", "label_prob", "filter_reason"
+# A manifest column under one of these names that shardgen does not read passes through as
+# SOURCE_PREFIX + its name, so the output's own value never hides the source's.
+RESERVED = frozenset(OUTPUT_SCHEMA.names) | frozenset(CONSUMED_INPUTS) | {PHASH, PROB, REASON}
+SOURCE_PREFIX = "source_"
 # Lets `datasets.load_dataset("parquet", ...)` decode `image` as PIL images without a cast.
 HF_METADATA = {b"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}}).encode()}
 

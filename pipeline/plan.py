@@ -16,30 +16,41 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy
+from ray.data._internal.logical.interfaces import LogicalPlan
+from ray.data._internal.logical.operators.map_operator import StreamingRepartition
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pipeline import access, progress, route, storage
+from pipeline import access, manifest, progress, route, storage
 from pipeline.cluster import check_address, connect, ensure_ray
-from pipeline.encode import encode_batch
+from pipeline.encode import encode_batch, seconds_per_image
 from pipeline.errors import ShardgenError, SpecError
+from pipeline.kinds import KINDS
 from pipeline.prepare import prepare_batch
 from pipeline.resume import drop_done
-from pipeline.spec import JobSpec, StageSpec
+from pipeline.shard_publisher import ShardPublisher
+from pipeline.spec import AUTO_MAX_BATCH, AUTO_START_BATCH, JobSpec, StageSpec
 from pipeline.stages import stage_class
 from pipeline.stats import ActorMetrics
 from pipeline.synth.filters import score_batch
 from pipeline.tracker import JobTracker
-from pipeline.writers.shards import ShardReport, ShardWriter
+from pipeline.writers.shards import ShardReport, ShardWriter, output_rows
 
 # Reading, prepare, encode and writing are light next to diffusion: a quarter CPU each lets them
 # run beside actor pools that reserve most CPUs of a node (a task that asked for a whole CPU
 # could wait forever behind actors that wait for its rows).
 CPU_STEP_CPUS = 0.25
 MAX_READ_BLOCKS = 4096
+# The most rows a block ahead of a flow's stages holds to be a multiple of all their batch sizes.
+MAX_BLOCK_ROWS = 4096
+# Seconds of encoding per write task: short enough that the last rows are encoded in parallel
+# within seconds of their stage, long enough that a task's overhead is small beside its work.
+ENCODE_BUNDLE_S = 2.0
 # The progress line skips an update rather than wait longer than this for the counts.
 READ_COUNTS_S = 5
+# How long an interrupted run waits for the rows it holds to be published.
+PUBLISH_ON_INTERRUPT_S = 60
 def _node_cpus() -> float:
     """The CPUs of the largest live node: no actor can reserve more."""
     return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
@@ -133,10 +144,10 @@ def _count(counter, table: pa.Table, kind: str, last: bool) -> None:
         counter.add.remote(progress.OK, int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0))
 
 
-def _counted(cls: type, counter, kind: str, last: bool, flow: str | None) -> type:
-    """``cls`` that joins the job (JobTracker.join), generates only the rows of ``flow`` (all rows without
-    flows), counts them and reports its figures (pipeline/stages/metrics.py). It keeps the
-    stage's class name, which names its actors (`MapWorker(MapBatches(TextToImageStage))`)."""
+def _counted(cls: type, counter, kind: str, last: bool) -> type:
+    """``cls`` that joins the job (JobTracker.join), counts the rows it generated and reports its
+    figures (pipeline/stages/metrics.py). It keeps the stage's class name, which names its actors
+    (`MapWorker(MapBatches(TextToImageStage))`)."""
 
     class Counted(cls):
         def __init__(self, **kwargs):
@@ -146,12 +157,8 @@ def _counted(cls: type, counter, kind: str, last: bool, flow: str | None) -> typ
             self.actor_key = uuid.uuid4().hex
 
         def __call__(self, table: pa.Table) -> pa.Table:
-            if flow is None:
-                out = mine = super().__call__(table)
-            else:
-                out = route.only(flow, super().__call__, table)
-                mine = out.filter(pc.equal(out.column("task"), flow))
-            _count(counter, mine, kind, last)
+            out = super().__call__(table)
+            _count(counter, out, kind, last)
             counter.report.remote(self.actor_key, asdict(self.metrics()))
             return out
 
@@ -159,47 +166,93 @@ def _counted(cls: type, counter, kind: str, last: bool, flow: str | None) -> typ
     return Counted
 
 
-def _prepare_routed(table: pa.Table, flows: dict[str, list[StageSpec]], counter, **kwargs) -> pa.Table:
-    out = route.prepare(table, flows, **kwargs)
-    unrouted = out.filter(pa.array([f is None for f in route.flow_of(out, sorted(flows))], pa.bool_()))
-    if unrouted.num_rows:
-        _count(counter, unrouted, progress.UNROUTED, last=True)
+def _unrouted(table: pa.Table, flows: list[str], counter) -> pa.Table:
+    out = route.unrouted(table, flows)
+    if out.num_rows:
+        _count(counter, out, progress.UNROUTED, last=True)
     return out
 
 
-class ShardDatasink(Datasink[ShardReport]):
-    def __init__(self, writer: ShardWriter):
-        self.writer = writer
-        self.reports: list[ShardReport] = []
+def ray_batch(stage: StageSpec) -> int:
+    """Rows per batch handed to an actor of ``stage``: its batch size; with `batch_size: auto`,
+    AUTO_MAX_BATCH on GPUs (the actor's probed size and its halvings divide it), else the size a
+    CPU actor takes."""
+    if stage.batch_size != "auto":
+        return stage.batch_size
+    return AUTO_MAX_BATCH if stage.gpus_per_actor else AUTO_START_BATCH
+
+
+def block_rows(flow: list[StageSpec]) -> int:
+    """Rows per block ahead of ``flow``'s stages: a multiple of every stage's batch, so that all
+    of a stage's calls but its last are full; the first stage's batch where that multiple would
+    be unreasonably large."""
+    rows = math.lcm(*(ray_batch(s) for s in flow))
+    return rows if rows <= MAX_BLOCK_ROWS else ray_batch(flow[0])
+
+
+class ShardDatasink(Datasink[None]):
+    """Write tasks encode their bundle (fused with the encode step before them), turn it into
+    output rows and hand those to the run's ShardPublisher, which cuts the shards: so bundles are
+    sized by encode time, not by the shard, and the last images are encoded in parallel as they
+    come instead of in one task after the stages are done."""
+
+    def __init__(self, publisher, rows_per_write: int):
+        self.publisher = publisher
+        self.rows_per_write = rows_per_write
 
     @property
     def min_rows_per_write(self) -> int:
-        # Bundle rows so that shards come out near rows_per_shard rows, not one per batch.
-        return self.writer.rows_per_shard
+        return self.rows_per_write
 
-    def write(self, blocks: Iterable[Block], ctx) -> ShardReport:
+    def write(self, blocks: Iterable[Block], ctx) -> None:
         tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
         if not tables:  # every row of these blocks was done by an earlier run
-            return ShardReport()
-        return self.writer.write(pa.concat_tables(tables, promote_options="permissive"), ctx.task_idx)
+            return
+        rows, report = output_rows(pa.concat_tables(tables, promote_options="permissive"))
+        try:
+            # The task's index: a retried task's rows are taken once.
+            ray.get(self.publisher.add.remote(rows, report, ctx.task_idx))
+        except ray.exceptions.RayTaskError as err:
+            raise err.cause from None  # the publisher's own error (storage), not Ray's wrapping
 
-    def on_write_complete(self, write_result) -> None:
-        self.reports = list(write_result.write_returns)
+
+def encode_bundle_rows(spec: JobSpec) -> int:
+    """Rows per write task: about ENCODE_BUNDLE_S of encoding at the job's largest output size,
+    and no more than a last stage's batch, so that rows never wait for later batches to fill a
+    bundle (small images would otherwise wait for a whole shard, and publishing by time with them)."""
+    flows = list(spec.flow_map().values())
+    pixels = max(flow[0].width * flow[0].height * math.prod(KINDS[s.kind].scale ** 2 for s in flow) for flow in flows)
+    rows = int(ENCODE_BUNDLE_S / max(seconds_per_image(pixels, spec.format), 1e-9))
+    return max(1, min(rows, max(ray_batch(flow[-1]) for flow in flows)))
 
 
-def _stages(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec, counter,
-            name: str | None = None) -> ray.data.Dataset:
-    """One actor pool per stage of ``flow``; with flows, the flow ``name``'s pools pass the rows of
-    other flows through."""
+def _exact_blocks(ds: ray.data.Dataset, rows: int) -> ray.data.Dataset:
+    """``ds`` in blocks of exactly ``rows`` rows but its last: Ray Data's streaming repartition
+    (`ds.repartition(target_num_rows_per_block=rows, strict=True)`), built with the light steps'
+    CPU share so that it fuses into the step before it. Dataset.repartition takes no resource
+    arguments: its own step would ask for a whole CPU and wait forever behind actor pools that
+    hold the others."""
+    op = StreamingRepartition(target_num_rows_per_block=rows, strict=True, input_dependencies=[ds._logical_plan.dag],
+                              ray_remote_args={"num_cpus": CPU_STEP_CPUS})
+    return ray.data.Dataset._from_parent(ds, LogicalPlan(op, ds.context))
+
+
+def _stages(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec, counter) -> ray.data.Dataset:
+    """Prepare the rows for ``flow``, cut them into blocks of batch multiples and run one actor
+    pool per stage."""
+    rows = block_rows(flow)
+    checks = {"storage": spec.storage, "access": access.for_job(spec), "limits": spec.limits}
+    ds = _exact_blocks(ds.map_batches(prepare_batch, fn_kwargs={"flow": flow, **checks}, batch_size=rows,
+                                      batch_format="pyarrow", num_cpus=CPU_STEP_CPUS), rows)
     for position, stage in enumerate(flow):
         low, high = stage.actors
         ds = ds.map_batches(
-            _counted(stage_class(stage.kind), counter, stage.kind, position == len(flow) - 1, name),
+            _counted(stage_class(stage.kind), counter, stage.kind, position == len(flow) - 1),
             fn_constructor_kwargs={"spec": stage, "storage": spec.storage, "position": position,
                                    # Prompt embeddings travel on to the next stage, which reuses
                                    # them when it has the same text encoder.
                                    "keep_text_embeds": position < len(flow) - 1},
-            batch_size=stage.batch_size,
+            batch_size=ray_batch(stage),
             batch_format="pyarrow",
             compute=ActorPoolStrategy(min_size=low, max_size=high),
             num_gpus=stage.gpus_per_actor,
@@ -218,23 +271,30 @@ def build(spec: JobSpec, rows: int, done: pa.Array, counter) -> ray.data.Dataset
     fs, path = storage.arrow_filesystem(spec.manifest, spec.storage)
     # A manifest of prompts is small: one file would arrive as one block, which one actor would
     # take whole. Blocks of about a batch each let every actor of a pool take a share.
-    blocks = max(1, min(MAX_READ_BLOCKS, -(-rows // min(s.batch_size for s in spec.all_stages()))))
+    blocks = max(1, min(MAX_READ_BLOCKS, -(-rows // min(ray_batch(s) for s in spec.all_stages()))))
     ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"], num_cpus=CPU_STEP_CPUS,
                                override_num_blocks=blocks)
-    if spec.columns:
-        ds = ds.rename_columns({source: name for name, source in spec.columns.items()}, num_cpus=CPU_STEP_CPUS)
+    names = manifest.read_names(spec, manifest.open_manifest(spec).schema.names)
+    renamed = {column: name for column, name in names.items() if column != name}
+    if renamed:
+        ds = ds.rename_columns(renamed, num_cpus=CPU_STEP_CPUS)
     if len(done):
         ds = ds.map_batches(drop_done, fn_kwargs={"done": done}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
-    checks = {"storage": spec.storage, "access": access.for_job(spec), "limits": spec.limits}
     if spec.flows is None:
-        ds = ds.map_batches(prepare_batch, fn_kwargs={"flow": spec.stages, **checks}, batch_format="pyarrow",
-                            num_cpus=CPU_STEP_CPUS)
         ds = _stages(ds, spec.stages, spec, counter)
     else:
-        ds = ds.map_batches(_prepare_routed, fn_kwargs={"flows": spec.flows, "counter": counter, **checks},
-                            batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
-        for name in sorted(spec.flows):
-            ds = _stages(ds, spec.flows[name], spec, counter, name)
+        # Each flow's branch takes its rows before batching, so that its calls are full. Ray Data
+        # would read the manifest again for each branch: it is read once, here, and held.
+        # Each flow's rows are held apart too: a step that drops rows just before the exact cut
+        # would be fused into it, and its blocks would come out short.
+        ds = ds.materialize()
+        names = sorted(spec.flows)
+        branches = [_stages(ds.map_batches(route.rows_of, fn_kwargs={"flow": name}, batch_format="pyarrow",
+                                           num_cpus=CPU_STEP_CPUS).materialize(), spec.flows[name], spec, counter)
+                    for name in names]
+        unrouted = ds.map_batches(_unrouted, fn_kwargs={"flows": names, "counter": counter}, batch_format="pyarrow",
+                                  num_cpus=CPU_STEP_CPUS)
+        ds = unrouted.union(*branches)
     ds = ds.map_batches(encode_batch, fn_kwargs={"fmt": spec.format}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
     if spec.filters:  # per-row scores; the filters decide once the whole output is written
         ds = ds.map_batches(score_batch, fn_kwargs={"filters": spec.filters}, batch_format="pyarrow",
@@ -263,11 +323,19 @@ def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array, totals: dict[
     # node a job can lose (a job that loses the driver's node is lost anyway).
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     counter = JobTracker.options(scheduling_strategy=here).remote()
-    sink = ShardDatasink(ShardWriter(spec.output, spec.storage, run_id, spec.format.rows_per_shard))
+    writer = ShardWriter(spec.output, spec.storage, run_id, spec.format.rows_per_shard,
+                         publish_every_s=spec.format.publish_every_minutes * 60)
+    publisher = ShardPublisher.options(scheduling_strategy=here).remote(writer)
+    sink = ShardDatasink(publisher, encode_bundle_rows(spec))
     try:
         with progress.Progress(rows, totals, lambda: ray.get(counter.get.remote(), timeout=READ_COUNTS_S), log):
             build(spec, rows, done, counter).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})
+        report = ray.get(publisher.finish.remote())
         actors = [ActorMetrics(**m) for m in ray.get(counter.actor_figures.remote())]
+    except KeyboardInterrupt:
+        # The rows the publisher holds are done work: publish them, so a resume skips them.
+        ray.get(publisher.finish.remote(), timeout=PUBLISH_ON_INTERRUPT_S)
+        raise
     except ray.exceptions.RayTaskError as err:
         # A task's own error (a shard write that ran out of storage retries) reaches the user as
         # itself, not inside Ray's worker traceback.
@@ -278,4 +346,5 @@ def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array, totals: dict[
         for actor in ray.get(counter.end.remote()):
             ray.kill(actor)
         ray.kill(counter)
-    return Executed(sink.reports, actors)
+        ray.kill(publisher)
+    return Executed([report], actors)

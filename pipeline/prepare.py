@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from pipeline import columns
 from pipeline.access import Access
+from pipeline.conditioning import rows as conditioning
 from pipeline.images import InputError, decode, png_bytes
 from pipeline.kinds import KINDS
 from pipeline.spec import LimitsSpec, StageSpec, StorageSpec
@@ -48,7 +49,7 @@ class _Row:
     the field, the value and the limit."""
 
     def __init__(self, i: int, cols: dict[str, list], flow: list[StageSpec], storage: StorageSpec, access: Access,
-                 limits: LimitsSpec):
+                 limits: LimitsSpec, lora_given: bool):
         first, kind = flow[0], KINDS[flow[0].kind]
         self.prompt = cols["prompt"][i] or ""
         self.image: np.ndarray | None = None
@@ -88,6 +89,8 @@ class _Row:
                     f"mask: size {self.mask.shape[1]}x{self.mask.shape[0]} differs from the image's "
                     f"{self.width}x{self.height}"
                 )
+        self.conditioning = conditioning.row(cols, i, flow, lora_given, self.image, self.width, self.height, storage,
+                                             access, limits)
 
 
 def _references(value: list | None, storage: StorageSpec, access: Access, limits: LimitsSpec) -> list[bytes] | None:
@@ -103,12 +106,12 @@ def prepare_batch(table: pa.Table, flow: list[StageSpec], storage: StorageSpec, 
                   limits: LimitsSpec) -> pa.Table:
     first, kind = flow[0], KINDS[flow[0].kind]
     names = ("id", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "strength", "width", "height",
-             "image", "mask", "reference_images")
+             "image", "mask", "reference_images", *conditioning.manifest_names(flow))
     cols = {name: values(table, name) for name in names}
     rows, errors = [], []
     for i in range(table.num_rows):
         try:
-            rows.append(_Row(i, cols, flow, storage, access, limits))
+            rows.append(_Row(i, cols, flow, storage, access, limits, "lora" in table.column_names))
             errors.append(None)
         except InputError as err:
             rows.append(None)
@@ -138,6 +141,7 @@ def prepare_batch(table: pa.Table, flow: list[StageSpec], storage: StorageSpec, 
         (columns.STAGE_PARAMS, ["[]"] * n, pa.string()),
         (columns.MASK, [r.mask.tobytes() if r and r.mask is not None else None for r in rows], pa.binary()),
         (columns.REFERENCES, [r.references if r else None for r in rows], pa.list_(pa.binary())),
+        *conditioning.filled(flow, [r.conditioning if r else None for r in rows], cols, set(table.column_names)),
     ]
     for name, vals, type_ in fill:
         table = with_column(table, name, vals, type_)

@@ -21,13 +21,13 @@ This module knows pyarrow and the storage layer, not Ray.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from pipeline import layout, storage
+from pipeline import id_checks, layout, manifest, storage
 from pipeline.errors import ShardgenError, SpecError
 from pipeline.spec import JobSpec
 
@@ -35,24 +35,41 @@ from pipeline.spec import JobSpec
 STATS_COLUMNS = ["id", "status", "error"]
 # The spec fields that decide what a row becomes.
 ROW_FIELDS = ("manifest", "columns", "stages", "flows", "format", "limits", "filters")
-# Stage fields that size the actor pools, not the rows: a rerun may change them.
-POOL_FIELDS = ("actors", "cpus_per_actor", "gpus_per_actor")
+# Row fields whose keys are the user's (column names, flow names), not spec fields.
+MAPPING_FIELDS = ("columns", "flows")
+# Fields that do not shape the rows (the stages' actor pools, how often shards are published):
+# a rerun may change them.
+FREE_FIELDS = ("actors", "cpus_per_actor", "gpus_per_actor", "publish_every_minutes")
 
 
 @dataclass
 class Written:
-    """The shards already in the output, their id/status/error columns, and the ids they hold."""
+    """Shards in the output and their id/status/error columns: one table, shard after shard, so
+    that nothing is held per shard but its name and row count."""
 
-    tables: dict[str, pa.Table] = field(default_factory=dict)  # by name relative to the output: data/part-….parquet
-    ids: set[str] = field(default_factory=set)
+    files: list[str] = field(default_factory=list)  # relative to the output: data/part-….parquet
+    counts: list[int] = field(default_factory=list)  # each file's rows, in the table's order
+    table: pa.Table = field(default_factory=lambda: _empty_stats())
     removed: list[str] = field(default_factory=list)
 
     @property
-    def files(self) -> list[str]:
-        return list(self.tables)
+    def rows(self) -> int:
+        return self.table.num_rows
 
     def done(self) -> pa.Array:
-        return pa.array(sorted(self.ids), pa.string())
+        """Every id the shards hold (each once: scan removed repeats)."""
+        return self.table.column("id").combine_chunks() if self.rows else pa.array([], pa.string())
+
+    def shards(self) -> Iterator[tuple[str, pa.Table]]:
+        start = 0
+        for name, rows in zip(self.files, self.counts):
+            yield name, self.table.slice(start, rows)
+            start += rows
+
+    def without(self, names: set[str]) -> "Written":
+        kept = [(n, t) for n, t in self.shards() if n not in names]
+        return Written([n for n, _ in kept], [t.num_rows for _, t in kept],
+                       pa.concat_tables([t for _, t in kept]) if kept else _empty_stats(), self.removed)
 
 
 def _shard_files(spec: JobSpec) -> tuple[object, str, list[str]]:
@@ -64,39 +81,73 @@ def _shard_files(spec: JobSpec) -> tuple[object, str, list[str]]:
     return fs, path, names
 
 
+def read_stats_columns(spec: JobSpec, fs, path: str, names: list[str]) -> Written:
+    """The id/status/error columns of the shards ``names`` (sorted), read by DuckDB in one query
+    over all of them (its threads read many files at once, object storage through the registered
+    fsspec filesystem), so the time per shard does not grow with the count."""
+    if not names:
+        return Written()
+    remote = storage.is_remote(spec.output)
+    locations = [storage.join(spec.output, n) if remote else f"{path}/{n}" for n in names]
+    with id_checks.connection() as con:
+        if remote:
+            con.register_filesystem(fs)
+        table = con.sql(f"SELECT filename, {', '.join(STATS_COLUMNS)} FROM read_parquet($files, filename = true) "
+                        "ORDER BY filename", params={"files": locations}).to_arrow_table()
+    # In the order of first appearance, which is the sorted order (a shard of no rows is absent).
+    counts = {c["values"]: c["counts"] for c in pc.value_counts(table.column("filename")).to_pylist()}
+    return Written(list(names), [counts.get(loc, 0) for loc in locations], table.select(STATS_COLUMNS))
+
+
+def _empty_stats() -> pa.Table:
+    return pa.table({c: pa.array([], pa.string()) for c in STATS_COLUMNS})
+
+
+def _repeating(written: Written) -> set[str]:
+    """The shards (in name order) that repeat an id of a shard before them that is kept."""
+    ids = written.table.column("id")
+    if not written.rows or pc.count_distinct(ids).as_py() == len(ids):
+        return set()  # the usual case: no id twice, nothing more to hold
+    counts = pc.value_counts(ids)
+    twice = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    kept: set[str] = set()
+    repeating = set()
+    for name, table in written.shards():
+        mine = set(table.column("id").filter(pc.is_in(table.column("id"), value_set=twice)).to_pylist())
+        if kept & mine:
+            repeating.add(name)
+        else:
+            kept |= mine
+    return repeating
+
+
 def scan(spec: JobSpec, log=print) -> Written:
     """List the published shards; remove temporary leftovers and shards that repeat earlier ids."""
     fs, path, names = _shard_files(spec)
-    written = Written()
     for name in names:
         if not name.endswith(layout.SHARD_SUFFIX):
             fs.rm(f"{path}/{name}")
-            continue
-        table = _read_columns(fs, f"{path}/{name}", STATS_COLUMNS)
-        ids = table.column("id").to_pylist()
-        if written.ids.intersection(ids):
+    written = read_stats_columns(spec, fs, path, [n for n in names if n.endswith(layout.SHARD_SUFFIX)])
+    repeating = _repeating(written)
+    if repeating:
+        for name in sorted(repeating):
             fs.rm(f"{path}/{name}")
-            written.removed.append(name)
-            continue
-        written.tables[name] = table
-        written.ids.update(ids)
+        written = written.without(repeating)
+        written.removed = sorted(repeating)
     if written.removed:
         log(f"shardgen: removed {len(written.removed)} shard(s) that repeat ids of earlier shards "
             f"(written after their run died): {', '.join(written.removed)}")
     return written
 
 
-def _read_columns(fs, path: str, names: list[str]) -> pa.Table:
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=names)
-
-
 def _differences(before, now, where: str) -> list[str]:
     """The paths (``stages.0.model``) where two JSON values differ, each with both values."""
     if isinstance(before, dict) and isinstance(now, dict):
         # A field missing from before is one that version of shardgen did not have: it ran as its default.
-        keys = [k for k in before if k not in POOL_FIELDS]
-        return [d for k in keys for d in _differences(before[k], now.get(k), f"{where}.{k}")]
+        keys = [k for k in before if k not in FREE_FIELDS]
+        if where in MAPPING_FIELDS:  # but a column mapping or flow added on the rerun is a change
+            keys += [k for k in now if k not in before]
+        return [d for k in keys for d in _differences(before.get(k), now.get(k), f"{where}.{k}")]
     if isinstance(before, list) and isinstance(now, list) and len(before) == len(now):
         return [d for i, (b, n) in enumerate(zip(before, now)) for d in _differences(b, n, f"{where}.{i}")]
     return [] if before == now else [f"{where} ({json.dumps(before)} -> {json.dumps(now)})"]
@@ -117,12 +168,14 @@ def check_same_job(spec: JobSpec) -> None:
                         "rerun with the same spec, or pass --overwrite to delete the output and start again")
 
 
-def check_ids(written: Written, manifest_ids: pa.Array, spec: JobSpec) -> None:
-    """Shards of ids that the manifest lacks come from another manifest: refuse to mix them."""
-    foreign = written.ids.difference(manifest_ids.to_pylist())
+def check_ids(written: Written, spec: JobSpec) -> None:
+    """Shards of ids that the manifest lacks come from another manifest: refuse to mix them. The
+    manifest's ids stream through an anti-join (pipeline/id_checks.py), never all held at once."""
+    with storage.guard("read manifest", spec.manifest, spec.storage):
+        foreign, examples = id_checks.missing_from(written.done(), manifest.id_batches(spec))
     if foreign:
-        shown = ", ".join(repr(i) for i in sorted(foreign)[:5])
-        raise SpecError(f"output {spec.output} holds {len(foreign)} id(s) that the manifest lacks ({shown}); "
+        shown = ", ".join(repr(i) for i in examples[:5])
+        raise SpecError(f"output {spec.output} holds {foreign} id(s) that the manifest lacks ({shown}); "
                         "it was written from another manifest: pass --overwrite to start again")
 
 
@@ -146,9 +199,8 @@ def settle(spec: JobSpec, written: Written, new_files: list[str], manifest_rows:
     if missing:
         raise ShardgenError(f"shard(s) written by this run are gone from the output: {', '.join(sorted(missing))}")
     # The listed shards' columns were read by scan; only this run's shards are read here.
-    tables = [written.tables[name] if name in written.tables else _read_columns(fs, f"{path}/{name}", STATS_COLUMNS)
-              for name in sorted(keep)]
-    table = pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in STATS_COLUMNS})
+    new = read_stats_columns(spec, fs, path, sorted(keep.difference(written.files)))
+    table = pa.concat_tables([written.table, new.table])
     distinct = pc.count_distinct(table.column("id")).as_py() if table.num_rows else 0
     if distinct != table.num_rows or table.num_rows != manifest_rows:
         raise ShardgenError(f"the output holds {table.num_rows} rows with {distinct} distinct ids for "

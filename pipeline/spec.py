@@ -44,11 +44,22 @@ RECOMMENDED: dict[str, dict[str, Any]] = {
     # stages' default strength 0.75 the old shape's outline shows through and wins.
     "builtin:shapes-inpaint": {"guidance_scale": 4.0, "strength": 1.0},
 }
+# `batch_size: auto`: the largest batch a GPU actor's probe tries (a power of two, so that every
+# size it settles on, halvings included, divides the plan's batches of this many rows), and the
+# size of actors that do not probe.
+AUTO_MAX_BATCH = 64
+AUTO_START_BATCH = 8
 # Built-ins with random weights: they prove the plumbing and draw noise.
 NOISE_MODEL_PREFIX = "builtin:tiny-"
 # The manifest columns shardgen reads by name; `columns:` maps them to a manifest's own names.
 ManifestColumn = Literal["id", "task", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width",
-                         "height", "strength", "image", "mask", "reference_images"]
+                         "height", "strength", "image", "mask", "control_image", "controlnet_scale", "lora",
+                         "reference_images"]
+# The stage kinds a ControlNet can condition (diffusers has ControlNet pipelines for each).
+CONTROLNET_KINDS = ("text_to_image", "image_to_image", "inpainting")
+# The manifest columns that set a generation parameter per row. Opt-in: a caption set's `width` is
+# the photo's size, not the size to generate at.
+OverrideColumn = Literal["steps", "guidance_scale", "strength", "width", "height"]
 
 
 class _Strict(BaseModel):
@@ -91,6 +102,56 @@ class StorageSpec(_Strict):
         return value
 
 
+class CacheSpec(_Strict):
+    """A stage's cache of the denoiser's work between steps."""
+
+    method: Literal["first_block"] = Field(
+        default="first_block",
+        description="first_block: run the transformer's first block each step and skip the others when its output "
+        "changed less than threshold since the last full step (diffusers' FirstBlockCache, the generic form of "
+        "TeaCache)")
+    threshold: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.05, description="the relative change of the first block's output under which a step reuses the "
+        "cached rest: higher is faster and further from the uncached image (diffusers' default: 0.05)")
+
+
+class LoraSpec(_Strict):
+    """One LoRA adapter of a stage, from the same kinds of source as a model."""
+
+    source: str = Field(description="a local .safetensors file or folder, an s3:// file or folder, or a Hugging "
+                        "Face Hub id (org/name); safetensors only")
+    weight_name: str | None = Field(default=None, description="the .safetensors file inside a folder or hub repo "
+                                    "that holds several; null: the only one there")
+    scale: float = Field(default=1.0, description="how strongly the adapter applies; 0 gives the base model's "
+                         "images exactly")
+    name: str | None = Field(default=None, description="a name that the manifest's `lora` column picks the "
+                             "adapter by; null: the adapter applies to every row")
+    revision: str | None = Field(default=None, description="for a hub id: a branch, tag or commit hash; "
+                                 "null: main")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value or "," in value or value != value.strip()):
+            raise ValueError(f"{value!r}: a name is non-empty, without commas or surrounding spaces")
+        return value
+
+
+class ControlSpec(_Strict):
+    """A control image computed from the row's own image on CPU before the GPU stages."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_: Literal["image"] = Field(default="image", alias="from", description="the manifest column it is "
+                                    "computed from")
+    kind: Literal["canny"] = Field(description="canny: OpenCV's Canny edges, white on black (needs the "
+                                   "`control` extra: opencv-python-headless)")
+    low_threshold: Annotated[int, Field(ge=0, le=1000)] = Field(default=100, description="canny: the lower "
+                                                                "hysteresis threshold on the gradient")
+    high_threshold: Annotated[int, Field(ge=0, le=1000)] = Field(default=200, description="canny: the upper "
+                                                                 "hysteresis threshold on the gradient")
+
+
 class StageSpec(_Strict):
     """One diffusion stage: the model it runs, its parameters, and the actor pool that runs it."""
 
@@ -120,7 +181,12 @@ class StageSpec(_Strict):
         default=0.75, description="inpainting, image_to_image: how much of the input image is repainted")
     noise_level: Annotated[int, Field(ge=0, le=1000)] = Field(
         default=20, description="super_resolution: how much the low-res image is noised before guiding the upscaler")
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = Field(default=8, description="rows per call of an actor")
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field(
+        default="auto", description="rows per pipeline call of an actor. auto: on a GPU, the largest power of two up "
+        f"to {AUTO_MAX_BATCH} whose call at the stage's size fits in memory, found by a one-step probe as the actor "
+        f"starts (kinds that take an image start at {AUTO_START_BATCH}); on a CPU, {AUTO_START_BATCH}. A call that "
+        "runs out of memory halves its actor's batch size for the rest of the job (_stats.json: batch_size, "
+        "probed_batch_size, batch_halvings)")
     actors: tuple[int, int] = Field(default=(1, 1), description="min and max actors of the stage's pool (an int: "
                                     "a fixed pool); unset on a cluster with GPUs: a fixed pool over an even share "
                                     "of the GPUs the other stages leave")
@@ -158,12 +224,27 @@ class StageSpec(_Strict):
         "half, GPUs of compute capability 8.9+), nf4 (bitsandbytes 4-bit: a quarter, GPUs only); none: the "
         "dtype's full weights. Needs the `quantize` extra (torchao) or bitsandbytes installed",
     )
-    compile: bool = Field(
+    compile: bool | Literal["regional"] = Field(
         default=False,
-        description="torch.compile the denoiser and the VAE decoder when the actor starts, warmed up with one "
+        description="true: torch.compile the denoiser and the VAE decoder when the actor starts, warmed up with one "
         "call at the stage's size and batch_size (kinds that take an image compile on their first batch); calls "
-        "are then padded to batch_size so that shapes stay static. Off by default: it costs minutes per actor "
-        "before the first image and pays back only on long runs (docs/performance.md)",
+        "are then padded to batch_size so that shapes stay static. regional: compile only the denoiser's repeated "
+        "blocks (diffusers' compile_repeated_blocks: U-Nets and FLUX.1; a fraction of the compile time). Off by "
+        "default: it costs minutes per actor before the first image and pays back only on long runs "
+        "(docs/performance.md)",
+    )
+    attention_backend: str | None = Field(
+        default=None,
+        description="diffusers' attention backend for the denoiser (set_attention_backend): native, flash, "
+        "_native_cudnn, _native_flash, sage, flex, ...; only for denoisers that route attention through diffusers' "
+        "dispatcher (FLUX.1); images differ within the backend's rounding. null: PyTorch's scaled dot-product "
+        "attention",
+    )
+    cache: CacheSpec | None = Field(
+        default=None,
+        description="reuse the denoiser's work between steps where it barely changes (diffusers' cache hooks), for "
+        "DiT families whose transformer takes them (FLUX.1): faster at a quality cost measured in "
+        "docs/performance.md. null: off",
     )
     true_cfg_scale: Annotated[float, Field(ge=1, le=50)] | None = Field(
         default=None,
@@ -175,6 +256,23 @@ class StageSpec(_Strict):
         description="T5 tokens a prompt may use, for families with a T5 text encoder (SD3: 256, FLUX.1: 512, "
         "PixArt-Σ: 300 when None); longer prompts are truncated by the tokenizer",
     )
+    loras: list[LoraSpec] = Field(
+        default=[], description="LoRA adapters loaded once per actor; unnamed ones are fused into the weights, "
+        "named ones apply to the rows whose `lora` column names them (all of them when there is no such column)")
+    controlnet: list[str] = Field(
+        default=[], description="ControlNet model(s), each a source as for `model` (a list: multi-ControlNet); the "
+        "row's control image is the manifest's `control_image` (the second ControlNet's `control_image_2`, ...) "
+        "or made by `control`")
+    controlnet_scale: Annotated[float, Field(ge=0, le=10)] = Field(
+        default=1.0, description="how strongly the control image steers (diffusers' "
+        "controlnet_conditioning_scale); a `controlnet_scale` manifest column overrides it per row")
+    control_start: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.0, description="the share of the denoising steps after which the ControlNet starts to apply")
+    control_end: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=1.0, description="the share of the denoising steps after which the ControlNet stops applying")
+    control: ControlSpec | None = Field(
+        default=None, description="compute the (first) ControlNet's control image from the row's `image` instead "
+        "of reading a `control_image` column")
     # The RECOMMENDED settings that filled fields this stage's spec left unset.
     _recommended: dict[str, Any] = PrivateAttr(default_factory=dict)
 
@@ -222,6 +320,25 @@ class StageSpec(_Strict):
                                  "spread the pipeline over GPUs or offload it, not both")
         return self
 
+    @field_validator("controlnet", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _conditioning(self) -> "StageSpec":
+        if self.controlnet and self.kind not in CONTROLNET_KINDS:
+            raise ValueError(f"controlnet: {self.kind} stages take no ControlNet (only {', '.join(CONTROLNET_KINDS)})")
+        if self.control and not self.controlnet:
+            raise ValueError("control: makes a control image for a ControlNet; set `controlnet` too")
+        if self.control_start >= self.control_end:
+            raise ValueError(f"control_start {self.control_start} must be below control_end {self.control_end}")
+        names = [lora.name for lora in self.loras if lora.name]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"loras: the name(s) {twice} are given to more than one adapter")
+        return self
+
     @field_validator("actors", mode="before")
     @classmethod
     def _actors(cls, value: Any) -> Any:
@@ -243,8 +360,15 @@ class FormatSpec(_Strict):
 
     image: Literal["png", "webp", "jpeg"] = Field(default="png", description="image encoding: png | webp | jpeg")
     quality: Annotated[int, Field(ge=1, le=100)] = Field(default=95, description="webp / jpeg quality")
-    rows_per_shard: Annotated[int, Field(ge=1)] = Field(default=1000, description="at most this many rows per "
-                                                        "Parquet shard")
+    rows_per_shard: Annotated[int, Field(ge=1)] = Field(default=1000, description="rows per Parquet shard: every "
+                                                        "shard holds this many but the last of a run (per split) "
+                                                        "and those published by time (publish_every_minutes)")
+    publish_every_minutes: Annotated[float, Field(gt=0)] = Field(
+        default=4.0, description="a row waits at most this long for its shard to fill: then the rows waiting are "
+        "published as a partial shard, so an interrupt or a lost node costs minutes of work, not a shard")
+    png_compress_level: Annotated[int, Field(ge=0, le=9)] = Field(
+        default=1, description="zlib level of png images, 0 (none) to 9 (smallest, slowest); 1 encodes about 2.5x "
+        "faster than PIL's default 6 for a slightly larger file")
 
 
 class LimitsSpec(_Strict):
@@ -290,19 +414,20 @@ class ConfidenceFilterSpec(_Strict):
         description="the classifier: builtin:shape-classifier (the shapes set) or a folder in its format",
     )
     threshold: Annotated[float, Field(ge=0, le=1)] | None = Field(
-        default=None, description="None: 1/C for a classifier of C classes (He et al., ICLR 2023)")
+        default=None, description="None: 1/C, C the number of classes among the job's rows (He et al., ICLR 2023)")
     label_column: str = Field(default="label_name",
                               description="the manifest column that names each row's class as the classifier does")
 
 
 class FiltersSpec(_Strict):
     """Filters mark rows `status: filtered` with the reason in `filter_reason`; no row is dropped.
-    They run over the whole output once every shard is written (pipeline/synth/filters.py)."""
+    They run over the whole output once every shard is written (pipeline/synth/filters.py). Only
+    the filters the spec names run: each is off by default."""
 
-    exact_duplicates: bool = Field(default=True, description="filter rows whose image_sha256 an earlier id has")
+    exact_duplicates: bool = Field(default=False, description="filter rows whose image_sha256 an earlier id has")
     near_duplicate_distance: Annotated[int, Field(ge=0, le=64)] | None = Field(
-        default=2, description="filter rows whose 64-bit perceptual hash (imagehash.phash) is at most this many "
-        "bits from a kept earlier id's; None: off")
+        default=None, description="filter rows whose 64-bit perceptual hash (imagehash.phash) is at most this many "
+        "bits from a kept earlier id's (2 is a usual choice); None: off")
     confidence: ConfidenceFilterSpec | None = Field(default=None, description="the classifier-confidence filter")
 
 
@@ -314,7 +439,14 @@ class JobSpec(_Strict):
     columns: dict[ManifestColumn, str] = Field(
         default={},
         description="the manifest's own name for a column shardgen reads, e.g. {id: image_name, "
-        "guidance_scale: cfg}; the output names it as shardgen does",
+        "guidance_scale: cfg}; the output names it as shardgen does. An entry for a generation parameter "
+        "(steps, guidance_scale, strength, width, height) makes that column a per-row override",
+    )
+    overrides: list[OverrideColumn] = Field(
+        default=[],
+        description="manifest columns, under their own names, that set a generation parameter per row of the "
+        "first stage; every other manifest column passes through to the output, under `source_NAME` where the "
+        "output has a column NAME of its own (docs/contract.md)",
     )
     storage: StorageSpec = Field(default=StorageSpec(), description="object storage options")
     stages: Annotated[list[StageSpec], Field(min_length=1)] = Field(

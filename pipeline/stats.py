@@ -20,6 +20,12 @@ class ActorMetrics:
     rows: int = 0
     gpu_busy: float | None = None  # NVML utilisation from the first batch's start to the last one's end
     peak_gpu_memory_gb: float | None = None  # torch's peak allocation on the actor's GPU
+    calls: int = 0  # pipeline calls, retries included
+    call_rows: int = 0  # rows in those calls (a compiled call's padding left out)
+    call_capacity: int = 0  # the rows those calls could have held: the actor's batch size at each call, summed
+    batch_size: int | None = None  # the actor's batch size at its end (probed with `batch_size: auto`)
+    probed_batch_size: int | None = None  # what the start-up probe found (`batch_size: auto` on a GPU)
+    batch_halvings: int = 0  # out-of-memory calls that halved the actor's batch size
 
 
 @dataclass
@@ -34,6 +40,12 @@ class StageStats:
     wait_s: float | None = None  # waiting for input between batches, all actors
     gpu_busy: float | None = None  # mean NVML utilisation over the actors' working time (GPUs only)
     peak_gpu_memory_gb: float | None = None  # the largest actor's peak allocation (GPUs only)
+    calls: int | None = None  # pipeline calls, all actors
+    call_rows: int | None = None  # rows in those calls
+    fill: float | None = None  # rows per call over the batch size then: 1.0 when every call was full
+    batch_size: int | None = None  # the smallest batch size an actor ended with
+    probed_batch_size: int | None = None  # the smallest an actor's start-up probe found (`batch_size: auto`)
+    batch_halvings: int | None = None  # out-of-memory calls that halved an actor's batch size, all actors
 
     @classmethod
     def of(cls, kind: str, busy_s: float, actors: list[ActorMetrics]) -> "StageStats":
@@ -42,6 +54,7 @@ class StageStats:
             return cls(kind, busy_s)
         busy = [(a.gpu_busy, a.pipeline_s + a.wait_s) for a in mine if a.gpu_busy is not None]
         weight = sum(w for _, w in busy)
+        capacity = sum(a.call_capacity for a in mine)
         return cls(
             kind, busy_s, actors=len(mine), load_s=max(a.load_s for a in mine),
             first_image_s=min((a.first_image_s for a in mine if a.first_image_s is not None), default=None),
@@ -49,6 +62,12 @@ class StageStats:
             gpu_busy=round(sum(b * w for b, w in busy) / weight, 3) if busy and weight else None,
             peak_gpu_memory_gb=max((a.peak_gpu_memory_gb for a in mine if a.peak_gpu_memory_gb is not None),
                                    default=None),
+            calls=sum(a.calls for a in mine), call_rows=sum(a.call_rows for a in mine),
+            fill=round(sum(a.call_rows for a in mine) / capacity, 3) if capacity else None,
+            batch_size=min((a.batch_size for a in mine if a.batch_size is not None), default=None),
+            probed_batch_size=min((a.probed_batch_size for a in mine if a.probed_batch_size is not None),
+                                  default=None),
+            batch_halvings=sum(a.batch_halvings for a in mine),
         )
 
 

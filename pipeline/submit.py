@@ -25,7 +25,7 @@ from pathlib import Path
 from pipeline import storage
 from pipeline.dates import parse_night
 from pipeline.errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_ROWS_FAILED, ShardgenError, SpecError
-from pipeline.nightly import Night, Outcome, is_complete, stats_of
+from pipeline.nightly import Night, Outcome, is_complete, load_nights, stats_of
 
 ENTRYPOINT = ("python", "-m", "jobs.generate")
 AGENT_WAIT_S = 60
@@ -173,8 +173,6 @@ def run_remote(jobs_api, spec_uri: str, working_dir: str | None, overrides: dict
 
 def command(args) -> int:
     """`shardgen submit`: submit one night; with --wait, follow it and exit with its exit code."""
-    from pipeline.nightly import load_nights
-
     overrides = {"manifest": args.manifest, "output": args.output}
     _, (night,) = load_nights(args.spec, [parse_night(args.date)], **overrides)
     jobs_api = client(args.address)

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import access, job, layout, manifest, storage
+from pipeline import access, job, layout, manifest, storage, vocabulary
 from pipeline.models.resolve import check_sources
 from pipeline.prepare import prepare_batch
 from pipeline.spec import JobSpec, StageSpec
@@ -34,13 +33,19 @@ def _output_state(spec: JobSpec, checked: job.Checked) -> str:
 
 def _columns(spec: JobSpec) -> str:
     names = manifest.open_manifest(spec).schema.names
+    read_as = manifest.read_names(spec, names)
     mapped = ", ".join(f"{column} -> {name}" for name, column in spec.columns.items())
     known = set(manifest.COLUMN_TYPES)
-    passed = [n for n in manifest.mapped_names(spec, names) if n not in known]
+    passed = [c if n == c else f"{c} (as {n})" for c, n in read_as.items()
+              if n not in known and c not in spec.columns.values()]
     text = f"columns {names}"
     if mapped:
         text += f"; mapped: {mapped}"
-    return text + (f"; passed through: {', '.join(passed)}" if passed else "")
+    if passed:
+        text += f"; passed through: {', '.join(passed)}"
+    overrides = manifest.overrides(spec)
+    return text + (f"; per-row overrides: {', '.join(overrides)}" if overrides else
+                   "; per-row overrides: none (every row runs at its stage's settings)")
 
 
 def _stage(stage: StageSpec) -> str:
@@ -86,11 +91,10 @@ def validate(spec: JobSpec, log=print) -> None:
     from pipeline import plan
 
     checked = job.check(spec)
-    warnings = check_sources(spec) if checked.finished is None else []
-    ids: pa.Array = checked.ids
-    log(f"shardgen: manifest {spec.manifest}: {len(ids)} rows, {_columns(spec)}")
+    warnings = check_sources(spec, build=False) if checked.finished is None else []
+    log(f"shardgen: manifest {spec.manifest}: {checked.rows} rows, {_columns(spec)}")
     log(f"  output {spec.output}: {_output_state(spec, checked)}")
-    for warning in [*warnings, job.noise_warning(spec)]:
+    for warning in (*warnings, job.noise_warning(spec), vocabulary.warning(spec)):
         if warning:
             log(warning)
     have_cpu, have_gpu, node_cpu, where = plan.resources_for_run()
@@ -106,6 +110,7 @@ def validate(spec: JobSpec, log=print) -> None:
         bad = sum(kinds.values())
         log(f"  sample: {bad} of the first {tried} rows would be error rows"
             + (f" {dict(kinds)}: " + "; ".join(examples) if bad else ""))
-    shards = -(-len(ids) // spec.format.rows_per_shard)
-    log(f"shardgen: valid: a run writes {len(ids)} rows in at least {shards} shard(s) of at most "
-        f"{spec.format.rows_per_shard} rows to {spec.output}")
+    shards = -(-checked.rows // spec.format.rows_per_shard)
+    log(f"shardgen: valid: a run writes {checked.rows} rows in {shards} shard(s) of "
+        f"{spec.format.rows_per_shard} rows to {spec.output} (the last may hold fewer, and a run slower than a "
+        f"shard per {spec.format.publish_every_minutes:g} min publishes partial ones)")

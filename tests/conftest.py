@@ -1,10 +1,19 @@
-"""Shared fixtures: a real S3 API (moto's server on 127.0.0.1), a local Ray, a private model cache.
+"""Shared fixtures: a real S3 API (moto's server on 127.0.0.1), a local Ray, a private model cache;
+and the test tiers (docs/testing.md).
 
-The environment is set up before Ray starts so that Ray's workers inherit it: the S3 endpoint and
-test credentials, and the model cache folder. Ray Data's no-progress timeout is cut from 30
-minutes to RAY_DATA_NO_PROGRESS_S: a stalled job fails its test instead of waiting (Ray Data reads
-the variable when it is imported, so it is set here, before any test module imports it; Ray's
-workers and the tests' subprocesses inherit it).
+Tiers: a test that starts Ray, a subprocess or a server is an `integration` test; `make test-fast`
+runs the others (`-m "not integration"`). The mark is given here, in one place, never by hand:
+a test is integration when it uses a fixture that starts one of them (INTEGRATION_FIXTURES, or any
+fixture built on one) or is listed in INTEGRATION_TESTS (whose tests start them by
+themselves: the CLI in a subprocess, a job through `run_job`). In the fast tier a test that starts
+Ray, a subprocess or a server anyway fails, naming this file, instead of slowing the tier silently.
+Bench, GPU bench, training and synth-eval runs are also `slow` (SLOW_TESTS); `make test` runs all.
+
+The environment is set up before Ray starts so that Ray's workers inherit it: test credentials,
+the model cache folder, and (once the S3 server runs: `s3_endpoint`) the S3 endpoint. Ray Data's
+no-progress timeout is cut from 30 minutes to RAY_DATA_NO_PROGRESS_S: a stalled job fails its test
+instead of waiting (Ray Data reads the variable when it is imported, so it is set here, before any
+test module imports it; Ray's workers and the tests' subprocesses inherit it).
 """
 
 from __future__ import annotations
@@ -13,22 +22,56 @@ import hashlib
 import os
 import re
 import socket
+import subprocess
 
 import boto3
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import ray
 
-from pipeline import storage
-from pipeline.spec import JobSpec, parse_spec
+from pipeline.spec import parse_spec
+
+# Re-exported: test modules import these from here as well as from tests.helpers.
+from tests.helpers import (  # noqa: F401
+    free_port,
+    prompts_manifest,
+    read_output,
+    small_spec,
+    start_ray,
+    write_manifest,
+)
 
 RAY_DATA_NO_PROGRESS_S = 600
+
+# Fixtures that start Ray, a subprocess or a server; a test using one, or a fixture built on one,
+# is an integration test.
+INTEGRATION_FIXTURES = {"ray_local", "s3_endpoint", "ray_head", "synth_output", "hub", "cluster", "browser"}
+# Modules ("test_x.py") and tests ("test_x.py::test_y") that start Ray, a subprocess or a server
+# without such a fixture (through `run_job`, the CLI, or a process of their own).
+INTEGRATION_TESTS = {
+    "test_node_loss.py", "test_worker_sigkill.py",
+    "test_families.py::test_mismatch_exits_2_through_the_cli_before_any_actor",
+    "test_inspect.py::test_memory_stays_flat_in_dataset_size",
+    "test_progress.py::test_a_run_prints_a_few_lines_and_the_summary_last",
+    # torch.compile's inductor compiles in worker processes
+    "test_stage_speed.py::test_compiled_stage_pads_calls_to_one_shape_and_gives_the_same_images",
+}
+# Runs that measure or train rather than check a promise (bench, GPU bench, training, synth-eval):
+# the `slow` tier, as modules or module::test.
+SLOW_TESTS = {
+    "test_gpubench.py", "test_synth.py::test_small_experiment",
+    "test_training.py::test_ray_train_ddpm_loss_falls_and_saves_a_loadable_pipeline",
+    "test_training.py::test_a_wall_clock_budget_ends_the_run_on_every_worker",
+    "test_training.py::test_ddpm_trains_in_process_and_saves_a_ddpm_pipeline",
+    "test_training.py::test_compare_sr_pairs_scenes_so_a_model_against_itself_differs_by_nothing",
+    "test_training.py::test_caption_distillation_moves_what_it_trains_and_saves_a_loadable_upscaler",
+}
 
 
 def pytest_configure(config):
     # Before any test module is collected (and imports ray.data), and before any Ray starts.
     os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", str(RAY_DATA_NO_PROGRESS_S))
+    config.addinivalue_line("markers", "integration: starts Ray, a subprocess or a server (given in conftest)")
+    config.addinivalue_line("markers", "slow: a bench, GPU bench, training or synth-eval run (given in conftest)")
 
 
 # The two fault scenarios are the longest tests, and by file name they would be handed out among
@@ -37,33 +80,72 @@ def pytest_configure(config):
 FIRST = ("test_node_loss.py", "test_worker_sigkill.py")
 
 
+def listed(item, names: set[str]) -> bool:
+    return bool({item.path.name, f"{item.path.name}::{item.originalname}"} & names)
+
+
+def is_integration(item) -> bool:
+    return listed(item, INTEGRATION_TESTS) or bool(INTEGRATION_FIXTURES & set(item.fixturenames))
+
+
 def pytest_collection_modifyitems(items):
+    for item in items:
+        if is_integration(item):
+            item.add_marker(pytest.mark.integration)
+        if listed(item, SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: item.path.name not in FIRST)  # stable: the rest keep their order
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class StartedInFastTier(AssertionError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def fast_tier_guard(request, monkeypatch):
+    """A test not marked integration may not start Ray, a subprocess or a server: it fails, saying
+    so, rather than slow `make test-fast` unseen (give it an integration fixture, or add its module
+    to INTEGRATION_TESTS)."""
+    if request.node.get_closest_marker("integration"):
+        yield
+        return
+
+    def refuse(what):
+        def refused(*args, **kwargs):
+            raise StartedInFastTier(f"{request.node.nodeid} starts {what} but is not an integration test: "
+                                    "see INTEGRATION_FIXTURES and INTEGRATION_TESTS in tests/conftest.py")
+        return refused
+
+    monkeypatch.setattr(ray, "init", refuse("Ray"))
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse("a subprocess"))
+    monkeypatch.setattr(socket.socket, "listen", refuse("a server"))
+    yield
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint():
+def s3_endpoint(environment):
     from moto.server import ThreadedMotoServer
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
+    old = os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
     yield endpoint
     server.stop()
+    if old is None:
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+    else:
+        os.environ["AWS_ENDPOINT_URL"] = old
 
 
 @pytest.fixture(scope="session", autouse=True)
-def environment(tmp_path_factory, s3_endpoint):
+def environment(tmp_path_factory):
+    """Test credentials and a private model cache for every test; no server is started here (the
+    fast tier has none): `s3_endpoint` adds AWS_ENDPOINT_URL when a test asks for S3."""
     cache = tmp_path_factory.mktemp("shardgen-cache")
     values = {
-        "AWS_ENDPOINT_URL": s3_endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
@@ -81,25 +163,9 @@ def environment(tmp_path_factory, s3_endpoint):
             os.environ[k] = v
 
 
-RAY_START_TRIES = 3
-
-
-def start_ray(start, clean_up=ray.shutdown):
-    """``start()``'s result. On a busy machine a raylet whose agents are slow to report their ports
-    aborts at start ("The current node timed out during startup"): clean up and start again
-    rather than fail the test."""
-    for attempt in range(1, RAY_START_TRIES + 1):
-        try:
-            return start()
-        except Exception as err:  # noqa: BLE001 - only the start-up time-out is retried
-            clean_up()
-            if "timed out during startup" not in str(err) or attempt == RAY_START_TRIES:
-                raise
-            print(f"Ray did not start (try {attempt} of {RAY_START_TRIES}): {err}")
-
-
 @pytest.fixture(scope="session")
-def ray_local(environment):
+def ray_local(environment, s3_endpoint):
+    # The S3 server first: Ray's workers inherit AWS_ENDPOINT_URL from this process when Ray starts.
     start_ray(lambda: ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False))
     yield
     ray.shutdown()
@@ -115,34 +181,6 @@ def bucket(s3_endpoint, request):
     return f"s3://{name}"
 
 
-def write_manifest(uri: str, rows: list[dict] | pa.Table) -> str:
-    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf)
-    storage.write_bytes(uri, buf.getvalue().to_pybytes())
-    return uri
-
-
-def read_output(uri: str) -> pa.Table:
-    fs, path = storage.arrow_filesystem(uri)
-    return pq.read_table(f"{path}/data", filesystem=fs)
-
-
-def prompts_manifest(n: int, **extra) -> list[dict]:
-    colours = ["red", "green", "blue", "yellow"]
-    return [{"id": f"row-{i:03d}", "prompt": f"a {colours[i % 4]} circle on a white background", **extra}
-            for i in range(n)]
-
-
-def small_spec(manifest: str, output: str, **stage) -> JobSpec:
-    """A fast text_to_image job: 32x32, 4 steps."""
-    return parse_spec({
-        "manifest": manifest,
-        "output": output,
-        "stages": [{"kind": "text_to_image", "steps": 4, "width": 32, "height": 32, "batch_size": 4, **stage}],
-    })
-
-
 @pytest.fixture(scope="session")
 def synthetic_output(tmp_path_factory):
     """A finished output written through the sink without diffusion (tests/synthetic_output.py):
@@ -152,6 +190,8 @@ def synthetic_output(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic-output")
     return build(str(root / "out"), str(root / "manifest.parquet"), rows=260, size=32, rows_per_shard=120,
                  rows_per_task=130)
+
+
 SYNTH_CLASSES = ["circle", "square", "triangle"]
 
 

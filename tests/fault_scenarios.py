@@ -28,7 +28,7 @@ import psutil  # isort: skip - the copy Ray ships (ray/thirdparty_files), import
 
 from pipeline.job import run_job
 from pipeline.spec import parse_spec
-from tests.conftest import start_ray
+from tests.helpers import start_ray
 
 STAGE_ACTOR = "MapWorker(MapBatches(TextToImageStage))"
 DEADLINE_S = 240  # generous: a condition that is not met by then is a failure, not a wait

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ray.job_submission import JobSubmissionClient
 
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
 STARTS = 5

@@ -3,7 +3,9 @@ some requests with the faults that real object storage shows under load.
 
 Faults, drawn per request from a seeded random generator at a rate, plus one on every ``every``-th
 request whatever the draw, the kinds taking turns (so that each kind surely occurs however the
-requests of a parallel job interleave), or on every request with ``always``:
+requests of a parallel job interleave), or on every request with ``always``, or with ``first_each`` on
+the first request of each distinct method and path (query included), the kinds taking turns: then
+every request a job makes must be retried once for it to succeed, whatever the order:
 
 - ``slowdown``: 503 with S3's SlowDown error (throttling)
 - ``internal``: 500 with S3's InternalError
@@ -48,7 +50,8 @@ class FaultProxy(LocalHTTPServer):
     context manager."""
 
     def __init__(self, upstream: str, rate: float = 0.0, seed: int = 0, every: int = 0, always: str | None = None,
-                 methods: tuple[str, ...] = ("GET", "HEAD", "PUT", "POST", "DELETE"), path_contains: str = ""):
+                 methods: tuple[str, ...] = ("GET", "HEAD", "PUT", "POST", "DELETE"), path_contains: str = "",
+                 first_each: bool = False):
         if always is not None and always not in (*FAULTS, ECHO):
             raise ValueError(f"always: {always!r} is not one of {(*FAULTS, ECHO)}")
         self.upstream = urlsplit(upstream)
@@ -57,6 +60,8 @@ class FaultProxy(LocalHTTPServer):
         self.always = always
         self.methods = methods
         self.path_contains = path_contains
+        self.first_each = first_each
+        self.faulted: list[tuple[str, str]] = []  # (method, path) of each first_each fault, in order
         self.counts: Counter[str] = Counter()
         self.forwarded = 0
         self._random = random.Random(seed)
@@ -75,6 +80,8 @@ class FaultProxy(LocalHTTPServer):
                 return None, False
             if self.always is not None:
                 return self.always, False
+            if self.first_each:
+                return self._first_of(method, path)
             reaches_server = self._random.random() < 0.5
             kinds = [f for f in FAULTS if f != "cut" or method == "GET"]
             if self._cut_due and method == "GET":
@@ -89,6 +96,15 @@ class FaultProxy(LocalHTTPServer):
                 self._cut_due = True
             fault = self._random.choice(kinds) if self._random.random() < self.rate else None
             return fault, reaches_server
+
+    def _first_of(self, method: str, path: str) -> tuple[str | None, bool]:
+        if (method, path) in self.faulted:
+            return None, False
+        self.faulted.append((method, path))
+        kinds = [f for f in FAULTS if f != "cut" or method == "GET"]
+        turn = len(self.faulted)
+        # A drop reaches the server on every other turn: a PUT stored whose answer was lost.
+        return kinds[turn % len(kinds)], turn % 2 == 0
 
     def count(self, fault: str | None) -> None:
         with self._lock:

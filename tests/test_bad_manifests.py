@@ -10,24 +10,13 @@ from __future__ import annotations
 
 import io
 import math
-from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import pyarrow as pa
 import pytest
-import yaml
 from PIL import Image
 
-from pipeline.cli import main
-from tests.conftest import read_output, write_manifest
-
-
-def png(size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
+from tests.helpers import png, read_output, run_cli, write_manifest
 
 
 def blank_png(width: int, height: int) -> bytes:
@@ -41,16 +30,6 @@ def damaged(data: bytes, position: int) -> bytes:
     """``data`` with one byte zeroed: in a PNG, 11 truncates the IHDR chunk, 35 breaks the
     length of the first IDAT chunk (PIL raises ValueError and SyntaxError for them)."""
     return data[:position] + b"\x00" + data[position + 1:]
-
-
-def run_cli(tmp_path, spec: dict) -> tuple[int, str, str]:
-    """`shardgen run --spec` in this process: the exit code, stdout and stderr."""
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec, allow_unicode=True))
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(["run", "--spec", str(path)])
-    return code, out.getvalue(), err.getvalue()
 
 
 STEP = {"steps": 2, "batch_size": 4, "cpus_per_actor": 0.25}
@@ -101,13 +80,13 @@ SR_ROWS = [
     ("sr-good-2", {"image": png((8, 16), seed=5)}, None),
 ]
 INPAINT_ROWS = [
-    ("in-good", {"prompt": GOOD, "image": png((32, 32), seed=6), "mask": png((32, 32), "L", seed=7)}, None),
-    ("in-mask-size", {"prompt": GOOD, "image": png((32, 32), seed=8), "mask": png((16, 32), "L", seed=9)},
+    ("in-good", {"prompt": GOOD, "image": png((32, 32), seed=6), "mask": png((32, 32), seed=7, mode="L")}, None),
+    ("in-mask-size", {"prompt": GOOD, "image": png((32, 32), seed=8), "mask": png((16, 32), seed=9, mode="L")},
      "mask: size 16x32 differs from the image's 32x32"),
     ("in-mask-corrupt", {"prompt": GOOD, "image": png((32, 32), seed=10), "mask": b"GIF89a???"},
      "mask: not a readable image (UnidentifiedImageError: no known image format)"),
     ("in-mask-missing", {"prompt": GOOD, "image": png((32, 32), seed=11), "mask": None}, "mask: missing"),
-    ("in-good-2", {"prompt": GOOD, "image": png((32, 32), seed=12), "mask": png((32, 32), "L", seed=13)}, None),
+    ("in-good-2", {"prompt": GOOD, "image": png((32, 32), seed=12), "mask": png((32, 32), seed=13, mode="L")}, None),
 ]
 CASES = {row_id: expected for rows in (T2I_ROWS, SR_ROWS, INPAINT_ROWS) for row_id, _, expected in rows}
 
@@ -133,6 +112,7 @@ def corpus(tmp_path_factory, ray_local):
             "sr": [{"kind": "super_resolution", **STEP}],
             "inpaint": [{"kind": "inpainting", **STEP}],
         },
+        "overrides": ["steps", "width", "height", "guidance_scale"],
         "limits": {"max_pixels": 64 * 64},
         "max_error_fraction": 0.7,
     }
@@ -214,7 +194,8 @@ REFUSED = [
      ["['task']"]),
     ("mask-as-int", {"stages": [{"kind": "inpainting"}]}, [{"id": "a", "prompt": "p", "image": b"x", "mask": 3}],
      ["'mask'", "bytes, struct{bytes, path} or URI string", "int64"]),
-    ("width-as-float", {}, [{"id": "a", "prompt": "p", "width": 32.0}], ["'width'", "integer", "double"]),
+    ("width-as-float", {"overrides": ["width"]}, [{"id": "a", "prompt": "p", "width": 32.0}],
+     ["'width'", "integer", "double"]),
     ("prompt-as-list", {}, [{"id": "a", "prompt": ["p"]}], ["'prompt'", "string"]),
     ("id-as-int", {}, [{"id": 1, "prompt": "p"}], ["'id'", "string", "int64"]),
     ("no-rows", {}, pa.table({"id": pa.array([], pa.string()), "prompt": pa.array([], pa.string())}), ["no rows"]),

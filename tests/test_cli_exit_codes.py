@@ -5,21 +5,11 @@ refused with 2 before anything runs; object storage that never recovers in the m
 from __future__ import annotations
 
 import pytest
-import yaml
 
-from pipeline.cli import main
 from pipeline.errors import EXIT_FAILED, EXIT_INVALID
-from tests.conftest import prompts_manifest, write_manifest
+from tests.helpers import prompts_manifest, run_cli, write_manifest
 from tests.s3_fault_proxy import FaultProxy
 from tests.test_s3_faults import stored, upscale_job
-
-
-def run_cli(tmp_path, spec: dict, capsys) -> tuple[int, str]:
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    capsys.readouterr()
-    code = main(["run", "--spec", str(path)])
-    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model, message", [
@@ -34,8 +24,8 @@ def test_unresolvable_model_source_exits_2(model, message, bucket, tmp_path, cap
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     manifest = write_manifest(str(tmp_path / "m.parquet"), prompts_manifest(2))
     output = tmp_path / "out"
-    code, err = run_cli(tmp_path, {"manifest": manifest, "output": str(output),
-                                   "stages": [{"kind": "text_to_image", "model": model.format(bucket=bucket)}]}, capsys)
+    code, _, err = run_cli(tmp_path, {"manifest": manifest, "output": str(output),
+                                      "stages": [{"kind": "text_to_image", "model": model.format(bucket=bucket)}]})
     assert code == EXIT_INVALID, err
     assert f"shardgen: error: {message.format(bucket=bucket)}" in err
     assert not output.exists()  # refused before anything ran
@@ -48,7 +38,7 @@ def test_storage_that_never_recovers_mid_job_exits_1(bucket, s3_endpoint, tmp_pa
     with FaultProxy(s3_endpoint, always="internal", methods=("PUT",), path_contains="/data/part-") as proxy:
         data = spec.model_dump(mode="json")
         data["storage"] = {"endpoint_url": proxy.url, "max_attempts": 2}
-        code, err = run_cli(tmp_path, data, capsys)
+        code, _, err = run_cli(tmp_path, data)
     assert code == EXIT_FAILED, err
     # The message the README promises, as its own line (not inside a worker's traceback).
     line = next((x for x in err.splitlines() if x.startswith("shardgen: error: ")), err[-3000:])

@@ -37,6 +37,12 @@ def test_example_runs(path, tmp_path, ray_local):
         stage.steps = 2
     stats = run_job(small, log=lambda _: None)
     assert (stats.rows, stats.ok) == (2, 2)
-    for row in read_output(str(tmp_path / "out")).to_pylist():
+    source = pq.read_table(converted).to_pylist()[:2]
+    for row, given in zip(sorted(read_output(str(tmp_path / "out")).to_pylist(), key=lambda r: r["id"]),
+                          sorted(source, key=lambda r: r["id"])):
         image = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])))
         assert image.std() > 0 and row["model"].startswith("builtin:shapes-")
+        if "width" in given and not small.overrides:  # a caption set's photo sizes: kept, not generated at
+            stage = small.all_stages()[0]
+            assert (row["width"], row["height"]) == (stage.width, stage.height) == image.shape[1::-1]
+            assert (row["source_width"], row["source_height"]) == (given["width"], given["height"])

@@ -1,24 +1,12 @@
 """Exit codes: a finished job exits 0 when its error rows are within max_error_fraction, else 3;
-a rerun with another spec exits 2; a cluster that does not answer fails fast (1)."""
-
-import io
-import os
-import subprocess
-import sys
-import time
-from contextlib import redirect_stderr, redirect_stdout
-from pathlib import Path
+a rerun with another spec exits 2 (a cluster that does not answer: tests/test_cluster_address.py)."""
 
 import pytest
-import yaml
 
-from pipeline.cli import main
 from pipeline.job import exit_code, summary_line
 from pipeline.spec import parse_spec
 from pipeline.stats import Stats
-from tests.conftest import free_port, prompts_manifest, write_manifest
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import prompts_manifest, run_cli, write_manifest
 
 
 def stats(rows: int, error: int) -> Stats:
@@ -47,15 +35,6 @@ def test_summary_says_which_side_of_the_fraction():
     assert "error rows" not in summary_line(spec, stats(10, 0))
 
 
-def run_cli(tmp_path, spec: dict) -> tuple[int, str, str]:
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(["run", "--spec", str(path)])
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_rerun_of_a_finished_output_with_another_spec_exits_2(tmp_path, ray_local):
     manifest = write_manifest(str(tmp_path / "m.parquet"), prompts_manifest(2))
     spec = {"manifest": manifest, "output": str(tmp_path / "out"),
@@ -74,21 +53,3 @@ def test_rerun_of_a_finished_output_with_another_spec_exits_2(tmp_path, ray_loca
     assert 'changed: stages.0.model ("builtin:tiny-sd" -> "builtin:shapes-t2i"); stages.0.steps (2 -> 3)' in err
     assert "--overwrite" in err
     assert (tmp_path / "out" / "_SUCCESS").exists()  # the finished output is left as it was
-
-
-def test_a_dead_cluster_address_fails_fast_naming_it(tmp_path):
-    """RAY_ADDRESS pointing where nothing listens (a stopped `ray start`): the CLI ends within
-    seconds, naming the address and how to run locally, instead of retrying for minutes."""
-    manifest = write_manifest(str(tmp_path / "m.parquet"), prompts_manifest(1))
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({"manifest": manifest, "output": str(tmp_path / "out")}))
-    address = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": str(REPO)}
-    start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--spec", str(spec)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    elapsed = time.monotonic() - start
-    assert done.returncode == 1, done.stderr
-    assert f"no Ray cluster answers at {address} (RAY_ADDRESS)" in done.stderr and "RAY_ADDRESS=local" in done.stderr
-    assert "Traceback" not in done.stderr
-    assert elapsed < 45, elapsed

@@ -297,6 +297,7 @@ def cascades(tiny, tmp_path_factory, ray_local):
     spec = parse_spec({
         "manifest": str(folder / "m.parquet"),
         "output": str(folder / "out"),
+        "overrides": ["steps"],
         "flows": {
             "sdxl_x4": [stage("sdxl", "text_to_image"), stage("builtin:tiny-upscaler", "super_resolution")],
             "flux_refiner": [stage("flux", "text_to_image"), stage("sdxl-refiner", "image_to_image", strength=0.5)],

@@ -5,10 +5,11 @@ import json
 import shutil
 from pathlib import Path
 
+import datasets
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import layout
+from pipeline import card, layout
 from pipeline.errors import SpecError
 from pipeline.job import run_job
 from pipeline.spec import FiltersSpec, parse_spec
@@ -34,7 +35,8 @@ def filtered_job(tmp_path_factory, ray_local):
     root = tmp_path_factory.mktemp("filters")
     manifest = write_manifest(str(root / "m.parquet"), _rows())
     spec = parse_spec({"manifest": manifest, "output": str(root / "out"), "stages": [STAGE],
-                       "format": {"rows_per_shard": 2}, "filters": {"confidence": {"threshold": 0.0}}})
+                       "format": {"rows_per_shard": 2},
+                       "filters": {"exact_duplicates": True, "confidence": {"threshold": 0.0}}})
     return spec, run_job(spec)
 
 
@@ -69,6 +71,22 @@ def _files(output) -> list[str]:
     return sorted(p.relative_to(output).as_posix() for p in Path(output, layout.DATA).rglob("*.parquet"))
 
 
+def test_load_dataset_gives_the_ok_rows_and_all_rows_on_request(filtered_job, tmp_path):
+    spec, _ = filtered_job
+    ok = datasets.load_dataset(spec.output, split="train", cache_dir=str(tmp_path / "hf"))
+    assert sorted(ok["id"]) == sorted(set(_by_id(spec)) - {"dup-b"})
+    assert set(ok["status"]) == {"ok"}
+    every = datasets.load_dataset(spec.output, card.ALL_ROWS, split="train", cache_dir=str(tmp_path / "hf"))
+    assert sorted(every["id"]) == sorted(_by_id(spec)) and every[every["id"].index("dup-b")]["status"] == "filtered"
+
+
+def test_only_the_configured_filters_run():
+    # dup-b repeats dup-a's image, but only the confidence filter was asked for.
+    spec = FiltersSpec.model_validate({"confidence": {"threshold": 0.5}})
+    reasons = filters.decide(["dup-a", "dup-b"], [True, True], ["s1", "s1"], ["00", "00"], [0.9, 0.9], spec, 3)
+    assert reasons == [None, None]
+
+
 def test_rerun_changes_nothing(filtered_job):
     spec, _ = filtered_job
     files = _files(spec.output)
@@ -97,7 +115,8 @@ def test_near_duplicates_and_confidence_rewrite_only_changed_shards(filtered_job
 
 
 def test_decide_orders_by_id_and_applies_each_filter_once():
-    spec = FiltersSpec.model_validate({"near_duplicate_distance": 1, "confidence": {"threshold": 0.5}})
+    spec = FiltersSpec.model_validate({"exact_duplicates": True, "near_duplicate_distance": 1,
+                                       "confidence": {"threshold": 0.5}})
     ids = ["d", "a", "c", "b", "e"]
     reasons = filters.decide(ids, [True, True, True, True, False], sha=["s1", "s1", "s2", "s3", None],
                              phash=["00", "00", "ff", "fe", None], prob=[0.9, 0.9, 0.9, 0.4, None], filters=spec)
@@ -117,5 +136,9 @@ def test_confidence_filter_refuses_unknown_classes(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before anything ran
 
 
-def test_default_threshold_is_one_over_classes():
-    assert filters._threshold(FiltersSpec.model_validate({"confidence": {}}).confidence) == pytest.approx(1 / 5)
+def test_default_threshold_counts_the_jobs_classes():
+    # A job of 3 shapes judged by the 5-class shape classifier: chance is 1/3, not 1/5.
+    conf = FiltersSpec.model_validate({"confidence": {}})
+    assert filters.threshold(conf.confidence, 3) == pytest.approx(1 / 3)
+    reasons = filters.decide(["a", "b"], [True, True], ["s1", "s2"], ["00", "ff"], [0.3, 0.4], conf, 3)
+    assert reasons == ["low_confidence: p=0.300 <= 0.333", None]

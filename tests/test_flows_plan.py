@@ -1,5 +1,7 @@
-"""With `flows`, the job reads the manifest once: one read feeds every flow's stages (Ray Data
-would read it again for each branch of a plan that splits the dataset per flow)."""
+"""With `flows`, the job reads the manifest once and each flow's branch takes its own rows before
+they are batched (Ray Data would read the manifest again for each branch of a plan that splits
+the dataset per flow, so the read rows are held), so that every pipeline call but a stage's
+last is full."""
 
 from __future__ import annotations
 
@@ -7,9 +9,10 @@ import pyarrow as pa
 import ray
 
 from pipeline import plan
+from pipeline.job import run_job, summary_line
 from pipeline.spec import parse_spec
 from pipeline.tracker import JobTracker
-from tests.conftest import write_manifest
+from tests.conftest import read_output, write_manifest
 
 
 def test_two_flows_read_the_manifest_once(tmp_path, ray_local, capsys):
@@ -28,4 +31,25 @@ def test_two_flows_read_the_manifest_once(tmp_path, ray_local, capsys):
     finally:
         ray.kill(job)
     physical = capsys.readouterr().out.split("-------- Physical Plan (Optimized) --------")[1]
-    assert physical.count("ReadParquet") == 1, physical
+    # Read once, before the plan branches: no branch reads it again.
+    assert physical.count("ReadParquet") == 0 and physical.count("Union") == 1, physical
+
+
+def test_each_flow_s_calls_are_full(tmp_path, ray_local):
+    """Two flows, rows of each interleaved, half of them with a negative prompt, and one row of no
+    flow: every call of every stage is a full batch (batch_invariant off, as on GPUs)."""
+    rows = [{"id": f"r{i:02d}", "task": "ab"[i % 2], "prompt": f"a red circle {i}",
+             "negative_prompt": "blurry" if (i // 2) % 2 else ""} for i in range(48)]
+    manifest = write_manifest(str(tmp_path / "m.parquet"), [*rows, {"id": "x", "task": "c", "prompt": "x",
+                                                                     "negative_prompt": ""}])
+    stage = {"kind": "text_to_image", "model": "builtin:tiny-sd", "steps": 1, "width": 32, "height": 32,
+             "batch_size": 8, "batch_invariant": False, "cpus_per_actor": 0.5}
+    spec = parse_spec({"manifest": manifest, "output": str(tmp_path / "out"),
+                       "flows": {"a": [stage], "b": [{**stage, "guidance_scale": 5.0}]}})
+    stats = run_job(spec, log=lambda _: None)
+    assert (stats.ok, stats.error) == (48, 1)
+    [t2i] = stats.stages
+    assert (t2i.calls, t2i.call_rows, t2i.fill, t2i.batch_size) == (6, 48, 1.0, 8)
+    assert "48 rows in 6 calls (fill 100%)" in summary_line(spec, stats)
+    errors = {r["id"]: r["error"] for r in read_output(spec.output).to_pylist() if r["status"] == "error"}
+    assert list(errors) == ["x"] and "'c' is not a flow of this job" in errors["x"]

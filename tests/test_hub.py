@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.cli import main
 from pipeline.errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK
+from pipeline.models.hub import select
 from pipeline.models.resolve import COMPLETE_MARKER, build_builtin, resolve
 from tests.conftest import prompts_manifest, read_output, write_manifest
 from tests.hub_server import HubServer, Repo
@@ -34,6 +35,7 @@ from tests.test_security import REPO, RUNNER
 
 MODEL = "shardgen-test/tiny-sd"
 PICKLED = "shardgen-test/pickled"
+CUSTOM = "shardgen-test/custom-code"
 COMMIT = hashlib.sha1(b"shardgen-test/tiny-sd").hexdigest()
 TOKEN = "hf_PLANTED" + secrets.token_hex(8)
 WEIGHTS = ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model")
@@ -64,7 +66,11 @@ def hub(tiny_files, tmp_path_factory):
     for weights in pickled.rglob("*.safetensors"):
         torch.save(load_file(weights), weights.with_suffix(".bin"))
         weights.unlink()
-    repos = {MODEL: Repo(full, COMMIT, gated=True), PICKLED: Repo(pickled, hashlib.sha1(b"pickled").hexdigest())}
+    custom = root / "custom-code"  # safetensors weights, and a Python file beside them
+    shutil.copytree(tiny, custom, ignore=shutil.ignore_patterns(COMPLETE_MARKER))
+    (custom / "pipeline.py").write_text("raise SystemExit('code from a model folder ran')\n")
+    repos = {MODEL: Repo(full, COMMIT, gated=True), PICKLED: Repo(pickled, hashlib.sha1(b"pickled").hexdigest()),
+             CUSTOM: Repo(custom, hashlib.sha1(b"custom").hexdigest())}
     with HubServer(repos, token=TOKEN) as server:
         yield server
 
@@ -140,6 +146,29 @@ def test_pickle_only_repo_is_refused_without_downloading_weights(hub_env, tmp_pa
     err = _refused(tmp_path, capsys, model=PICKLED)
     assert f"model: {PICKLED} holds weights only as pickles" in err and "unet/diffusion_pytorch_model.bin" in err
     assert _downloads(hub_env, PICKLED) == {"model_index.json": 1}
+
+
+def test_repo_with_python_code_is_refused_without_downloading_it(hub_env, tmp_path, capsys):
+    err = _refused(tmp_path, capsys, model=CUSTOM)
+    assert f"model: {CUSTOM} ships Python code (pipeline.py); shardgen runs no code from model folders" in err
+    assert _downloads(hub_env, CUSTOM) == {"model_index.json": 1}
+
+
+def test_unknown_variant_is_refused_naming_it(hub_env, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    err = _refused(tmp_path, capsys, model=MODEL, variant="bf16")
+    assert f"variant: {MODEL} has no safetensors weights of the variant 'bf16'" in err
+    assert _downloads(hub_env) == {"model_index.json": 1}
+
+
+def test_a_download_never_takes_python_files():
+    """Whatever a repository lists, the files fetched are the pipeline's configs and weights."""
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "scheduler": ["diffusers", "PNDMScheduler"]}
+    files = ["model_index.json", "handler.py", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+             "unet/modeling_unet.py", "scheduler/scheduler_config.json", "scheduler/__init__.py"]
+    assert select(files, index, None) == ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
+                                          "unet/diffusion_pytorch_model.safetensors"]
 
 
 def test_revision_and_variant_are_for_hub_ids_only(hub_env, tmp_path, capsys):

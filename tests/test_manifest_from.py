@@ -5,29 +5,19 @@ from __future__ import annotations
 
 import io
 import json
-from contextlib import redirect_stderr, redirect_stdout
 from datetime import datetime
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from pipeline import storage
-from pipeline.cli import main
 from pipeline.manifest_from import row_id
-from tests.conftest import read_output, write_manifest
+from tests.helpers import cli, read_output, run_cli, write_manifest
 
 PROMPTS = "a red circle on a blue background\n\na green square on a white background\n" \
           "a red circle on a blue background\n"
 FAST = {"steps": 2, "batch_size": 4, "cpus_per_actor": 0.5}
-
-
-def cli(*argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(list(argv))
-    return code, out.getvalue(), err.getvalue()
 
 
 def read(uri: str) -> pa.Table:
@@ -83,16 +73,10 @@ def test_missing_or_empty_file_is_refused(tmp_path):
     assert code == 2 and "has no rows" in err
 
 
-def run_spec(tmp_path, spec: dict) -> tuple[int, str, str]:
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return cli("run", "--spec", str(path))
-
-
 def test_run_on_a_manifest_made_from_prompts(tmp_path, ray_local):
     (tmp_path / "prompts.txt").write_text(PROMPTS)
     cli("manifest", "from", str(tmp_path / "prompts.txt"))
-    code, out, err = run_spec(tmp_path, {"manifest": str(tmp_path / "prompts.parquet"), "output": str(tmp_path / "out"),
+    code, out, err = run_cli(tmp_path, {"manifest": str(tmp_path / "prompts.parquet"), "output": str(tmp_path / "out"),
                                          "stages": [{"kind": "text_to_image", **FAST}]})
     assert code == 0, err
     assert "3 rows (3 ok, 0 error)" in out
@@ -122,8 +106,9 @@ def test_diffusiondb_shaped_manifest_runs_with_a_columns_mapping(tmp_path, ray_l
     manifest = write_manifest(str(tmp_path / "metadata.parquet"), diffusiondb(2))
     spec = {"manifest": manifest, "output": str(tmp_path / "out"),
             "columns": {"id": "image_name", "steps": "step", "guidance_scale": "cfg"},
+            "overrides": ["width", "height"],  # DiffusionDB's sizes are the sizes its images were made at
             "stages": [{"kind": "text_to_image", **FAST}]}
-    code, out, err = run_spec(tmp_path, spec)
+    code, out, err = run_cli(tmp_path, spec)
     assert code == 0, err
     rows = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
     first = rows["00000000-aef7-4225-a9e9-f516527408ac.png"]
@@ -139,15 +124,15 @@ def test_diffusiondb_shaped_manifest_runs_with_a_columns_mapping(tmp_path, ray_l
 
 @pytest.mark.parametrize("columns, words", [
     ({"id": "image_name", "steps": "steps_"}, "columns.steps: manifest"),
-    ({"prompt": "user_name"}, "has both 'user_name' and 'prompt'"),
+    ({"id": "image_name", "prompt": "part_id"}, "manifest column 'prompt' ('part_id' in the manifest) must be string"),
 ])
 def test_bad_mapping_is_refused_naming_the_column(tmp_path, columns, words):
     manifest = write_manifest(str(tmp_path / "metadata.parquet"), diffusiondb(1))
-    code, _, err = run_spec(tmp_path, {"manifest": manifest, "output": str(tmp_path / "out"), "columns": columns})
+    code, _, err = run_cli(tmp_path, {"manifest": manifest, "output": str(tmp_path / "out"), "columns": columns})
     assert code == 2 and words in err, err
 
 
 def test_unmapped_foreign_manifest_says_how_to_map(tmp_path):
     manifest = write_manifest(str(tmp_path / "m.parquet"), [{"key": "a", "caption": "a red circle"}])
-    code, _, err = run_spec(tmp_path, {"manifest": manifest, "output": str(tmp_path / "out")})
+    code, _, err = run_cli(tmp_path, {"manifest": manifest, "output": str(tmp_path / "out")})
     assert code == 2 and "lacks required column(s) ['id', 'prompt']" in err and "columns: {id: YOUR_COLUMN}" in err

@@ -10,7 +10,6 @@ nor the jobs' logs may carry it, nor the Jobs API token.
 from __future__ import annotations
 
 import collections
-import contextlib
 import io
 import os
 import secrets
@@ -26,23 +25,15 @@ import yaml
 from ray.job_submission import JobSubmissionClient
 
 from pipeline import nightly, storage, submit
-from pipeline.cli import main
 from pipeline.dates import partition
 from pipeline.errors import SpecError
 from pipeline.spec import parse_spec
 from pipeline.stats import Stats
 from tests import ray_head as heads
-from tests.conftest import prompts_manifest, write_manifest
+from tests.helpers import cli_output, free_port, prompts_manifest, write_manifest
 
 PLANTED = "planted-" + secrets.token_hex(16)  # long enough that storage.redact treats it as a credential
 NIGHTS = {date(2026, 11, 26): 2, date(2026, 11, 27): 3, date(2026, 11, 28): 4}  # rows per night
-
-
-def _cli(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        code = main(list(argv))
-    return code, out.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -145,26 +136,60 @@ def test_history_keeps_every_night_when_nights_finish_at_once(tmp_path):
     assert nightly.describe(root).count("2026-01-01") == 1
 
 
+def _statuses(out: str) -> dict[str, tuple[str, list[str], str]]:
+    """{night: (status, [rows, ok, error, images/s], message)} from the table `shardgen nightly`
+    prints (a status may hold spaces: the columns are cut where the header's words start)."""
+    lines = out.splitlines()
+    head = max(i for i, line in enumerate(lines) if line.split()[:2] == ["night", "status"])
+    status, rows, message = (lines[head].index(word) for word in ("status", "rows", "message"))
+    return {line[:status].strip(): (line[status:rows].strip(), line[rows:message].split(), line[message:].strip())
+            for line in lines[head + 1:] if line.strip()}
+
+
+@pytest.mark.parametrize("order, code", [(("refused", "failed"), 2), (("failed", "refused"), 1)])
+def test_refused_and_failed_nights_and_the_first_failing_nights_exit_code(tmp_path, monkeypatch, order, code):
+    """README: `refused` (exit 2: a missing manifest), `failed` (exit 1: here a cluster that does not
+    answer), and `shardgen nightly` exits with the first failing night's code. No Ray starts."""
+    nights = [date(2026, 5, 1), date(2026, 5, 2)]
+    for night, status in zip(nights, order):
+        if status == "failed":  # its manifest is there: what stops it is the dead cluster
+            write_manifest(str(tmp_path / f"m-{night}.parquet"), prompts_manifest(1))
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
+    spec = tmp_path / "nightly.yaml"
+    spec.write_text(yaml.safe_dump({"manifest": str(tmp_path / "m-{date}.parquet"), "output": str(tmp_path / "n")}))
+    got, out = cli_output("nightly", "--spec", str(spec), "--from", str(nights[0]), "--to", str(nights[1]))
+    assert got == code, out
+    table = _statuses(out)
+    assert [table[str(n)][0] for n in nights] == list(order), out
+    for night, status in zip(nights, order):
+        message = table[str(night)][2]
+        assert ("no Ray cluster answers" in message) if status == "failed" else (f"m-{night}.parquet" in message), out
+
+
 def test_nights_run_locally_and_catch_up(tmp_path, ray_local):
-    """`shardgen run --date` records its night; `shardgen nightly` runs the missing one here,
-    skips the finished one, and a second catch-up finds nothing to do."""
+    """`shardgen run --date` records its night; `shardgen nightly` runs the missing one here (one
+    error row of three, over the default max_error_fraction 0: `too many errors`, exit 3), skips
+    the finished one, and a second catch-up finds nothing to do."""
     first, second = date(2026, 10, 1), date(2026, 10, 2)
-    for night, rows in ((first, 2), (second, 3)):
-        write_manifest(str(tmp_path / f"m-{night}.parquet"), prompts_manifest(rows))
+    write_manifest(str(tmp_path / f"m-{first}.parquet"), prompts_manifest(2))
+    too_long = {"id": "row-too-long", "prompt": "x" * 2001}  # over limits.max_prompt_chars: an error row
+    write_manifest(str(tmp_path / f"m-{second}.parquet"), [*prompts_manifest(2), too_long])
     spec = tmp_path / "nightly.yaml"
     spec.write_text(yaml.safe_dump({
         "manifest": str(tmp_path / "m-{date}.parquet"), "output": str(tmp_path / "nightly"),
         "stages": [{"kind": "text_to_image", "model": "builtin:tiny-sd", "steps": 2, "width": 32, "height": 32}],
     }))
-    code, out = _cli("run", "--spec", str(spec), "--date", str(first))
+    code, out = cli_output("run", "--spec", str(spec), "--date", str(first))
     assert code == 0 and f"date={first}" in out, out
-    code, out = _cli("nightly", "--spec", str(spec), "--from", str(first), "--to", str(second))
-    assert code == 0, out
-    table = [row[:5] for row in _table(out)]
-    assert table == [[str(first), "complete", "2", "2", "0"], [str(second), "done", "3", "3", "0"]], out
+    code, out = cli_output("nightly", "--spec", str(spec), "--from", str(first), "--to", str(second))
+    assert code == 3, out
+    table = _statuses(out)
+    assert table[str(first)] == ("complete", ["2", "2", "0", "-"], ""), out
+    status, counts, _ = table[str(second)]
+    assert (status, counts[:3]) == ("too many errors", ["3", "2", "1"]), out
     history = nightly.history(str(tmp_path / "nightly"))
-    assert [(e.night, e.rows) for e in history] == [(str(first), 2), (str(second), 3)]
-    code, out = _cli("nightly", "--spec", str(spec), "--missing", "--to", str(second))
+    assert [(e.night, e.rows, e.error) for e in history] == [(str(first), 2, 0), (str(second), 3, 1)]
+    code, out = cli_output("nightly", "--spec", str(spec), "--missing", "--to", str(second))
     assert code == 0 and f"every night from {first} to {second} is complete" in out, out
 
 
@@ -187,54 +212,78 @@ def test_ray_job_submit_as_the_readme_shows_it(cluster):
     assert done.returncode == 0 and "--spec" in done.stdout, done
 
 
-def test_submit_a_night_then_again_is_refused(cluster):
-    head, spec, night = cluster["head"], cluster["spec"], date(2026, 11, 26)
-    _manifest(night, NIGHTS[night])
-    code, out = _cli("submit", "--spec", spec, "--date", str(night), "--address", head.address)
-    assert code == 0, out
-    code, again = _cli("submit", "--spec", spec, "--date", str(night), "--address", head.address)
-    assert code == 2 and "already on the cluster" in again, again
-    (job,) = _jobs_of(head, night)
-    assert job.submission_id.endswith("-a1") and job.submission_id in out
+@pytest.fixture(scope="module")
+def nights(cluster):
+    """Every submission against the head, done once in the order the story needs (each test below
+    checks its part, in whatever order the tests run): the first night submitted, submitted again,
+    followed, and --wait on it once complete; the last night --wait before its manifest exists and
+    again after; the middle night by `shardgen nightly`, and a second catch-up."""
+    head, spec = cluster["head"], cluster["spec"]
+    first, middle, last = NIGHTS
+    on = ("--spec", spec, "--address", head.address)
+    done: dict = {}
+    _manifest(first, NIGHTS[first])
+    done["submit"] = cli_output("submit", *on, "--date", str(first))
+    done["again"] = cli_output("submit", *on, "--date", str(first))
+    done["first_jobs"] = _jobs_of(head, first)
     logs = io.StringIO()
-    assert submit.follow(head.client, job.submission_id, logs) == 0, logs.getvalue()
-    code, done = _cli("submit", "--spec", spec, "--date", str(night), "--address", head.address, "--wait")
+    codes = [submit.follow(head.client, job.submission_id, logs) for job in done["first_jobs"]]
+    done["follow"] = codes, logs.getvalue()
+    done["wait_complete"] = cli_output("submit", *on, "--date", str(first), "--wait")
+    done["first_jobs_after"] = _jobs_of(head, first)
+    done["wait_refused"] = cli_output("submit", *on, "--date", str(last), "--wait")  # no manifest yet: exit 2
+    _manifest(last, NIGHTS[last])
+    done["wait_retry"] = cli_output("submit", *on, "--date", str(last), "--wait")
+    done["last_jobs"] = _jobs_of(head, last)
+    _manifest(middle, NIGHTS[middle])
+    window = ("--from", str(first), "--to", str(last))
+    done["catch_up"] = cli_output("nightly", *on, *window)
+    done["middle_jobs"] = _jobs_of(head, middle)
+    done["catch_up_again"] = cli_output("nightly", *on, "--missing", *window)
+    return done
+
+
+def test_submit_a_night_then_again_is_refused(cluster, nights):
+    head, night = cluster["head"], date(2026, 11, 26)
+    code, out = nights["submit"]
+    assert code == 0, out
+    code, again = nights["again"]
+    assert code == 2 and "already on the cluster" in again, again
+    (job,) = nights["first_jobs"]
+    assert job.submission_id.endswith("-a1") and job.submission_id in out
+    codes, logs = nights["follow"]
+    assert codes == [0], logs
+    code, done = nights["wait_complete"]
     assert code == 0 and "already complete; nothing submitted" in done, done
-    assert len(_jobs_of(head, night)) == 1
+    assert len(nights["first_jobs_after"]) == 1
     stats = Stats.from_json(storage.read_bytes(storage.join(partition(cluster["root"], night), "_stats.json")))
     assert stats.runs == [stats.run_id] and stats.rows == NIGHTS[night]  # one run wrote the night's one output
     _assert_no_secret(head, job, cluster["token"])
 
 
-def test_wait_exits_with_the_jobs_code_and_a_retry_is_the_next_attempt(cluster):
-    head, spec = cluster["head"], cluster["spec"]
-    night = date(2026, 11, 28)  # its manifest is not there yet: the job refuses it (exit 2, not just "failed")
-    code, out = _cli("submit", "--spec", spec, "--date", str(night), "--address", head.address, "--wait")
+def test_wait_exits_with_the_jobs_code_and_a_retry_is_the_next_attempt(cluster, nights):
+    night = date(2026, 11, 28)  # its manifest was not there yet: the job refused it (exit 2, not just "failed")
+    code, out = nights["wait_refused"]
     assert code == 2, out
-    _manifest(night, NIGHTS[night])
-    code, out = _cli("submit", "--spec", spec, "--date", str(night), "--address", head.address, "--wait")
+    code, out = nights["wait_retry"]
     assert code == 0, out
-    assert [j.submission_id[-3:] for j in _jobs_of(head, night)] == ["-a1", "-a2"]
+    assert [j.submission_id[-3:] for j in nights["last_jobs"]] == ["-a1", "-a2"]
     assert f"{NIGHTS[night]} rows ({NIGHTS[night]} ok, 0 error)" in out  # the job's log, followed
-    for job in _jobs_of(head, night):
-        _assert_no_secret(head, job, cluster["token"])
+    for job in nights["last_jobs"]:
+        _assert_no_secret(cluster["head"], job, cluster["token"])
 
 
-def test_catch_up_runs_only_the_missing_night(cluster):
-    head, spec = cluster["head"], cluster["spec"]
-    missing = date(2026, 11, 27)
-    _manifest(missing, NIGHTS[missing])
-    code, out = _cli("nightly", "--spec", spec, "--from", "2026-11-26", "--to", "2026-11-28", "--address", head.address)
+def test_catch_up_runs_only_the_missing_night(nights):
+    code, out = nights["catch_up"]
     assert code == 0, out
     assert [(r[0], r[1], r[2]) for r in _table(out)] == [
         ("2026-11-26", "complete", "2"), ("2026-11-27", "done", "3"), ("2026-11-28", "complete", "4")], out
-    assert [j.submission_id[-3:] for j in _jobs_of(head, missing)] == ["-a1"]
-    code, out = _cli("nightly", "--spec", spec, "--missing", "--from", "2026-11-26", "--to", "2026-11-28",
-                     "--address", head.address)
+    assert [j.submission_id[-3:] for j in nights["middle_jobs"]] == ["-a1"]
+    code, out = nights["catch_up_again"]
     assert code == 0 and "every night from 2026-11-26 to 2026-11-28 is complete" in out, out
 
 
-def test_nights_read_back_as_one_partitioned_dataset(cluster, ray_local):
+def test_nights_read_back_as_one_partitioned_dataset(cluster, nights, ray_local):
     import datasets
     import duckdb
     import pyarrow.dataset as ds
@@ -261,7 +310,7 @@ def test_nights_read_back_as_one_partitioned_dataset(cluster, ray_local):
     assert collections.Counter(hf["date"]) == want and hf.num_rows == sum(want.values())
 
 
-def test_history_lists_each_night_once(cluster):
+def test_history_lists_each_night_once(cluster, nights):
     entries = nightly.history(cluster["root"])
     assert [(e.night, e.rows) for e in entries] == [(str(n), rows) for n, rows in NIGHTS.items()]
     text = nightly.describe(cluster["root"]).splitlines()

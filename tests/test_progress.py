@@ -3,11 +3,11 @@ stage where there are several), and a quiet run otherwise."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -23,7 +23,8 @@ TOTALS = {"text_to_image": 36, "super_resolution": 36, "inpainting": 12}
 # What a run printed before: library warnings and loading bars of every actor, Ray's notices, Ray
 # Data's operator table and its filter warning.
 NOISE = ("[transformers]", "torchvision", "Loading pipeline components", "Loading weights", "Token authentication",
-         "UserWarning", "INFO", "Running Dataset", "Parquet dataset sampling")
+         "UserWarning", "INFO", "Running Dataset", "Parquet dataset sampling",
+         ".cc:")  # Ray's native log lines ("core_worker.cc:2465: Actor ... max_restarts > 0") stay in its logs
 
 
 def test_line_says_rows_rate_and_time_left_per_stage():
@@ -42,20 +43,82 @@ def test_line_before_the_first_row_and_at_the_end():
     assert "[#####...............]" in half and "3 h 00 min left" in half
 
 
-def test_a_line_every_interval_through_log(monkeypatch):
-    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.05)
-    monkeypatch.setattr(progress, "LOG_INTERVAL_MAX_S", 0.05)
+class FakeClock:
+    """Progress's clock and its stop event in one: each wait moves the time on by what was asked,
+    and the event is set once ``until`` seconds have passed (no sleeping, no timing luck)."""
+
+    def __init__(self, until: float):
+        self.now, self.until, self.waits = 0.0, until, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wait(self, seconds: float) -> bool:
+        self.waits.append(seconds)
+        self.now += seconds
+        return self.now >= self.until
+
+    def set(self) -> None:
+        self.now = self.until
+
+
+def run_progress(monkeypatch, until: float, log=None, counts=None) -> tuple[FakeClock, list[tuple[float, str]]]:
+    """A Progress run from 0 to ``until`` seconds on a fake clock: (the clock, (time, line) shown)."""
+    clock = FakeClock(until)
+    monkeypatch.setattr(progress, "time", clock)
+    shown: list[tuple[float, str]] = []
+    show = log or (lambda text: shown.append((clock.now, text)))
+    bar = progress.Progress(4, {"text_to_image": 4}, lambda: dict(counts or {}), show)
+    bar.stop = clock
+    with bar:
+        bar.thread.join()  # the loop runs to `until` on the fake clock, then the block ends
+    return clock, shown
+
+
+def test_a_line_every_interval_in_a_log_then_thinning_out(monkeypatch):
+    """In a log: a line every LOG_INTERVAL_S (15 s) at first, then every quarter of the time so
+    far, at most every LOG_INTERVAL_MAX_S (10 min)."""
+    clock, shown = run_progress(monkeypatch, until=4 * 3600, counts={progress.DONE: 0, progress.OK: 0})
+    times = [t for t, _ in shown]
+    assert times[:5] == [15.0, 30.0, 45.0, 60.0, 75.0]  # every 15 s while a quarter of the age is less
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    for at, gap in zip(times, gaps):
+        assert gap == min(600.0, max(15.0, at / 4)), (at, gap)
+    assert gaps[-1] == 600.0 and max(gaps) == 600.0  # four hours in: every ten minutes
+    assert len(shown) == 40  # about 20 lines to reach ten-minute gaps at 40 min, then 20 more; not 960
+    assert shown[0][1] == "shardgen: 0/4 rows (0 ok, 0 error), starting (15 s)"
+    assert all("\r" not in text and "[" not in text for _, text in shown)  # a log gets lines, no bar
+    assert clock.waits[0] == progress.LOG_INTERVAL_S == 15.0 and progress.LOG_INTERVAL_MAX_S == 600.0
+
+
+def test_nothing_is_shown_after_the_block_ends(monkeypatch):
     counts = {progress.DONE: 0, progress.OK: 0}
     lines: list[str] = []
-    with progress.Progress(4, {"text_to_image": 4}, lambda: dict(counts), lines.append):
-        time.sleep(0.3)
+    clock = FakeClock(until=60)
+    monkeypatch.setattr(progress, "time", clock)
+    bar = progress.Progress(4, {"text_to_image": 4}, lambda: dict(counts), lines.append)
+    bar.stop = clock
+    with bar:
+        bar.thread.join()
         counts.update({progress.DONE: 4, progress.OK: 3})
-        time.sleep(0.3)
-    assert len(lines) >= 4 and lines[0].startswith("shardgen: 0/4 rows")
-    assert lines[-1].startswith("shardgen: 4/4 rows (3 ok, 1 error)") and lines[-1].endswith("done")
-    count = len(lines)
-    time.sleep(0.2)
-    assert len(lines) == count  # nothing after the block ends
+    assert len(lines) == 3 and lines[-1].startswith("shardgen: 0/4 rows")  # at 15, 30 and 45 s
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_a_bar_redrawn_in_place_every_half_second(monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    clock, _ = run_progress(monkeypatch, until=3600, log=print, counts={progress.DONE: 2, progress.OK: 2})
+    assert set(clock.waits) == {progress.TTY_INTERVAL_S} == {0.5}  # no thinning out in a terminal
+    frames = terminal.getvalue().split("\r\x1b[K")[1:]  # each draw returns to the line's start and clears it
+    assert len(frames) == 3600 / 0.5  # every half second until the end, then the last state at the end
+    assert frames[0] == "shardgen: [##########..........] 2/4 rows (2 ok, 0 error), 4.00 images/s, 0 s left"
+    assert frames[-1] == "shardgen: [##########..........] 2/4 rows (2 ok, 0 error), 0.00 images/s, 1 h 00 min left\n"
+    assert all("\n" not in f for f in frames[:-1]) and frames[-1].endswith("\n")  # the bar's last state stays
 
 
 def test_a_cascade_reports_each_stage(tmp_path, ray_local, monkeypatch):
@@ -92,12 +155,3 @@ def test_a_run_prints_a_few_lines_and_the_summary_last(tmp_path):
     assert stage.wait_s >= 0 and stage.gpu_busy is None and stage.peak_gpu_memory_gb is None  # no GPU here
     noise = [line for line in lines if any(n in line for n in NOISE)]
     assert not noise, noise
-
-
-def test_lines_thin_out_as_the_run_ages(monkeypatch):
-    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.05)
-    lines: list[str] = []
-    with progress.Progress(4, {"text_to_image": 4}, dict, lines.append):
-        time.sleep(1.6)
-    # Every 0.05 s would be 32 lines; a quarter of the age once that is longer makes about 12.
-    assert 3 <= len(lines) <= 20, len(lines)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -21,18 +20,25 @@ from pipeline.cli import main
 from pipeline.job import run_job
 from pipeline.spec import load_spec_file
 from pipeline.stats import Stats
-from tests.conftest import prompts_manifest, read_output, write_manifest
+from tests.helpers import (
+    REPO,
+    assert_finished_exactly_once,
+    prompts_manifest,
+    read_output,
+    subprocess_env,
+    write_manifest,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
+KILL_AFTER_SHARDS = 2
 
 
-def write_spec(tmp_path: Path, rows: int, output: str, **stage) -> Path:
+def write_spec(tmp_path: Path, rows: int, output: str, fmt: dict | None = None, **stage) -> Path:
     manifest = write_manifest(str(tmp_path / "manifest.parquet"), prompts_manifest(rows))
     spec = {
         "manifest": manifest,
         "output": output,
         "stages": [{"kind": "text_to_image", "steps": 4, "width": 32, "height": 32, "batch_size": 2, **stage}],
-        "format": {"rows_per_shard": 4},
+        "format": {"rows_per_shard": 4, **(fmt or {})},
     }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -55,34 +61,46 @@ def assert_every_id_once(output: Path, rows: int) -> None:
     assert stats.rows == stats.ok == rows and stats.shards == len(list((output / "data").iterdir()))
 
 
+def group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_driver_sigkill_then_rerun_completes_exactly_once(tmp_path, ray_local):
+    """The shards that the killed run published by time (its shard of 1000 rows never filled)
+    are kept, and the rerun makes the rest."""
     rows = 32
     output = tmp_path / "out"
-    spec = write_spec(tmp_path, rows, str(output), steps=20)
+    spec = write_spec(tmp_path, rows, str(output), {"rows_per_shard": 1000, "publish_every_minutes": 0.02}, steps=20)
     # The driver in its own process group, with its own local Ray (not the session's).
-    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}
-    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--spec", str(spec)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--spec", str(spec)], cwd=REPO,
+                              env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
     try:
-        deadline = time.time() + 240
-        while not list(output.glob("data/*.parquet")):
+        # Killed once KILL_AFTER_SHARDS shards are published (one every 1.2 s), not after a random
+        # delay: mid-job, since what is left of 32 rows of 20 steps takes far longer than a poll.
+        deadline = time.time() + 540  # a bound for a failure, not a wait: Ray and the model start first
+        while len(list(output.glob("data/*.parquet"))) < KILL_AFTER_SHARDS:
             assert driver.poll() is None, driver.stdout.read().decode()
-            assert time.time() < deadline, "no shard was published in time"
+            assert time.time() < deadline, f"{KILL_AFTER_SHARDS} shards were not published in time"
             time.sleep(0.1)
-        # Seeded and printed, so that a failure can be replayed: RESUME_KILL_SEED=<seed> pytest ...
-        seed = int(os.environ.get("RESUME_KILL_SEED", random.randrange(2**32)))
-        delay = random.Random(seed).uniform(0, 2.0)
-        print(f"killing the driver {delay:.2f} s after its first shard (RESUME_KILL_SEED={seed})")
-        time.sleep(delay)
         assert driver.poll() is None, "the job ended before the kill"
-        os.kill(driver.pid, signal.SIGKILL)
+        # The driver and its Ray (GCS, raylet, workers: its process group) at once, so that no
+        # worker of it publishes after the snapshot below (late writes have a test of their own).
+        os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
-        # The rest of that Ray (GCS, raylet, workers) goes with its group.
         try:
             os.killpg(driver.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.time() + 30
+    while group_alive(driver.pid):
+        assert time.time() < deadline, "the killed driver's processes did not end"
+        time.sleep(0.1)
     assert not (output / "_SUCCESS").exists()
     before = shard_digests(output)
     before_images = images_by_id(output)
@@ -91,6 +109,7 @@ def test_driver_sigkill_then_rerun_completes_exactly_once(tmp_path, ray_local):
     stats = run_job(load_spec_file(spec))
 
     assert_every_id_once(output, rows)
+    assert_finished_exactly_once(str(output), str(tmp_path / "manifest.parquet"))
     after = shard_digests(output)
     assert {name: after.get(name) for name in before} == before  # published shards are kept untouched
     after_images = images_by_id(output)
@@ -101,11 +120,12 @@ def test_driver_sigkill_then_rerun_completes_exactly_once(tmp_path, ray_local):
 def test_rerun_skips_written_ids_and_cleans_leftovers(tmp_path, ray_local, capsys):
     rows = 12
     output = tmp_path / "out"
-    spec = write_spec(tmp_path, rows, str(output))
+    spec = write_spec(tmp_path, rows, str(output), batch_size=3)
     assert main(["run", "--spec", str(spec)]) == 0
     reference = images_by_id(output)
     shards = sorted((output / "data").glob("*.parquet"))
-    assert len(shards) >= 3
+    # Batches of 3 rows, shards of 4: each shard holds 4 rows all the same.
+    assert [pq.ParquetFile(s).metadata.num_rows for s in shards] == [4, 4, 4]
     # A crash's leavings: no _SUCCESS, a lost shard, a temporary file of an interrupted write, and
     # a shard that a dead run's worker published late, repeating ids of a kept shard.
     (output / "_SUCCESS").unlink()
@@ -121,6 +141,7 @@ def test_rerun_skips_written_ids_and_cleans_leftovers(tmp_path, ray_local, capsy
     out = capsys.readouterr().out
     assert f"{rows - len(lost)} of {rows} ids" in out
     assert_every_id_once(output, rows)
+    assert_finished_exactly_once(str(output), str(tmp_path / "manifest.parquet"))
     assert images_by_id(output) == reference  # regenerated rows are the same images
     assert not late.exists() and not (output / "data" / ".part-x.parquet.tmp-99").exists()
     stats = Stats.from_json((output / "_stats.json").read_text())
@@ -142,3 +163,4 @@ def test_resume_refuses_another_job(tmp_path, ray_local, capsys, change):
     err = capsys.readouterr().err
     assert ("changed: stages" in err) if change == "spec" else ("'row-000'" in err and "another manifest" in err)
     assert main(["run", "--spec", str(spec), "--overwrite"]) == 0
+    assert_finished_exactly_once(str(output), str(tmp_path / "manifest.parquet"))

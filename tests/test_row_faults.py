@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import weakref
 
+import diffusers
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -66,6 +67,7 @@ def loaded_stage():
 def stage(loaded_stage):
     """The module's stage (its model loaded once) with a fresh record of calls for each test."""
     loaded_stage.calls, loaded_stage.held, loaded_stage.freed_before_next_call = [], None, []
+    loaded_stage.batch_size = loaded_stage._batch_size()  # as it starts: an earlier test's halvings undone
     return loaded_stage
 
 
@@ -85,16 +87,26 @@ def test_out_of_memory_fails_its_row_alone(stage, tmp_path):
     assert error[3].startswith("text_to_image: MemoryError: ")
     assert all("out of memory for this row alone" in error[i] for i in (1, 3))
     assert all(len(pixels) == 32 * 32 * 3 for pixels in values(out, "_sg_pixels")[::2])
-    # The failed batch call, then each row alone.
-    assert stage.calls[0] == prompts and sorted(map(tuple, stage.calls[1:])) == sorted((p,) for p in prompts)
+    # The failed batch call, then its halves (out of memory halves the batch size), then each row
+    # alone where a half failed too.
+    assert stage.calls == [prompts, prompts[:2], prompts[:1], prompts[1:2], prompts[2:3], prompts[3:]]
     # The retries ran after the failed call's frames were released (what a GPU needs to free memory).
     assert stage.freed_before_next_call and all(stage.freed_before_next_call)
 
 
-def test_stage_keeps_working_after_a_fault(stage, tmp_path):
-    stage(prepared(["OOM"], tmp_path))
+def test_stage_keeps_working_after_a_fault_with_the_model_it_loaded(stage, tmp_path, monkeypatch):
+    """The actor keeps its model: no pipeline is loaded again after a faulted row (a load counted
+    on the pipeline class), and the stage's pipeline is the very object it loaded at start."""
+    loads = []
+    pipeline_class = getattr(diffusers, stage.pipeline_class)
+    real = pipeline_class.from_pretrained.__func__
+    monkeypatch.setattr(pipeline_class, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or real(cls, *a, **k)))
+    pipe = stage.pipe
+    stage(prepared(["OOM", "RAM"], tmp_path))
     out = stage(prepared(["a red circle", "a blue square"], tmp_path))
     assert values(out, "status") == ["ok", "ok"] and values(out, "error") == [None, None]
+    assert stage.pipe is pipe and loads == []
 
 
 POISON = "purple"

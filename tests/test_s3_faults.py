@@ -10,7 +10,6 @@ import os
 import time
 
 import boto3
-import numpy as np
 import pytest
 import ray
 from botocore.exceptions import ClientError
@@ -20,7 +19,7 @@ from pipeline import storage
 from pipeline.errors import ManifestError, SpecError, StorageError
 from pipeline.job import run_job
 from pipeline.spec import JobSpec, StorageSpec, parse_spec
-from tests.conftest import read_output, small_spec, write_manifest
+from tests.helpers import assert_finished_exactly_once, png, read_output, small_spec, write_manifest
 from tests.s3_fault_proxy import FAULTS, FaultProxy
 
 ROWS = 10
@@ -31,13 +30,6 @@ def most_sends(fault: str, max_attempts: int) -> int:
     each with botocore's max_attempts tries, and aiohttp sends a try again once when the server
     closed the connection without an answer."""
     return 5 * max_attempts * (2 if fault == "drop" else 1)
-
-
-def png(size: int, seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def through(spec: JobSpec, proxy: FaultProxy, **storage_fields) -> JobSpec:
@@ -127,8 +119,11 @@ def upscale_job(bucket: str) -> JobSpec:
 
 
 def test_job_rides_out_faults(bucket, s3_endpoint, ray_local):
+    """Storage calls are retried everywhere: the first try of every request the job makes fails
+    (each distinct method and path once, the fault kinds in turn), so any request made without
+    retries (the manifest, an input image, a shard, _job.json, _stats.json, the card, _SUCCESS) fails the job."""
     spec = upscale_job(bucket)
-    with FaultProxy(s3_endpoint, rate=0.1, seed=11, every=8) as proxy:
+    with FaultProxy(s3_endpoint, first_each=True) as proxy:
         stats = run_job(through(spec, proxy))
     assert (stats.rows, stats.ok, stats.error) == (ROWS, ROWS, 0)
     table = read_output(spec.output)
@@ -136,7 +131,12 @@ def test_job_rides_out_faults(bucket, s3_endpoint, ray_local):
     assert set(table.column("status").to_pylist()) == {"ok"}
     assert all(Image.open(io.BytesIO(r["bytes"])).size == (64, 64) for r in table.column("image").to_pylist())
     assert stored(bucket, "out/_SUCCESS", s3_endpoint) is not None
+    assert_finished_exactly_once(spec.output, spec.manifest)
     assert all(proxy.counts[fault] > 0 for fault in FAULTS), proxy.counts
+    faulted_puts = {path.split("?")[0].removeprefix(f"/{bucket.removeprefix('s3://')}/out/")
+                    for method, path in proxy.faulted if method == "PUT"}
+    assert {"_SUCCESS", "_job.json", "_stats.json", "README.md"} <= faulted_puts, faulted_puts
+    assert any(p.startswith("data/part-") for p in faulted_puts), faulted_puts
 
 
 def test_job_fails_loudly_when_storage_never_recovers(bucket, s3_endpoint, ray_local):

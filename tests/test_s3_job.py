@@ -3,14 +3,15 @@
 import hashlib
 import io
 import json
+from datetime import datetime, timezone
 
 import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline import storage
 from pipeline.job import run_job
-from pipeline.output_schema import OUTPUT_SCHEMA
 from tests.conftest import prompts_manifest, read_output, small_spec, write_manifest
+from tests.test_readme_contracts import README_COLUMNS
 
 
 def test_s3_manifest_to_s3_dataset(bucket, ray_local):
@@ -21,11 +22,13 @@ def test_s3_manifest_to_s3_dataset(bucket, ray_local):
     spec = small_spec(manifest, output, width=48, height=32, model="builtin:tiny-sd")
     spec.format.rows_per_shard = 4
 
+    called = datetime.now(timezone.utc)
     stats = run_job(spec)
+    returned = datetime.now(timezone.utc)
 
     assert (stats.rows, stats.ok, stats.error) == (10, 10, 0)
     table = read_output(output)
-    assert table.schema.names[: len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
+    assert table.schema.names[: len(README_COLUMNS)] == README_COLUMNS
     assert "label" in table.schema.names  # pass-through column
     out = {r["id"]: r for r in table.to_pylist()}
     assert sorted(out) == [r["id"] for r in rows]
@@ -49,6 +52,11 @@ def test_s3_manifest_to_s3_dataset(bucket, ray_local):
     assert json.loads(fs.cat_file(f"{path}/_stats.json"))["ok"] == 10
     job = json.loads(fs.cat_file(f"{path}/_job.json"))
     assert job["spec"]["manifest"] == manifest and "torch" in job["versions"]
+    # When the run started and ended: within the call, in order, and the run's elapsed time apart.
+    started, ended = (datetime.fromisoformat(job[k]) for k in ("started_at", "ended_at"))
+    assert called <= started < ended <= returned, job
+    assert abs((ended - started).total_seconds() - stats.elapsed_s) < 0.5, (job, stats.elapsed_s)
+    assert job["runs"] == [stats.run_id] == [job["run_id"]]
 
 
 def test_rerun_of_finished_output_is_a_noop(bucket, ray_local):

@@ -126,7 +126,8 @@ def test_disallowed_uris_are_error_rows(bucket, s3_endpoint, tmp_path, ray_local
 
     assert main(["run", "--spec", str(spec_file)]) == EXIT_ROWS_FAILED
 
-    assert "image" in capsys.readouterr().out  # the summary counts errors by kind
+    # The summary counts errors by kind: every refused URI is an `image` error.
+    assert f"errors by kind: {{'image': {len(bad)}}}" in capsys.readouterr().out
     out = {r["id"]: r for r in read_output(f"{bucket}/out").to_pylist()}
     assert sorted(out) == sorted(r["id"] for r in rows)
     for row_id in good:
@@ -354,3 +355,21 @@ def test_storage_errors_have_credentials_blanked(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "ENVSECRETPLANTED0001")
     message = "denied for SPECKEYPLANTED0001/SPECSECRETPLANTED0001 and ENVSECRETPLANTED0001 while testing"
     assert storage.redact(message, spec) == "denied for ***/*** and *** while testing"
+
+
+def test_stages_never_ask_for_remote_or_custom_code(tiny_sd, monkeypatch):
+    """README: shardgen never passes `trust_remote_code` or `custom_pipeline` to from_pretrained;
+    the load of every stage goes through DiffusionPipeline.from_pretrained, whose arguments are seen here."""
+    from diffusers import DiffusionPipeline
+
+    from pipeline.spec import StageSpec, StorageSpec
+    from pipeline.stages import stage_class
+
+    calls = []
+    real = DiffusionPipeline.from_pretrained.__func__
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: calls.append(k) or real(cls, *a, **k)))
+    stage_class("text_to_image")(StageSpec(kind="text_to_image", model="builtin:tiny-sd", steps=2), StorageSpec())
+    assert len(calls) == 1
+    assert not {"trust_remote_code", "custom_pipeline", "custom_revision"} & set(calls[0]), calls[0]
+    assert calls[0]["use_safetensors"] is True and calls[0]["local_files_only"] is True

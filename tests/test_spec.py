@@ -7,7 +7,7 @@ from pipeline.errors import SpecError
 from pipeline.spec import json_schema, parse_spec, parse_spec_text
 
 BASE = {"manifest": "m.parquet", "output": "out"}
-README = Path(__file__).resolve().parents[1] / "README.md"
+REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "reference.md"
 
 
 def test_defaults_fill_every_field():
@@ -60,6 +60,9 @@ def test_int_actors_means_fixed_pool():
     ({"kind": "text_to_img"}, "stages.0.kind"),
     ({"kind": "text_to_image", "width": 60}, "stages.0.width"),
     ({"kind": "text_to_image", "actors": [3, 1]}, "stages.0.actors"),
+    ({"kind": "text_to_image", "batch_size": "max"}, "stages.0.batch_size"),
+    ({"kind": "text_to_image", "compile": "everything"}, "stages.0.compile"),
+    ({"kind": "text_to_image", "cache": {"method": "first_block", "threshold": 2}}, "stages.0.cache.threshold"),
 ])
 def test_bad_fields_are_named(stage, where):
     with pytest.raises(SpecError) as err:
@@ -129,12 +132,12 @@ def test_schema_has_every_field_of_every_model_with_its_description():
         assert all(p.get("description") for p in model["properties"].values()), model.get("title")
 
 
-def test_readme_spec_reference_names_every_schema_field():
-    text = README.read_text()
+def test_spec_reference_names_every_schema_field():
+    text = REFERENCE.read_text()
     section = text[text.index("### The job spec"):]
     section = section[:section.index("\n### ", 1)]
     missing = sorted(n for n in _properties(json_schema()) if not re.search(rf"\b{n}\b", section))
-    assert not missing, f"README's spec section lacks {missing}"
+    assert not missing, f"the reference's spec section lacks {missing}"
 
 
 def test_defaults_of_every_field():
@@ -144,14 +147,16 @@ def test_defaults_of_every_field():
     data = parse_spec(BASE).model_dump(mode="json")
     data["stages"][0].pop("model")
     assert data == {
-        "manifest": "m.parquet", "output": "out", "columns": {},
+        "manifest": "m.parquet", "output": "out", "columns": {}, "overrides": [],
         "storage": {"endpoint_url": None, "key": None, "secret": None, "token": None, "region": None, "anon": False,
                     "allowed_prefixes": [], "max_attempts": 10, "retry_mode": "standard"},
         "stages": [{"kind": "text_to_image", "revision": None, "variant": None, "scheduler": None, "steps": 20,
                     "guidance_scale": 4.0, "width": 32, "height": 32, "strength": 0.75, "noise_level": 20,
-                    "batch_size": 8, "actors": [1, 1], "gpus_per_actor": None, "cpus_per_actor": 1.0, "dtype": "auto",
-                    "batch_invariant": None, "offload": "none", "compile": False, "true_cfg_scale": None,
-                    "max_sequence_length": None}],
+                    "batch_size": "auto", "actors": [1, 1], "gpus_per_actor": None, "cpus_per_actor": 1.0,
+                    "dtype": "auto", "batch_invariant": None, "offload": "none", "compile": False,
+                    "attention_backend": None, "cache": None, "true_cfg_scale": None,
+                    "max_sequence_length": None, "loras": [], "controlnet": [], "controlnet_scale": 1.0,
+                    "control_start": 0.0, "control_end": 1.0, "control": None}],
         "flows": None,
         "format": {"image": "png", "quality": 95, "rows_per_shard": 1000},
         "limits": {"max_width": 2048, "max_height": 2048, "max_pixels": 4194304, "max_steps": 200,

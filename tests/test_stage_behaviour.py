@@ -51,6 +51,7 @@ def rows(tmp_path_factory, ray_local):
     spec = folder / "spec.yaml"
     spec.write_text(yaml.safe_dump({
         "manifest": manifest, "output": str(folder / "out"),
+        "overrides": ["steps", "guidance_scale", "width", "height", "strength"],
         "flows": {
             "cascade": [{"kind": "text_to_image", "model": "builtin:tiny-sd", "width": 32, "height": 32,
                          "guidance_scale": 7.5, **STAGE},

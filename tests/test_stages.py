@@ -16,23 +16,7 @@ from PIL import Image
 from pipeline import storage
 from pipeline.job import run_job
 from pipeline.spec import parse_spec
-from tests.conftest import read_output, write_manifest
-
-
-def png(size: int, seed: int, mode: str = "RGB") -> bytes:
-    rng = np.random.default_rng(seed)
-    shape = (size, size, 3) if mode == "RGB" else (size, size)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def half_mask(size: int) -> bytes:
-    mask = np.zeros((size, size), dtype=np.uint8)
-    mask[:, size // 2:] = 255  # repaint the right half
-    buf = io.BytesIO()
-    Image.fromarray(mask).save(buf, format="PNG")
-    return buf.getvalue()
+from tests.helpers import half_mask, png, read_output, write_manifest
 
 
 def decode(data: bytes) -> np.ndarray:

@@ -27,8 +27,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 from pipeline.errors import ModelError, ShardgenError
+from pipeline.models.cache import COMPLETE_MARKER, cache_root, fill_once
 from pipeline.models.checks import check_model
-from pipeline.models.resolve import COMPLETE_MARKER, _fill_once, cache_root
 
 COMMIT = re.compile(r"[0-9a-f]{40}")
 # Tokenizer files besides json: BPE merges and WordPiece vocabularies, SentencePiece models (protobuf).
@@ -252,6 +252,6 @@ def snapshot(repo: str, revision: str | None, variant: str | None) -> Path:
             _unvariant(tmp, variant)
         print(f"shardgen: downloaded {repo} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
-    folder = _fill_once(_snapshot_dir(repo, info.sha, variant), download)
+    folder = fill_once(_snapshot_dir(repo, info.sha, variant), download)
     _remember(repo, revision, info.sha)
     return folder

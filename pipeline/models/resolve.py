@@ -12,42 +12,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
-
-from filelock import FileLock
 
 from pipeline import storage
 from pipeline.errors import ModelError
 from pipeline.families import check_family, size_problem, size_warning
 from pipeline.kinds import KINDS
+from pipeline.models import hub
+from pipeline.models.cache import COMPLETE_MARKER, cache_root, fill_once
 from pipeline.models.checks import check_model
 from pipeline.spec import JobSpec, StorageSpec
 
 BUILTIN_PREFIX = "builtin:"
 TRAINED_DIR = Path(__file__).parent / "trained"
-COMPLETE_MARKER = ".shardgen-complete"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SHARDGEN_CACHE", Path.home() / ".cache" / "shardgen"))
-
-
-def _fill_once(dest: Path, fill) -> Path:
-    """Run ``fill(tmp)`` once per machine, even with many actors racing, and publish it at ``dest``."""
-    if (dest / COMPLETE_MARKER).exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(dest) + ".lock"):
-        if not (dest / COMPLETE_MARKER).exists():
-            tmp = dest.with_name(dest.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            fill(tmp)
-            (tmp / COMPLETE_MARKER).touch()
-            shutil.rmtree(dest, ignore_errors=True)
-            tmp.rename(dest)
-    return dest
 
 
 def shipped_names() -> list[str]:
@@ -68,7 +45,7 @@ def build_builtin(name: str) -> Path:
         return TRAINED_DIR / name
     if name not in builtin.BUILDERS:
         raise ModelError(f"model: unknown built-in {BUILTIN_PREFIX}{name}; built-in models: {builtin_names()}")
-    return _fill_once(cache_root() / "builtin" / name, lambda tmp: builtin.build(name, tmp))
+    return fill_once(cache_root() / "builtin" / name, lambda tmp: builtin.build(name, tmp))
 
 
 def _model_index(text: bytes | str | None) -> dict | None:
@@ -85,15 +62,30 @@ def check_folder(source: str, folder: Path) -> None:
     check_model(source, *folder_contents(folder))
 
 
-def contents(source: str, storage_spec: StorageSpec | None = None, revision: str | None = None,
-             variant: str | None = None) -> tuple[list[str], dict | None]:
-    """The file names and model_index.json of a model source. A remote folder is listed and a hub id
-    looked up, without downloading their weights."""
-    from pipeline.models import hub
+def _unbuilt_contents(name: str) -> tuple[list[str], dict]:
+    """A random-weight built-in that is not in the cache yet, built in memory and never saved:
+    the model_index.json its folder would have, and no files (it holds no pickles and no code)."""
+    from pipeline.models import builtin
 
+    pipe = builtin.BUILDERS[name]()
+    index = {key: list(value) if isinstance(value, tuple) else value for key, value in pipe.config.items()}
+    return [], {"_class_name": type(pipe).__name__, **index}
+
+
+def contents(source: str, storage_spec: StorageSpec | None = None, revision: str | None = None,
+             variant: str | None = None, build: bool = True) -> tuple[list[str], dict | None]:
+    """The file names and model_index.json of a model source. A remote folder is listed and a hub id
+    looked up, without downloading their weights; with ``build`` False, a random-weight built-in
+    that is not in the cache is not written there either."""
     if hub.is_hub_id(source):
         return hub.contents(source, revision, variant)
     _refuse_hub_options(source, revision, variant)
+    name = source.removeprefix(BUILTIN_PREFIX)
+    if not build and source.startswith(BUILTIN_PREFIX) and name not in shipped_names() and \
+            not (cache_root() / "builtin" / name / COMPLETE_MARKER).exists():
+        if name not in builtin_names():
+            raise ModelError(f"model: unknown built-in {source}; built-in models: {builtin_names()}")
+        return _unbuilt_contents(name)
     if storage.is_remote(source):
         files = storage.list_files(source, storage_spec)
         if not files:
@@ -104,20 +96,29 @@ def contents(source: str, storage_spec: StorageSpec | None = None, revision: str
     return folder_contents(_locate(source, storage_spec, revision, variant))
 
 
-def check_sources(spec: JobSpec) -> list[str]:
+def check_sources(spec: JobSpec, build: bool = True) -> list[str]:
     """Refuse, on the driver before any actor starts, a model that cannot be loaded, that no stage
     of its kind can run, or asked a size its family cannot make (exit 2), instead of a job of failed
     rows; return one warning per stage asked a size far from its family's native one. Remote
-    folders and hub ids are listed, not downloaded."""
+    folders and hub ids are listed, not downloaded; ``build`` False (validate) writes no built-in
+    into the cache."""
     indexes: dict[tuple, dict | None] = {}
     for key in dict.fromkeys((s.model, s.revision, s.variant) for s in spec.all_stages()):
-        files, indexes[key] = contents(key[0], spec.storage, key[1], key[2])
+        files, indexes[key] = contents(key[0], spec.storage, key[1], key[2], build)
         check_model(key[0], files, indexes[key])
     warnings = []
     for name, flow in spec.flow_map().items():
         prefix = "stages" if spec.flows is None else f"flows.{name}"
         for i, stage in enumerate(flow):
             family = check_family(stage.model, indexes[(stage.model, stage.revision, stage.variant)], stage)
+            if stage.loras or stage.controlnet:
+                from pipeline.conditioning import checks
+
+                # A hub or remote model's weights are not on the driver: its adapters' fit is checked as it loads.
+                here = not (hub.is_hub_id(stage.model) or storage.is_remote(stage.model))
+                folder = _locate(stage.model, spec.storage, None, None) if here else None
+                checks.check_stage(stage, family, indexes[(stage.model, stage.revision, stage.variant)],
+                                   spec.storage, folder)
             if KINDS[stage.kind].size_from != "spec":
                 continue
             problem = size_problem(family, stage.width, stage.height)
@@ -145,8 +146,6 @@ def _refuse_hub_options(source: str, revision: str | None, variant: str | None) 
 
 
 def _locate(source: str, storage_spec: StorageSpec | None, revision: str | None, variant: str | None) -> Path:
-    from pipeline.models import hub
-
     if hub.is_hub_id(source):
         return hub.snapshot(source, revision, variant)
     _refuse_hub_options(source, revision, variant)
@@ -155,7 +154,7 @@ def _locate(source: str, storage_spec: StorageSpec | None, revision: str | None,
     if storage.is_remote(source):
         digest = hashlib.sha256(source.encode()).hexdigest()[:16]
         try:
-            return _fill_once(
+            return fill_once(
                 cache_root() / "remote" / digest,
                 lambda tmp: storage.download_folder(source, tmp, storage_spec),
             )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -40,10 +41,11 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from pipeline import columns
+from pipeline.conditioning.stage import Conditioning
 from pipeline.families import check_family, has_component
 from pipeline.kinds import KINDS
 from pipeline.models.resolve import cache_root, resolve
-from pipeline.spec import StageSpec, StorageSpec
+from pipeline.spec import AUTO_MAX_BATCH, AUTO_START_BATCH, StageSpec, StorageSpec
 from pipeline.stages import speed
 from pipeline.stages.metrics import ActorClock, ActorMetrics
 from pipeline.tables import raw_images, values, with_column, with_pixels
@@ -120,7 +122,10 @@ class DiffusionStage:
         folder = resolve(spec.model, storage, spec.revision, spec.variant)
         index = json.loads((folder / "model_index.json").read_text())
         self.family = check_family(spec.model, index, spec)
-        self.pipeline_class = self.family.pipelines[self.kind]
+        # LoRA adapters and ControlNets (pipeline/conditioning/): they may change the pipeline class.
+        self.conditioning = Conditioning(spec, storage, position, self.family.name, index,
+                                         self.family.pipelines[self.kind])
+        self.pipeline_class = self.conditioning.pipeline_class
         self.dtype = self._dtype()
         # A shipped safety checker would turn flagged images black and leave them `ok`: it is not
         # loaded, and every record says so (docs/models.md).
@@ -130,7 +135,9 @@ class DiffusionStage:
         quantized = {"quantization_config": quantization(spec.quantize, index, self.device)} \
             if spec.quantize != "none" else {}
         self.pipe: DiffusionPipeline = getattr(diffusers, self.pipeline_class).from_pretrained(
-            folder, dtype=self.dtype, use_safetensors=True, local_files_only=True, **skipped, **placed, **quantized)
+            folder, dtype=self.dtype, use_safetensors=True, local_files_only=True, **skipped, **placed, **quantized,
+            **self.conditioning.components(self.dtype))
+        self.conditioning.attach(self.pipe)
         self.offload = self._place()
         if spec.scheduler:
             self.pipe.scheduler = SCHEDULERS[spec.scheduler].from_config(self.pipe.scheduler.config)
@@ -143,26 +150,55 @@ class DiffusionStage:
         # one row at a time makes every image independent of the batch it came in.
         self.batch_invariant = spec.batch_invariant if spec.batch_invariant is not None else self.device == "cpu"
         self.tuned = speed.tune(self.pipe) if self.device == "cuda" and self.offload == "none" else []
+        self.tuned += speed.choose(self.pipe, spec)
+        self.batch_size = self.clock.metrics.batch_size = self._batch_size()
         if spec.compile:
-            self.tuned += speed.compile_pipeline(self.pipe, cache_root() / "inductor")
+            self.tuned += speed.compile_pipeline(self.pipe, cache_root() / "inductor", spec.compile == "regional")
             self._warm_up()
         self.clock.loaded()
 
     @property
     def call_rows(self) -> int:
         """Rows per pipeline call when a group is full."""
-        return 1 if self.batch_invariant else self.spec.batch_size
+        return 1 if self.batch_invariant else self.batch_size
+
+    def _sample(self, n: int) -> tuple[dict[str, list], list[int]]:
+        """``n`` made-up rows at the stage's own size and settings, for calls before the first batch."""
+        batch = {"status": ["ok"] * n, "seed": [0] * n, "prompt": ["warm-up"] * n, "negative_prompt": [""] * n,
+                 columns.TEXT_ENCODER: [None] * n,
+                 **{name: [getattr(self.spec, name)] * n for name in self.info.overrides}}
+        return batch, list(range(n))
 
     def _warm_up(self) -> None:
         """Compile now, with one call at the stage's own size and batch shape, so that the first
         real batch does not wait for it. Kinds that take an image compile on their first batch."""
-        if self.info.takes_image:
-            return
-        n = self.call_rows
-        batch = {"status": ["ok"] * n, "seed": [0] * n, "prompt": ["warm-up"] * n, "negative_prompt": [""] * n,
-                 columns.TEXT_ENCODER: [None] * n,
-                 **{name: [getattr(self.spec, name)] * n for name in self.info.overrides}}
-        self.generate(batch, list(range(n)))
+        if not self.info.takes_image:
+            self.generate(*self._sample(self.call_rows))
+
+    def _batch_size(self) -> int:
+        """The actor's batch size. `auto` on a GPU: the largest power of two up to AUTO_MAX_BATCH
+        whose one-step call at the stage's size fits in memory (a call's peak does not grow with its
+        steps); kinds that take an image have no input to probe with and start at AUTO_START_BATCH,
+        as CPUs do (no device memory to find the limit of). Either way an out-of-memory call halves
+        it later (run)."""
+        if self.spec.batch_size != "auto":
+            return self.spec.batch_size
+        if self.device != "cuda" or self.info.takes_image:
+            return AUTO_START_BATCH
+        saved, self.spec = self.spec, self.spec.model_copy(update={"steps": 1})
+        fits, n = 1, 1
+        try:
+            while n <= AUTO_MAX_BATCH:
+                try:
+                    self.generate(*self._sample(n))
+                except OUT_OF_MEMORY:
+                    break
+                fits, n = n, 2 * n
+        finally:
+            self.spec = saved
+            torch.cuda.empty_cache()
+        self.clock.metrics.probed_batch_size = fits
+        return fits
 
     def metrics(self) -> ActorMetrics:
         """This actor's figures so far (pipeline/stages/metrics.py)."""
@@ -256,48 +292,57 @@ class DiffusionStage:
         # The manifest's reference_images (PNG bytes), which only a first image_to_image stage takes.
         takes_references = self.kind == "image_to_image" and self.position == 0
         batch["references"] = values(table, columns.REFERENCES) if takes_references else [None] * table.num_rows
+        batch |= self.conditioning.read(table)
         if self.text_encoder_id:  # only after a stage that kept its embeddings
             batch[columns.TEXT_ENCODER] = values(table, columns.TEXT_ENCODER)
             batch[columns.TEXT_EMBEDS] = values(table, columns.TEXT_EMBEDS)
         return batch
 
     def group(self, batch: dict[str, list]) -> list[list[int]]:
-        """Step 2: the ok rows grouped by what one pipeline call must share (its per-row parameters,
-        the input size, whether there is a negative prompt); one row per call when batch-invariant."""
+        """Step 2: the ok rows grouped by what one pipeline call must share (its per-row parameters
+        and the input size), each group cut into calls of the actor's batch size, so that only a
+        group's last call can be short. Rows with and without a negative prompt share calls: the
+        families encode a missing one as a plain diffusers call does (pipeline/families.py)."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, status in enumerate(batch["status"]):
             if status == "ok":
                 key = tuple(self.param(batch, name, i) for name in self.info.overrides)
+                key += self.conditioning.group_key(batch, i)
                 if self.info.takes_image:
                     key += (batch["pixels"][i].shape,)
-                if "prompt" in self.info.inputs:
-                    key += (bool(batch["negative_prompt"][i]),)
                 if batch["references"][i]:  # its images are the whole call's
                     key += (i,)
                 groups[key].append(i)
-        if self.batch_invariant:
-            return [[i] for rows in groups.values() for i in rows]
-        return list(groups.values())
+        n = self.call_rows
+        return [rows[lo:lo + n] for rows in groups.values() for lo in range(0, len(rows), n)]
 
     def run(self, batch: dict[str, list], rows: list[int]) -> Iterator[tuple[int, Outcome]]:
-        """Step 3: one pipeline call for ``rows``; when a call with several rows fails, each row is
-        retried alone so that one bad row cannot fail its neighbours."""
+        """Step 3: pipeline calls for ``rows``, none over the actor's batch size. A call that runs
+        out of memory halves the batch size for the rest of the job and its rows go again at the
+        new size; a call of several rows that fails otherwise is retried row by row, so that one bad
+        row cannot fail its neighbours."""
+        while len(rows) > self.call_rows:  # the batch size was halved since the rows were grouped
+            head, rows = rows[:self.call_rows], rows[self.call_rows:]
+            yield from self.run(batch, head)
         start = time.perf_counter()
         try:
-            (images, text), problem = self.generate(batch, rows), None
+            (images, text), problem, out_of_memory = self.generate(batch, rows), None, False
         except Exception as err:  # noqa: BLE001 - every failure becomes the row's error message
-            images, problem = None, _problem(self.kind, err)
-        self.clock.pipeline_ran(time.perf_counter() - start)
+            images, problem, out_of_memory = None, _problem(self.kind, err), isinstance(err, OUT_OF_MEMORY)
+        self.clock.pipeline_ran(time.perf_counter() - start, len(rows), self.call_rows)
         # Retried outside the except block: the exception's traceback holds the failed call's
         # tensors, which an out-of-memory retry needs freed first.
         if images is None:
             if self.device == "cuda":
                 torch.cuda.empty_cache()
-            if len(rows) > 1:
+            if len(rows) > 1 and out_of_memory:
+                self._halve(len(rows))
+                yield from self.run(batch, rows)
+            elif len(rows) > 1:
                 for i in rows:
                     yield from self.run(batch, [i])
-                return
-            yield rows[0], Outcome(problem=problem, seconds=time.perf_counter() - start)
+            else:
+                yield rows[0], Outcome(problem=problem, seconds=time.perf_counter() - start)
             return
         seconds = (time.perf_counter() - start) / len(rows)
         for i, image, embeds in zip(rows, images, text.embeds):
@@ -305,6 +350,15 @@ class DiffusionStage:
                 yield i, Outcome(problem=f"{self.kind}: output is not finite (NaN or inf)", seconds=seconds)
             else:
                 yield i, Outcome(image, None, seconds, text.source, embeds)
+
+    def _halve(self, rows: int) -> None:
+        """A call of ``rows`` rows ran out of memory: at most half as many per call from now on,
+        said once, as the job's log shows an actor's standard error."""
+        self.batch_size = max(1, min(self.batch_size, rows // 2))
+        self.clock.metrics.batch_size = self.batch_size
+        self.clock.metrics.batch_halvings += 1
+        print(f"shardgen: {self.kind}: a call of {rows} rows ran out of memory; this actor's batch size is "
+              f"{self.batch_size} for the rest of the job", file=sys.stderr, flush=True)
 
     def generate(self, batch: dict[str, list], rows: list[int]) -> tuple[list[np.ndarray | None], Text]:
         """Run the pipeline on one call's ``rows``: one uint8 HxWx3 image per row (None where the
@@ -319,7 +373,8 @@ class DiffusionStage:
                   "generator": [row_generator(batch["seed"][r], self.position) for r in calls]}
         if "guidance_scale" in self.info.params:
             kwargs["guidance_scale"] = self.param(batch, "guidance_scale", i)
-        kwargs = self.taken(kwargs) | self.family.call_args(self.pipe, self.spec, *self.size(batch, i))
+        kwargs = self.taken(kwargs) | self.family.call_args(self.pipe, self.spec, *self.size(batch, i)) \
+            | self.conditioning.call_args(self.takes, batch, calls, *self.size(batch, i))
         images = self.to_images(self.pipe(**kwargs).images[:len(rows)], batch, rows)
         self.check_size(images, batch, i)
         return images, replace(text, embeds=text.embeds[:len(rows)])
@@ -402,6 +457,7 @@ class DiffusionStage:
             record["safety_checker"] = "not run"
         if self.spec.quantize != "none":
             record["quantize"] = self.spec.quantize
+        record |= self.conditioning.record(batch, i)
         return record | self.family.call_args(self.pipe, self.spec, *self.size(batch, i))
 
     def write(self, table: pa.Table, batch: dict[str, list], outcomes: dict[int, Outcome]) -> pa.Table:
@@ -440,6 +496,10 @@ class DiffusionStage:
         return table
 
 
+# What running out of memory raises: on a GPU, torch's error; on a CPU, Python's.
+OUT_OF_MEMORY = (torch.cuda.OutOfMemoryError, MemoryError)
+
+
 # The components a `quantize:` setting applies to: the denoiser and the text encoders, where the
 # weights are (the VAE is small and quantizes badly).
 QUANTIZED_PREFIXES = ("transformer", "unet", "prior", "decoder", "text_encoder")
@@ -476,7 +536,7 @@ def quantization(name: str, index: dict, device: str):
 def _problem(kind: str, err: Exception) -> str:
     """A failed row's error message: the stage, the exception's type, its text."""
     message = f"{kind}: {type(err).__name__}: {err}"
-    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
+    if isinstance(err, OUT_OF_MEMORY):
         message += " (out of memory for this row alone: lower its width, height or steps, or the job's limits)"
     return message
 

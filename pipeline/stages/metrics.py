@@ -31,8 +31,13 @@ class ActorClock:
         if self.sampler is not None:
             self.sampler.start()  # once: a running sampler is left as it is
 
-    def pipeline_ran(self, seconds: float) -> None:
-        self.metrics.pipeline_s += seconds
+    def pipeline_ran(self, seconds: float, rows: int, capacity: int) -> None:
+        """One pipeline call of ``rows`` rows took ``seconds``; it could have held ``capacity``."""
+        m = self.metrics
+        m.pipeline_s += seconds
+        m.calls += 1
+        m.call_rows += rows
+        m.call_capacity += capacity
 
     def batch_ends(self, rows: int) -> None:
         m = self.metrics

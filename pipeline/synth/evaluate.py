@@ -95,7 +95,8 @@ def generate(config: Config, guidance: float, log=print) -> tuple[Path, Stats]:
         "stages": [{"kind": "text_to_image", "model": "builtin:shapes-t2i", "steps": config.steps, "width": 32,
                     "height": 32, "batch_size": config.batch_size, "batch_invariant": False}],
         "format": {"rows_per_shard": 500},
-        "filters": {"confidence": {"model": "builtin:shape-classifier"}},
+        "filters": {"exact_duplicates": True, "near_duplicate_distance": 2,
+                    "confidence": {"model": "builtin:shape-classifier"}},
     })
     return folder / "output", run_job(spec, log=log)
 

@@ -1,6 +1,6 @@
 """Filters that mark rows, never drop them: exact duplicates (image_sha256), near duplicates
 (perceptual hash, imagehash.phash) and classifier confidence (keep a row only if the classifier
-gives its class a probability above a threshold, 1/C by default).
+gives its class a probability above a threshold: by default 1/C, C the classes of the job's rows).
 
 Two parts:
 - ``score_batch``, a step of the plan (beside the other CPU steps), adds to every row its
@@ -29,15 +29,13 @@ from PIL import Image
 
 from pipeline import columns, manifest, storage
 from pipeline.errors import SpecError
+from pipeline.output_schema import PHASH, PROB, REASON
 from pipeline.spec import ConfidenceFilterSpec, FiltersSpec, JobSpec
 from pipeline.writers.parquet import ParquetWriter
 
 if TYPE_CHECKING:
     from pipeline.synth.classifiers import Classifier
 
-PHASH = "phash"
-PROB = "label_prob"
-REASON = "filter_reason"
 FILTERED = "filtered"
 # Filter kinds, in the order they are applied; a reason starts with its kind.
 LOW_CONFIDENCE, EXACT, NEAR = "low_confidence", "exact_duplicate", "near_duplicate"
@@ -113,24 +111,27 @@ class FilterReport:
         return sum(self.by_reason.values())
 
 
-def _threshold(conf: ConfidenceFilterSpec) -> float:
-    return conf.threshold if conf.threshold is not None else 1.0 / len(_classifier(conf.model).names)
+def threshold(conf: ConfidenceFilterSpec, classes: int) -> float:
+    """The confidence a row's class needs: the spec's, else chance among the job's ``classes``
+    (a job of 3 shapes judged by a 5-class classifier still needs more than 1/3)."""
+    return conf.threshold if conf.threshold is not None else 1.0 / max(classes, 1)
 
 
 def decide(ids: list[str], candidate: list[bool], sha: list[str | None], phash: list[str | None],
-           prob: list[float | None], filters: FiltersSpec) -> list[str | None]:
+           prob: list[float | None], filters: FiltersSpec, classes: int = 0) -> list[str | None]:
     """Each row's filter reason, or None for a kept row (non-candidates: None). A pure function
-    of the scores, in id order, so every rerun decides the same."""
+    of the scores, in id order, so every rerun decides the same. ``classes``: how many the job's
+    rows name, for the default confidence threshold."""
     reasons: list[str | None] = [None] * len(ids)
-    threshold = _threshold(filters.confidence) if filters.confidence else None
+    limit = threshold(filters.confidence, classes) if filters.confidence else None
     first_by_sha: dict[str, str] = {}
     kept_hashes: list[int] = []
     kept_ids: list[str] = []
     for i in sorted(range(len(ids)), key=ids.__getitem__):
         if not candidate[i]:
             continue
-        if threshold is not None and (prob[i] is None or prob[i] <= threshold):
-            reasons[i] = f"{LOW_CONFIDENCE}: p={prob[i]:.3f} <= {threshold:.3f}" if prob[i] is not None else \
+        if limit is not None and (prob[i] is None or prob[i] <= limit):
+            reasons[i] = f"{LOW_CONFIDENCE}: p={prob[i]:.3f} <= {limit:.3f}" if prob[i] is not None else \
                 f"{LOW_CONFIDENCE}: no probability"
             continue
         if filters.exact_duplicates and sha[i] in first_by_sha:
@@ -168,7 +169,9 @@ def apply(spec: JobSpec, files: list[str], log=print) -> FilterReport:
     status = whole.column("status").to_pylist()
     candidate = [s in ("ok", FILTERED) for s in status]
     col = lambda name: whole.column(name).to_pylist() if name in whole.column_names else [None] * whole.num_rows  # noqa: E731
-    reasons = decide(whole.column("id").to_pylist(), candidate, col("image_sha256"), col(PHASH), col(PROB), filters)
+    classes = len({name for name in col(label) if name is not None})
+    reasons = decide(whole.column("id").to_pylist(), candidate, col("image_sha256"), col(PHASH), col(PROB), filters,
+                     classes)
     new_status = [(FILTERED if r else "ok") if c else s for s, c, r in zip(status, candidate, reasons)]
 
     report = FilterReport(written=whole.select(["id", "error"]).add_column(1, "status", pa.array(new_status)),

@@ -1,4 +1,5 @@
-"""``python -m pipeline.training {vae,t2i,sr,sr-captions,inpaint,ddpm,classifier,all,eval,eval-sr,compare-sr}``:
+"""``python -m pipeline.training {vae,t2i,sr,sr-captions,inpaint,ddpm,classifier,controlnet,all,eval,eval-sr,compare-sr,
+eval-controlnet}``:
 train the built-in shapes models on Ray Train and save them as diffusers pipelines, or measure them."""
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ def _train(name: str, out: Path, cluster: Cluster, args: argparse.Namespace) -> 
         from pipeline.training import t2i
 
         return t2i.train(out, cluster, _configured(t2i.T2IConfig(), args), resume=args.resume)
+    if name == "controlnet":
+        from pipeline.training import controlnet
+
+        return controlnet.train(out, cluster, _configured(controlnet.ControlNetConfig(), args))
     if name == "sr-vae":
         from pipeline.training import sr
 
@@ -74,7 +79,8 @@ def _train(name: str, out: Path, cluster: Cluster, args: argparse.Namespace) -> 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.training", description=__doc__)
-    parser.add_argument("what", choices=(*ORDER, "all", "eval", "eval-sr", "compare-sr"))
+    parser.add_argument("what", choices=(*ORDER, "controlnet", "all", "eval", "eval-sr", "compare-sr",
+                                         "eval-controlnet"))
     parser.add_argument("--out", type=Path, default=TRAINED, help="folder of the saved models (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (data parallel)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (and Ray CPUs) per worker")
@@ -116,6 +122,11 @@ def main(argv: list[str] | None = None) -> None:
             figures = evaluate.sr_paired(*args.models, args.images or 200, phrasings, args.device)
             print(f"{key:<11} other - base: {figures['mean_db']:+.3f} dB, standard error {figures['standard_error_db']:.3f} dB, "
                   f"worse on {figures['worse']} of {figures['n']} scenes", flush=True)
+        return
+    if args.what == "eval-controlnet":
+        from pipeline.training import controlnet
+
+        controlnet.measure(args.out, args.images or 200)
         return
     if args.what == "eval":
         from pipeline.training import evaluate

@@ -1,6 +1,8 @@
 """WebDataset shards: tar files whose members are grouped by key, `key.png` (the image, `.webp` or
-`.jpg` for those formats), `key.cls` (the integer label, when the rows have one) and `key.json`
-(every other column), as the `webdataset` package and `datasets.load_dataset("webdataset")` read."""
+`.jpg` for those formats), `key.cls` (the integer label, when the rows have one), `key.COLUMN.png`
+for each other column of image bytes (a segmentation recipe's `label_map`: the mask beside the
+image) and `key.json` (every other column), as the `webdataset` package and
+`datasets.load_dataset("webdataset")` read."""
 
 from __future__ import annotations
 
@@ -37,6 +39,13 @@ def image_extension(data: bytes) -> str:
     raise ValueError("image bytes are neither PNG, WebP nor JPEG")
 
 
+def _is_image(value) -> bool:
+    try:
+        return isinstance(value, bytes) and bool(image_extension(value))
+    except ValueError:
+        return False
+
+
 def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(payload)
@@ -56,6 +65,9 @@ class WebDatasetWriter(FormatWriter):
                 _add(tar, f"{key}.{image_extension(image)}", image)
                 if row.get(LABEL_COLUMN) is not None:
                     _add(tar, f"{key}.cls", str(int(row[LABEL_COLUMN])).encode())
-                meta = {k: v for k, v in row.items() if k not in NOT_IN_JSON}
+                images = {k: v for k, v in row.items() if k not in NOT_IN_JSON and _is_image(v)}
+                for column, data in images.items():
+                    _add(tar, f"{key}.{column}.{image_extension(data)}", data)
+                meta = {k: v for k, v in row.items() if k not in NOT_IN_JSON and k not in images}
                 _add(tar, f"{key}.json", json.dumps(meta, default=str, sort_keys=True).encode())
         return buf.getvalue()

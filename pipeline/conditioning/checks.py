@@ -1,0 +1,19 @@
+"""The driver's checks of a stage's conditioning, before any actor starts (exit 2 on a problem):
+each ControlNet is a ControlNet folder, the family has a ControlNet pipeline for the kind, and each
+LoRA adapter can be fetched and, when the model is a folder on this machine, fits it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.conditioning import controlnet, lora
+from pipeline.spec import StageSpec, StorageSpec
+
+
+def check_stage(stage: StageSpec, family, model_index: dict, storage_spec: StorageSpec | None,
+                folder: Path | None) -> None:
+    """``folder``: the model's folder on this machine; None for a hub or remote model, whose
+    adapters' fit is checked as it loads."""
+    pipeline_class = controlnet.pipeline_class(family.name, stage, model_index, family.pipelines[stage.kind])
+    controlnet.check(stage, storage_spec)
+    lora.check(stage, pipeline_class, folder, storage_spec)

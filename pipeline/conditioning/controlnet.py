@@ -1,0 +1,123 @@
+"""ControlNets of a stage: the diffusers pipeline class each family and kind runs with one, the
+ControlNet models (a folder of config.json and safetensors weights, from any model source; checked
+on the driver like a model folder), and their call arguments.
+
+A saved ``...ControlNetPipeline`` named as the model counts as its base family with the
+ControlNet it holds; a stage's own `controlnet` replaces that one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.errors import ModelError
+from pipeline.spec import StageSpec, StorageSpec
+
+# family -> stage kind -> the diffusers pipeline that runs it with a ControlNet.
+PIPELINES: dict[str, dict[str, str]] = {
+    "sd": {"text_to_image": "StableDiffusionControlNetPipeline",
+           "image_to_image": "StableDiffusionControlNetImg2ImgPipeline",
+           "inpainting": "StableDiffusionControlNetInpaintPipeline"},
+    "sdxl": {"text_to_image": "StableDiffusionXLControlNetPipeline",
+             "image_to_image": "StableDiffusionXLControlNetImg2ImgPipeline",
+             "inpainting": "StableDiffusionXLControlNetInpaintPipeline"},
+    "sd3": {"text_to_image": "StableDiffusion3ControlNetPipeline",
+            "inpainting": "StableDiffusion3ControlNetInpaintingPipeline"},
+    "flux": {"text_to_image": "FluxControlNetPipeline", "image_to_image": "FluxControlNetImg2ImgPipeline",
+             "inpainting": "FluxControlNetInpaintPipeline"},
+}
+# A saved ControlNet pipeline's class -> the class its family is detected by.
+SAVED = {cls: {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+               "flux": "FluxPipeline"}[family]
+         for family, kinds in PIPELINES.items() for cls in kinds.values()}
+
+
+def base_index(model_index: dict) -> dict:
+    """``model_index`` as its family is detected: a saved ControlNet pipeline as its base pipeline."""
+    name = model_index.get("_class_name")
+    return {**model_index, "_class_name": SAVED[name]} if name in SAVED else model_index
+
+
+def holds_controlnet(model_index: dict) -> bool:
+    value = model_index.get("controlnet")
+    return isinstance(value, list) and len(value) == 2 and value[0] is not None
+
+
+def pipeline_class(family: str, stage: StageSpec, model_index: dict, plain: str) -> str:
+    """The pipeline class a stage runs: ``plain`` (its family's) unless it has a ControlNet."""
+    if not (stage.controlnet or holds_controlnet(model_index)):
+        return plain
+    found = PIPELINES.get(family, {}).get(stage.kind)
+    if found is None:
+        raise ModelError(f"controlnet: shardgen runs ControlNets on {', '.join(sorted(PIPELINES))} "
+                         f"(not {family}) for {stage.kind}")
+    return found
+
+
+def _check_folder(source: str, files: list[str], config: dict | None) -> str:
+    """The folder's ControlNet class, or ModelError: safetensors only, no code, a diffusers class."""
+    import diffusers
+
+    from pipeline.models.checks import _pickled_only
+
+    pickled = _pickled_only(files)
+    if pickled or any(f.endswith(".py") for f in files):
+        raise ModelError(f"controlnet: {source} holds pickled weights or Python code; shardgen loads safetensors "
+                         "only and runs no code from model folders")
+    name = (config or {}).get("_class_name")
+    found = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(found, type) and issubclass(found, diffusers.ModelMixin) and "ControlNet" in name):
+        raise ModelError(f"controlnet: {source} is not a diffusers ControlNet folder (config.json names "
+                         f"{name!r})")
+    return name
+
+
+def locate(source: str, storage_spec: StorageSpec | None) -> Path:
+    """A ControlNet's local folder (copied once per node for a remote one; a trained built-in,
+    builtin:NAME, ships in the package), checked."""
+    from pipeline.models.resolve import BUILTIN_PREFIX, TRAINED_DIR, _locate
+
+    shipped = TRAINED_DIR / source.removeprefix(BUILTIN_PREFIX)
+    if source.startswith(BUILTIN_PREFIX) and (shipped / "config.json").is_file():
+        folder = shipped
+    else:
+        folder = _locate(source, storage_spec, None, None)
+    config = folder / "config.json"
+    files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+    _check_folder(source, files, json.loads(config.read_text()) if config.is_file() else None)
+    return folder
+
+
+def check(stage: StageSpec, storage_spec: StorageSpec | None) -> None:
+    """On the driver: each ControlNet can be fetched and is a ControlNet folder (exit 2 if not)."""
+    for source in stage.controlnet:
+        locate(source, storage_spec)
+
+
+def load(stage: StageSpec, storage_spec: StorageSpec | None, dtype) -> dict:
+    """The from_pretrained argument that gives the pipeline the stage's ControlNet(s); {} when the
+    model's own one (a saved ControlNet pipeline) is used."""
+    import diffusers
+
+    if not stage.controlnet:
+        return {}
+    models = []
+    for source in stage.controlnet:
+        folder = locate(source, storage_spec)
+        name = json.loads((folder / "config.json").read_text())["_class_name"]
+        models.append(getattr(diffusers, name).from_pretrained(folder, torch_dtype=dtype, use_safetensors=True,
+                                                               local_files_only=True))
+    return {"controlnet": models[0] if len(models) == 1 else models}
+
+
+def call_args(takes: set[str], stage: StageSpec, controls: list[list], scale: float) -> dict:
+    """The pipeline arguments for one call: ``controls`` holds per ControlNet the rows' images."""
+    # The text-to-image pipelines take the control image as `image`; the others, whose `image` is
+    # the picture to change, as `control_image`.
+    name = "control_image" if "control_image" in takes else "image"
+    several = len(controls) > 1
+    # Several ControlNets take a list per row, with one image per ControlNet (diffusers transposes it).
+    return {name: [list(row) for row in zip(*controls)] if several else controls[0],
+            "controlnet_conditioning_scale": [scale] * len(controls) if several else scale,
+            "control_guidance_start": stage.control_start, "control_guidance_end": stage.control_end}

@@ -1,0 +1,99 @@
+"""The driver's bookkeeping at scale: time and peak memory of the steps that grow with a job.
+
+    .venv/bin/python scripts/scale_bench.py --rows 1000000 20000000 --shards 2000 20000
+
+Builds, in a temporary folder, a manifest of N rows (id and prompt) and an output of M shards of
+id/status/error rows (no images: the steps measured read only those columns), then runs each step
+in a fresh process and prints its wall time and the process's peak RSS:
+
+- ``manifest check``: the checks `validate` and `run` make on the manifest's ids (manifest.check);
+- ``resume scan``: reading every shard's id/status/error at resume, and the done ids (resume.scan).
+
+Only functions every shardgen version has are called, so the same script measures before and
+after a change (run it with PYTHONPATH set to the other checkout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STEP = """
+import json, resource, sys, time
+from pipeline import manifest, resume
+from pipeline.spec import parse_spec
+spec = parse_spec({"manifest": sys.argv[2], "output": sys.argv[3]})
+started = time.perf_counter()
+if sys.argv[1] == "manifest":
+    manifest.check(spec)
+else:
+    written = resume.scan(spec)
+    written.done()
+print(json.dumps({"s": time.perf_counter() - started,
+                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def make_manifest(path: str, rows: int) -> None:
+    writer = None
+    for start in range(0, rows, 1_000_000):
+        n = min(1_000_000, rows - start)
+        table = pa.table({"id": pa.array([f"row-{i:09d}" for i in range(start, start + n)]),
+                          "prompt": pa.array(["a red circle on a white background"] * n)})
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+    writer.close()
+
+
+def make_output(folder: str, shards: int, rows_per_shard: int) -> None:
+    data = Path(folder, "data")
+    data.mkdir(parents=True)
+    for s in range(shards):
+        ids = [f"row-{i:09d}" for i in range(s * rows_per_shard, (s + 1) * rows_per_shard)]
+        pq.write_table(pa.table({"id": ids, "status": ["ok"] * len(ids), "error": pa.nulls(len(ids), pa.string())}),
+                       data / f"part-20260101T000000-000000-{s:06d}.parquet")
+
+
+def step(name: str, manifest: str, output: str) -> dict:
+    # From the temporary folder: the checkout named by PYTHONPATH is the one measured, not the one here.
+    done = subprocess.run([sys.executable, "-c", STEP, name, manifest, output], capture_output=True, text=True,
+                          cwd=Path(manifest).parent)
+    if done.returncode:
+        raise SystemExit(done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 20_000_000])
+    parser.add_argument("--shards", type=int, nargs="+", default=[2000, 20000])
+    parser.add_argument("--rows-per-shard", type=int, default=100)
+    args = parser.parse_args()
+    print("| step | size | time | driver peak RSS |\n|---|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="shardgen-scale-") as tmp:
+        for rows in args.rows:
+            manifest = f"{tmp}/m-{rows}.parquet"
+            make_manifest(manifest, rows)
+            got = step("manifest", manifest, f"{tmp}/none")
+            print(f"| manifest check | {rows:,} rows | {got['s']:.1f} s | {got['peak_mib']:.0f} MiB |", flush=True)
+            Path(manifest).unlink()
+        for shards in args.shards:
+            output = f"{tmp}/out-{shards}"
+            make_output(output, shards, args.rows_per_shard)
+            manifest = f"{tmp}/m-{shards}.parquet"
+            make_manifest(manifest, shards * args.rows_per_shard)
+            got = step("scan", manifest, output)
+            print(f"| resume scan (id/status/error of every shard) | {shards:,} shards x {args.rows_per_shard} rows | "
+                  f"{got['s']:.1f} s ({got['s'] / shards * 1e4:.1f} s per 10k shards) | {got['peak_mib']:.0f} MiB |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

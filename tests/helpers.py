@@ -1,0 +1,172 @@
+"""Helpers the test modules share: manifests in and outputs out, images, the CLI in this process
+or in a subprocess, and the check every finished run must pass (_SUCCESS, `shardgen verify
+--manifest`, no stray file in data/, dot-files included).
+
+Subprocesses get ``subprocess_env()``: this process's environment with the repository importable
+and RAY_ADDRESS=local, so that a test never joins a `ray start` cluster left on the machine.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import yaml
+from PIL import Image
+
+from pipeline import layout, storage
+from pipeline.spec import JobSpec, parse_spec
+
+REPO = Path(__file__).resolve().parents[1]
+RAY_START_TRIES = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ray(start, clean_up=ray.shutdown):
+    """``start()``'s result. On a busy machine a raylet whose agents are slow to report their ports
+    aborts at start ("The current node timed out during startup"): clean up and start again
+    rather than fail the test."""
+    for attempt in range(1, RAY_START_TRIES + 1):
+        try:
+            return start()
+        except Exception as err:  # noqa: BLE001 - only the start-up time-out is retried
+            clean_up()
+            if "timed out during startup" not in str(err) or attempt == RAY_START_TRIES:
+                raise
+            print(f"Ray did not start (try {attempt} of {RAY_START_TRIES}): {err}")
+
+
+# --- manifests and outputs ---------------------------------------------------------------------
+
+def write_manifest(uri: str, rows: list[dict] | pa.Table) -> str:
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    storage.write_bytes(uri, buf.getvalue().to_pybytes())
+    return uri
+
+
+def read_output(uri: str) -> pa.Table:
+    """The output's rows (pyarrow skips dot-files: see data_files for every file in data/)."""
+    fs, path = storage.arrow_filesystem(uri)
+    return pq.read_table(f"{path}/{layout.DATA}", filesystem=fs)
+
+
+def data_files(uri: str) -> list[str]:
+    """Every file under the output's data/, hidden ones included, relative to the output."""
+    fs, path = storage.filesystem(uri)
+    data = f"{path.rstrip('/')}/{layout.DATA}"
+    return sorted(f[len(path.rstrip('/')) + 1:] for f in fs.find(data)) if fs.exists(data) else []
+
+
+def prompts_manifest(n: int, **extra) -> list[dict]:
+    colours = ["red", "green", "blue", "yellow"]
+    return [{"id": f"row-{i:03d}", "prompt": f"a {colours[i % 4]} circle on a white background", **extra}
+            for i in range(n)]
+
+
+def small_spec(manifest: str, output: str, **stage) -> JobSpec:
+    """A fast text_to_image job: 32x32, 4 steps."""
+    return parse_spec({
+        "manifest": manifest,
+        "output": output,
+        "stages": [{"kind": "text_to_image", "steps": 4, "width": 32, "height": 32, "batch_size": 4, **stage}],
+    })
+
+
+def png(size: int | tuple[int, int], seed: int = 0, mode: str = "RGB") -> bytes:
+    """A PNG of random pixels; ``size`` is a side or (width, height); mode RGB or L."""
+    width, height = (size, size) if isinstance(size, int) else size
+    rng = np.random.default_rng(seed)
+    shape = (height, width, 3) if mode == "RGB" else (height, width)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def half_mask(size: int) -> bytes:
+    """A size x size mask PNG that repaints the right half."""
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[:, size // 2:] = 255
+    buf = io.BytesIO()
+    Image.fromarray(mask).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --- the CLI -----------------------------------------------------------------------------------
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    """`shardgen ARGV` in this process: the exit code, stdout and stderr."""
+    from pipeline.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def cli_output(*argv: str) -> tuple[int, str]:
+    """`shardgen ARGV` in this process: the exit code, and stdout and stderr as one text in the
+    order written."""
+    from pipeline.cli import main
+
+    out = io.StringIO()
+    with redirect_stdout(out), redirect_stderr(out):
+        code = main(list(argv))
+    return code, out.getvalue()
+
+
+def write_spec(folder: Path, spec: dict | JobSpec, name: str = "spec.yaml") -> Path:
+    data = spec.model_dump(mode="json") if isinstance(spec, JobSpec) else spec
+    path = Path(folder) / name
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    return path
+
+
+def run_cli(tmp_path: Path, spec: dict | JobSpec, *flags: str, command: str = "run") -> tuple[int, str, str]:
+    """`shardgen COMMAND --spec` in this process on ``spec`` (written into ``tmp_path``)."""
+    return cli(command, "--spec", str(write_spec(tmp_path, spec)), *flags)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess: this one, the repository importable, a local Ray."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "RAY_ADDRESS": "local", **extra}
+
+
+def run_shardgen(*argv: str, env: dict[str, str] | None = None, timeout: float = 540, **kwargs
+                 ) -> subprocess.CompletedProcess:
+    """`shardgen ARGV` in a process of its own (``env``: subprocess_env() unless given)."""
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], cwd=kwargs.pop("cwd", REPO),
+                          env=env if env is not None else subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+# --- exactly once ------------------------------------------------------------------------------
+
+def assert_finished_exactly_once(output: str, manifest: str) -> None:
+    """The run finished (_SUCCESS) and `shardgen verify --manifest` holds: every manifest id once,
+    no other, counts, footers, status; and data/ holds nothing but the shards verify read (no
+    leftover dot-file of a killed write, which pyarrow and verify would both pass over)."""
+    from pipeline.inspect.output import Output
+    from pipeline.verify import verify
+
+    out = Output(output)
+    assert out.finished, f"no {layout.SUCCESS} in {output}"
+    report = verify(output, manifest=manifest, log=lambda _: None)
+    assert not report.failures, report.to_json()
+    assert data_files(output) == out.names, "data/ holds files that are not shards"

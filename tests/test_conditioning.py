@@ -1,0 +1,334 @@
+"""Conditioning in process, as a Ray actor runs a stage (tiny random-weight models built offline in
+tests/tiny_conditioning.py): LoRA adapters (scale 0 is the base model byte for byte, fused equals
+switched, the `lora` column picks per row, a misfit is refused on the driver, sources from s3://
+and a stand-in Hub), ControlNets on SD 1.x and SDXL (the control image steers: two control images,
+two images; the same one, the same image; a missing or wrong-sized one is an error row naming the
+column; a saved ControlNet pipeline as the model), and Canny control images made on CPU."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from PIL import Image
+
+from pipeline import columns, storage
+from pipeline.access import policy
+from pipeline.conditioning.control_images import canny
+from pipeline.errors import ModelError
+from pipeline.models.resolve import build_builtin, check_sources
+from pipeline.prepare import prepare_batch
+from pipeline.spec import ControlSpec, LimitsSpec, StageSpec, StorageSpec, parse_spec
+from pipeline.stages import stage_class
+from pipeline.tables import values
+from tests.conftest import write_manifest
+from tests.hub_server import HubServer, Repo
+from tests.tiny_conditioning import controlnet_for, lora_for, misfit_lora
+from tests.tiny_pipelines import sdxl
+
+FAST = {"steps": 2, "cpus_per_actor": 0.5, "width": 32, "height": 32}
+PROMPTS = ["a red circle on a blue background", "a green square", "a yellow star"]
+TINY = "builtin:tiny-sd"
+
+
+def square(side: int, lo: int, hi: int) -> bytes:
+    """A white square on black, as PNG bytes: a control image (edges, a mask) of a shape."""
+    image = np.zeros((side, side, 3), dtype=np.uint8)
+    image[lo:hi, lo:hi] = 255
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, environment):
+    """Folders of the tiny conditioning models: LoRAs that fit tiny-sd (two) and one that does not,
+    a ControlNet for tiny-sd, the tiny SDXL pipeline and a ControlNet for it."""
+    root = tmp_path_factory.mktemp("conditioning")
+    sd = build_builtin("tiny-sd")
+    xl = root / "sdxl"
+    sdxl().save_pretrained(xl, safe_serialization=True)
+    return {"sd": sd, "lora": lora_for(sd, root / "lora-a"), "lora_b": lora_for(sd, root / "lora-b", seed=1),
+            "misfit": misfit_lora(root / "misfit"), "controlnet": controlnet_for(sd, root / "controlnet"),
+            "sdxl": xl, "sdxl_controlnet": controlnet_for(xl, root / "sdxl-controlnet")}
+
+
+def run(spec: StageSpec, rows: list[dict], tmp_path, stage=None) -> pa.Table:
+    """Prepare ``rows`` for a one-stage flow and run the stage on them (a new stage unless given)."""
+    access = policy(str(tmp_path / "manifest.parquet"), False, [])
+    table = prepare_batch(pa.Table.from_pylist(rows), [spec], StorageSpec(), access, LimitsSpec())
+    return (stage or stage_class(spec.kind)(spec, StorageSpec()))(table)
+
+
+def prompt_rows(**extra) -> list[dict]:
+    return [{"id": f"r{i}", "prompt": p, "seed": 7, **{k: v[i] for k, v in extra.items()}}
+            for i, p in enumerate(PROMPTS)]
+
+
+def images(table: pa.Table) -> list[bytes]:
+    assert values(table, "status") == ["ok"] * table.num_rows, values(table, "error")
+    return values(table, columns.PIXELS)
+
+
+def t2i(model, **extra) -> StageSpec:
+    return StageSpec(kind="text_to_image", model=str(model), **FAST, **extra)
+
+
+# -- LoRA -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base_images(models, tmp_path_factory):
+    return images(run(t2i(TINY), prompt_rows(), tmp_path_factory.mktemp("base")))
+
+
+def test_lora_scale_zero_is_the_base_model_byte_for_byte(models, base_images, tmp_path):
+    spec = t2i(TINY, loras=[{"source": str(models["lora"]), "scale": 0.0}])
+    assert images(run(spec, prompt_rows(), tmp_path)) == base_images
+
+
+def test_lora_changes_the_images_and_the_record_names_it(models, base_images, tmp_path):
+    spec = t2i(TINY, loras=[{"source": str(models["lora"].parent), "scale": 0.8}])
+    out = run(spec, prompt_rows(), tmp_path)
+    assert all(a != b for a, b in zip(images(out), base_images))
+    (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
+    assert record["loras"] == [{"source": str(models["lora"].parent), "name": "lora0", "weight_name": None,
+                                "revision": None, "scale": 0.8}]
+
+
+def test_fused_adapters_equal_switched_ones_and_the_lora_column_picks_per_row(models, base_images, tmp_path):
+    """Two unnamed adapters are fused; the same two, named, are applied unfused to the rows whose
+    `lora` column names them both, and none to the row whose `lora` is null."""
+    both = [{"source": str(models["lora"]), "scale": 0.7}, {"source": str(models["lora_b"]), "scale": 0.4}]
+    fused_stage = stage_class("text_to_image")(t2i(TINY, loras=both), StorageSpec())
+    assert fused_stage.conditioning.adapters.fused
+    fused = [np.frombuffer(b, np.uint8).astype(int) for b in images(run(fused_stage.spec, prompt_rows(), tmp_path,
+                                                                        fused_stage))]
+    named = t2i(TINY, loras=[{**both[0], "name": "a"}, {**both[1], "name": "b"}], batch_size=3)
+    out = run(named, prompt_rows(lora=["a,b", None, "b, a"]), tmp_path)
+    got = [np.frombuffer(b, np.uint8).astype(int) for b in images(out)]
+    # Fusing adds the adapters into the weights: the same sums in another order, so a pixel may
+    # round one step apart.
+    assert np.abs(got[0] - fused[0]).max() <= 1 and np.abs(got[2] - fused[2]).max() <= 1
+    assert images(out)[1] == base_images[1]
+    records = [json.loads(p)[0]["loras"] for p in values(out, columns.STAGE_PARAMS)]
+    assert [[a["name"] for a in r] for r in records] == [["a", "b"], [], ["a", "b"]]
+
+
+def test_an_unknown_lora_name_is_an_error_row_naming_the_column(models, tmp_path):
+    spec = t2i(TINY, loras=[{"source": str(models["lora"]), "name": "style"}])
+    out = run(spec, prompt_rows(lora=["style", "nope", None]), tmp_path)
+    assert values(out, "status") == ["ok", "error", "ok"]
+    assert values(out, "error")[1] == "lora: ['nope'] are not named adapters of the stage (its names: ['style'])"
+
+
+def test_a_lora_that_does_not_fit_the_model_is_refused_on_the_driver(models, tmp_path):
+    manifest = write_manifest(str(tmp_path / "m.parquet"), prompt_rows())
+    stage = {"kind": "text_to_image", "model": TINY, "loras": [{"source": str(models["misfit"])}]}
+    spec = parse_spec({"manifest": manifest, "output": str(tmp_path / "out"), "stages": [stage]})
+    with pytest.raises(ModelError, match=r"loras\.0: .* does not fit the model builtin:tiny-sd: unet\..*attn2\.to_k"):
+        check_sources(spec)
+    assert ModelError.exit_code == 2
+
+
+def test_pickled_or_ambiguous_lora_folders_are_refused(models, tmp_path):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "lora.bin").write_bytes(b"pickle")
+    two = tmp_path / "two"
+    shutil.copytree(models["lora"].parent, two)
+    shutil.copy(models["lora_b"], two / "other.safetensors")
+    for source, message in ((pickled, "only pickled weights"), (two, "name one with weight_name")):
+        spec = parse_spec({"manifest": str(tmp_path / "m.parquet"), "output": str(tmp_path / "out"),
+                           "stages": [{"kind": "text_to_image", "model": TINY, "loras": [{"source": str(source)}]}]})
+        with pytest.raises(ModelError, match=message):
+            check_sources(spec)
+
+
+def test_loras_from_s3_and_a_hub_id_give_the_local_adapters_images(models, tmp_path, bucket, monkeypatch):
+    storage.write_bytes(f"{bucket}/loras/style.safetensors", models["lora"].read_bytes())
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(models["lora"], repo / "style.safetensors")
+    (repo / "README.md").write_text("# a LoRA\n")
+    commit = "c" * 40
+    local = images(run(t2i(TINY, loras=[{"source": str(models["lora"])}]), prompt_rows(), tmp_path))
+    with HubServer({"shardgen-test/style-lora": Repo(repo, commit)}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("SHARDGEN_CACHE", str(tmp_path / "cache"))
+        for source in (f"{bucket}/loras", "shardgen-test/style-lora"):
+            spec = t2i(TINY, loras=[{"source": source}])
+            out = run(spec, prompt_rows(), tmp_path)
+            assert images(out) == local, source
+        assert json.loads(values(out, columns.STAGE_PARAMS)[0])[0]["loras"][0]["revision"] == commit
+        hub.requests.clear()
+        run(spec, prompt_rows(), tmp_path)  # a second actor on this node: from the cache
+        assert not [r for r in hub.requests if r[0] == "GET" and "resolve" in str(r)]
+
+
+# -- ControlNet -------------------------------------------------------------------------------------
+
+
+def test_the_control_image_steers_the_image(models, tmp_path):
+    """Same prompt and seed: two control images give two images, the same one the same image."""
+    spec = t2i(TINY, controlnet=str(models["controlnet"]), controlnet_scale=1.0)
+    a, b = square(32, 4, 12), square(32, 16, 30)
+    out = run(spec, [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": c}
+                     for i, c in enumerate((a, b, a))], tmp_path)
+    got = images(out)
+    assert got[0] != got[1] and got[0] == got[2]
+    (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
+    assert record["pipeline"] == "StableDiffusionControlNetPipeline"
+    assert record["controlnet"] == {"models": [str(models["controlnet"])], "scale": 1.0, "start": 0.0, "end": 1.0,
+                                    "control_image": "manifest"}
+
+
+def test_two_controlnets_read_control_image_and_control_image_2(models, tmp_path):
+    spec = t2i(TINY, controlnet=[str(models["controlnet"])] * 2)
+    a, b = square(32, 4, 12), square(32, 16, 30)
+    rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": a, "control_image_2": c}
+            for i, c in enumerate((a, b, a))]
+    out = run(spec, rows, tmp_path)
+    got = images(out)
+    assert got[0] == got[2] != got[1]
+    assert json.loads(values(out, columns.STAGE_PARAMS)[0])[0]["controlnet"]["models"] == spec.controlnet
+    missing = run(spec, [{k: v for k, v in rows[0].items() if k != "control_image_2"}], tmp_path)
+    assert values(missing, "error") == ["control_image_2: missing"]
+
+
+def test_a_per_row_controlnet_scale_of_zero_ignores_the_control_image(models, tmp_path):
+    spec = t2i(TINY, controlnet=str(models["controlnet"]))
+    rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": c, "controlnet_scale": s}
+            for i, (c, s) in enumerate(((square(32, 4, 12), 0.0), (square(32, 16, 30), 0.0), (square(32, 4, 12), 1.0)))]
+    got = images(run(spec, rows, tmp_path))
+    assert got[0] == got[1] != got[2]
+
+
+def test_missing_or_wrong_sized_control_images_are_error_rows_naming_the_column(models, tmp_path):
+    spec = t2i(TINY, controlnet=str(models["controlnet"]))
+    rows = [{"id": "ok", "prompt": PROMPTS[0], "control_image": square(32, 4, 12)},
+            {"id": "none", "prompt": PROMPTS[0], "control_image": None},
+            {"id": "small", "prompt": PROMPTS[0], "control_image": square(16, 4, 12)},
+            {"id": "broken", "prompt": PROMPTS[0], "control_image": b"not a png"}]
+    out = run(spec, rows, tmp_path)
+    assert values(out, "status") == ["ok", "error", "error", "error"]
+    assert values(out, "error")[1:] == [
+        "control_image: missing", "control_image: size 16x16 differs from the 32x32 image the stage makes",
+        "control_image: not a readable image (UnidentifiedImageError: no known image format)"]
+
+
+def test_a_saved_controlnet_pipeline_named_as_the_model_runs_with_its_controlnet(models, tmp_path):
+    base = StableDiffusionPipeline.from_pretrained(models["sd"])
+    saved = tmp_path / "sd-controlnet"
+    StableDiffusionControlNetPipeline(**base.components, controlnet=ControlNetModel.from_pretrained(
+        models["controlnet"])).save_pretrained(saved, safe_serialization=True)
+    rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": square(32, 4, 12 + 8 * i)}
+            for i in range(2)]
+    by_model = images(run(t2i(saved), rows, tmp_path))
+    by_field = images(run(t2i(TINY, controlnet=str(models["controlnet"])), rows, tmp_path))
+    assert by_model == by_field and by_model[0] != by_model[1]
+
+
+def test_sdxl_controlnet_and_lora(models, tmp_path):
+    spec = t2i(models["sdxl"], controlnet=str(models["sdxl_controlnet"]),
+               loras=[{"source": str(lora_for(models["sdxl"], tmp_path / "xl-lora"))}])
+    out = run(spec, [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": square(32, 4, 12 + 12 * i)}
+                     for i in range(2)], tmp_path)
+    got = images(out)
+    assert got[0] != got[1]
+    assert json.loads(values(out, columns.STAGE_PARAMS)[0])[0]["pipeline"] == "StableDiffusionXLControlNetPipeline"
+
+
+def test_controlnet_on_a_stage_kind_without_one_is_refused():
+    with pytest.raises(ValueError, match="controlnet: super_resolution stages take no ControlNet"):
+        StageSpec(kind="super_resolution", model=TINY, controlnet="./cn")
+    with pytest.raises(ValueError, match="control: makes a control image for a ControlNet"):
+        StageSpec(kind="image_to_image", model=TINY, control={"kind": "canny"})
+
+
+# -- control images made on CPU ---------------------------------------------------------------------
+
+
+def test_canny_draws_the_outline_of_a_shape():
+    image = np.asarray(Image.open(io.BytesIO(square(32, 8, 24))))
+    edges = canny(image, ControlSpec(kind="canny"))
+    assert edges.shape == (32, 32, 3) and set(np.unique(edges)) == {0, 255}
+    across = set(np.flatnonzero(edges[16, :, 0]))  # a row through the square: its left and right sides
+    assert across & {7, 8} and across & {23, 24} and across <= {7, 8, 23, 24}
+    assert (edges[..., 0] == edges[..., 2]).all()
+
+
+def test_control_from_the_rows_image_on_image_to_image(models, tmp_path):
+    spec = StageSpec(kind="image_to_image", model=TINY, controlnet=str(models["controlnet"]),
+                     control={"from": "image", "kind": "canny"}, **FAST)
+    rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "image": im}
+            for i, im in enumerate((square(32, 4, 12), square(32, 14, 28), square(32, 4, 12)))]
+    out = run(spec, rows, tmp_path)
+    got = images(out)
+    assert got[0] == got[2] != got[1]
+    (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
+    assert record["pipeline"] == "StableDiffusionControlNetImg2ImgPipeline"
+    assert record["controlnet"]["control_image"] == "canny"
+
+
+# -- the segmentation recipe, end to end on real Ray ------------------------------------------------
+
+
+def label_png(label_map: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(label_map.astype(np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_segmentation_recipe_from_label_maps_to_webdataset_pairs(models, tmp_path, ray_local):
+    """Label maps -> `manifest synth --control-maps` -> a ControlNet job (with a LoRA) on Ray ->
+    WebDataset tars whose samples pair each image with its label map."""
+    import webdataset as wds
+
+    from pipeline.cli import main as cli
+    from pipeline.export import export_webdataset
+    from pipeline.job import run_job
+    from pipeline.synth.control_maps import palette
+    from tests.conftest import read_output
+
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    expected = {}
+    for k, (lo, hi, cls) in enumerate(((4, 14, 1), (10, 28, 2), (2, 30, 1))):
+        label = np.zeros((32, 32), dtype=np.uint8)
+        label[lo:hi, lo:hi] = cls
+        label[:3, :3] = 2 if k == 2 else 0  # the third map holds both classes
+        (maps / f"scene-{k}.png").write_bytes(label_png(label))
+        expected[f"scene-{k}"] = label
+    (tmp_path / "classes.yaml").write_text("[background, circle, square]\n")
+    (tmp_path / "templates.yaml").write_text("templates: ['a {colour} {class} on a white background']\n"
+                                             "slots: {colour: [red, blue]}\n")
+    manifest = str(tmp_path / "m.parquet")
+    assert cli(["manifest", "synth", "--control-maps", str(maps), "--classes", str(tmp_path / "classes.yaml"),
+                "--templates", str(tmp_path / "templates.yaml"), "--splits", "train=1", "--output", manifest]) == 0
+    spec = parse_spec({"manifest": manifest, "output": str(tmp_path / "out"),
+                       "stages": [{"kind": "text_to_image", "model": TINY, "controlnet": str(models["controlnet"]),
+                                   "loras": [{"source": str(models["lora"]), "scale": 0.5}], **FAST}]})
+    stats = run_job(spec, log=lambda _: None)
+    assert (stats.rows, stats.ok) == (3, 3)
+    rows = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
+    assert rows["scene-2"]["prompt"].endswith("circle and square on a white background")
+    assert rows["scene-0"]["classes_present"] == ["circle"]
+    control = np.asarray(Image.open(io.BytesIO(rows["scene-1"]["control_image"])))
+    assert tuple(control[20, 20]) == palette(2) and tuple(control[0, 0]) == palette(0)
+    (record,) = json.loads(rows["scene-0"]["stage_params"])
+    assert record["controlnet"]["models"] == [str(models["controlnet"])] and record["loras"][0]["scale"] == 0.5
+
+    export_webdataset(str(tmp_path / "out"), str(tmp_path / "wds"), log=lambda *_: None)
+    samples = list(wds.WebDataset(str(tmp_path / "wds" / "train-000000.tar"), shardshuffle=False).decode("pil"))
+    assert len(samples) == 3
+    for sample in samples:
+        assert sample["png"].size == (32, 32)
+        # The "pil" decoder makes every PNG RGB; the class indices are each channel's values.
+        assert np.array_equal(np.asarray(sample["label_map.png"].convert("L")), expected[sample["json"]["id"]])
