@@ -6,6 +6,7 @@ STAGES = "_sg_stages"  # comma-joined kinds of the stages a row went through
 IMAGE_BYTES = "_sg_image_bytes"
 IMAGE_PATH = "_sg_image_path"
 ELAPSED_PREFIX = "_sg_elapsed_"  # + stage kind: seconds of that stage's work per row
+REFERENCES = "_sg_references"  # PNG bytes of the reference images an editing model takes beside the image
 MASK = "_sg_mask"  # uint8 HxW masks (white = repaint), the size of the row's image
 TEXT_EMBEDS = "_sg_text_embeds"  # safetensors bytes: a row's prompt-embedding arguments, by pipeline argument name
 TEXT_ENCODER = "_sg_text_encoder"  # fingerprint of the text encoder that made TEXT_EMBEDS

@@ -68,6 +68,13 @@ def decode(column: str, value: Any, mode: str, storage_spec: StorageSpec, access
         raise InputError(f"{column}: not a readable image ({type(err).__name__}: {detail})") from None
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 image as PNG bytes (lossless)."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
 def keep_unmasked(original: np.ndarray, generated: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The generated pixels where the uint8 ``mask`` is white (>= 128: repaint), the original ones
     elsewhere. Inpainting pipelines decode the whole image from latents, so without this the kept

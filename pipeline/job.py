@@ -108,8 +108,8 @@ def run_job(spec: JobSpec, overwrite: bool = False, log=print, verbose: bool = F
     from pipeline.cluster import check_address
 
     check_address()  # a cluster that does not answer fails in seconds, before the models' imports
-    check_sources(spec)
-    for warning in (noise_warning(spec), vocabulary.warning(spec)):
+    warnings = check_sources(spec)
+    for warning in (*warnings, noise_warning(spec), vocabulary.warning(spec)):
         if warning:
             log(warning)
     from pipeline import job_record, plan, sink

@@ -28,6 +28,10 @@ def _is_image_type(t: pa.DataType) -> bool:
     return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
+def _is_image_list_type(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_image_type(t.value_type)
+
+
 def _is_text(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
@@ -48,6 +52,7 @@ COLUMN_TYPES: dict[str, tuple[str, Callable[[pa.DataType], bool]]] = {
     "control_image": ("bytes, struct{bytes, path} or URI string", _is_image_type),
     "lora": ("string", _is_text),
     "controlnet_scale": ("number", lambda t: pa.types.is_floating(t) or pa.types.is_integer(t)),
+    "reference_images": ("list of bytes, struct{bytes, path} or URI strings", _is_image_list_type),
 }
 
 

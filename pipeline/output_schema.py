@@ -33,7 +33,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("created_at", pa.timestamp("us")),
 ])
 # Input columns that the generated image replaces.
-CONSUMED_INPUTS = ("image", "mask")
+CONSUMED_INPUTS = ("image", "mask", "reference_images")
 # The columns the spec's `filters:` add after the fixed ones (pipeline/synth/filters.py).
 PHASH, PROB, REASON = "phash", "label_prob", "filter_reason"
 # A manifest column under one of these names that shardgen does not read passes through as

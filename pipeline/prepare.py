@@ -12,12 +12,14 @@ import pyarrow as pa
 from pipeline import columns
 from pipeline.access import Access
 from pipeline.conditioning import rows as conditioning
-from pipeline.images import InputError, decode
+from pipeline.images import InputError, decode, png_bytes
 from pipeline.kinds import KINDS
 from pipeline.spec import LimitsSpec, StageSpec, StorageSpec
 from pipeline.tables import values, with_column, with_pixels
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+# Reference images a row may give an editing model beside its image (FLUX.2 takes up to 10).
+MAX_REFERENCES = 10
 
 
 def derive_seed(row_id: str) -> int:
@@ -52,6 +54,7 @@ class _Row:
         self.prompt = cols["prompt"][i] or ""
         self.image: np.ndarray | None = None
         self.mask: np.ndarray | None = None
+        self.references: list[bytes] | None = None
         self.steps = first.steps if cols["steps"][i] is None else cols["steps"][i]
         self.width = first.width if cols["width"][i] is None else cols["width"][i]
         self.height = first.height if cols["height"][i] is None else cols["height"][i]
@@ -70,6 +73,8 @@ class _Row:
         if kind.size_from == "image":
             self.image = decode("image", cols["image"][i], "RGB", storage, access, limits)
             self.height, self.width = self.image.shape[:2]
+            if kind.name == "image_to_image":  # editing models take more images than one
+                self.references = _references(cols["reference_images"][i], storage, access, limits)
         if kind.size_from == "model":  # the model's own size, known once it has made the image
             self.width = self.height = None
         else:
@@ -88,11 +93,20 @@ class _Row:
                                              access, limits)
 
 
+def _references(value: list | None, storage: StorageSpec, access: Access, limits: LimitsSpec) -> list[bytes] | None:
+    """A row's reference images, each read under the rules and limits of `image`, as PNG bytes."""
+    if not value:
+        return None
+    if len(value) > MAX_REFERENCES:
+        raise InputError(f"reference_images: {len(value)} images, over the {MAX_REFERENCES} an editing model takes")
+    return [png_bytes(decode(f"reference_images[{k}]", v, "RGB", storage, access, limits)) for k, v in enumerate(value)]
+
+
 def prepare_batch(table: pa.Table, flow: list[StageSpec], storage: StorageSpec, access: Access,
                   limits: LimitsSpec) -> pa.Table:
     first, kind = flow[0], KINDS[flow[0].kind]
     names = ("id", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "strength", "width", "height",
-             "image", "mask", *conditioning.manifest_names(flow))
+             "image", "mask", "reference_images", *conditioning.manifest_names(flow))
     cols = {name: values(table, name) for name in names}
     rows, errors = [], []
     for i in range(table.num_rows):
@@ -126,6 +140,7 @@ def prepare_batch(table: pa.Table, flow: list[StageSpec], storage: StorageSpec, 
         (columns.STAGES, [""] * n, pa.string()),
         (columns.STAGE_PARAMS, ["[]"] * n, pa.string()),
         (columns.MASK, [r.mask.tobytes() if r and r.mask is not None else None for r in rows], pa.binary()),
+        (columns.REFERENCES, [r.references if r else None for r in rows], pa.list_(pa.binary())),
         *conditioning.filled(flow, [r.conditioning if r else None for r in rows], cols, set(table.column_names)),
     ]
     for name, vals, type_ in fill:

@@ -53,7 +53,8 @@ AUTO_START_BATCH = 8
 NOISE_MODEL_PREFIX = "builtin:tiny-"
 # The manifest columns shardgen reads by name; `columns:` maps them to a manifest's own names.
 ManifestColumn = Literal["id", "task", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width",
-                         "height", "strength", "image", "mask", "control_image", "controlnet_scale", "lora"]
+                         "height", "strength", "image", "mask", "control_image", "controlnet_scale", "lora",
+                         "reference_images"]
 # The stage kinds a ControlNet can condition (diffusers has ControlNet pipelines for each).
 CONTROLNET_KINDS = ("text_to_image", "image_to_image", "inpainting")
 # The manifest columns that set a generation parameter per row. Opt-in: a caption set's `width` is
@@ -189,8 +190,10 @@ class StageSpec(_Strict):
     actors: tuple[int, int] = Field(default=(1, 1), description="min and max actors of the stage's pool (an int: "
                                     "a fixed pool); unset on a cluster with GPUs: a fixed pool over an even share "
                                     "of the GPUs the other stages leave")
-    gpus_per_actor: Annotated[float, Field(ge=0)] | None = Field(
-        default=None, description="null: 1 when the cluster has GPUs, else 0; fractions share a GPU"
+    gpus_per_actor: Annotated[float, Field(ge=0, le=8)] | None = Field(
+        default=None, description="null: 1 when the cluster has GPUs, else 0; fractions share a GPU; a whole "
+        "number from 2 to 8 places one pipeline across that many GPUs of a node (diffusers' device_map "
+        "\"balanced\"), for models bigger than one GPU"
     )
     # Left unset (or null), the plan fits it to the cluster (plan.fit_resources); 1 is what an actor
     # built outside a plan reserves.
@@ -204,13 +207,22 @@ class StageSpec(_Strict):
         description="run the denoiser one row at a time so images never depend on batch size; "
         "null: on for CPUs, off for GPUs (where batching is what makes them fast)",
     )
-    offload: Literal["none", "model", "sequential"] = Field(
+    offload: Literal["none", "model", "group", "sequential"] = Field(
         default="none",
         description="where the weights wait between uses on a GPU: none keeps the whole pipeline on the GPU "
         "(fastest, needs the most memory); model moves one component (text encoder, denoiser, VAE) to the GPU "
         "at a time (diffusers' enable_model_cpu_offload: about the denoiser's size in GPU memory, a few "
-        "percent slower); sequential streams each layer in when it runs (enable_sequential_cpu_offload: the "
+        "percent slower); group streams groups of layers in, the next one loading while the current one runs "
+        "(enable_group_offload, leaf level on a CUDA stream: near sequential's memory at a fraction of its "
+        "slowdown); sequential streams each layer in when it runs (enable_sequential_cpu_offload: the "
         "least GPU memory, several times slower). CPU actors have nothing to offload and ignore it",
+    )
+    quantize: Literal["none", "int8_weight_only", "fp8_weight_only", "nf4"] = Field(
+        default="none",
+        description="quantize the denoiser and text encoders as they load (diffusers' PipelineQuantizationConfig): "
+        "int8_weight_only (torchao: half of bf16's weight memory, runs on CPUs too), fp8_weight_only (torchao: "
+        "half, GPUs of compute capability 8.9+), nf4 (bitsandbytes 4-bit: a quarter, GPUs only); none: the "
+        "dtype's full weights. Needs the `quantize` extra (torchao) or bitsandbytes installed",
     )
     compile: bool | Literal["regional"] = Field(
         default=False,
@@ -295,6 +307,18 @@ class StageSpec(_Strict):
     @property
     def draws_noise(self) -> bool:
         return self.model.startswith(NOISE_MODEL_PREFIX)
+
+    @model_validator(mode="after")
+    def _one_pipeline_over_gpus(self) -> "StageSpec":
+        gpus = self.gpus_per_actor
+        if gpus is not None and gpus > 1:
+            if gpus != int(gpus):
+                raise ValueError(f"gpus_per_actor: {gpus:g} is over 1 and not a whole number (a pipeline spread "
+                                 "over GPUs takes whole ones: 2 to 8)")
+            if self.offload != "none":
+                raise ValueError(f"offload: {self.offload} and gpus_per_actor {gpus:g} both place the weights; "
+                                 "spread the pipeline over GPUs or offload it, not both")
+        return self
 
     @field_validator("controlnet", mode="before")
     @classmethod

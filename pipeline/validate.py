@@ -91,11 +91,10 @@ def validate(spec: JobSpec, log=print) -> None:
     from pipeline import plan
 
     checked = job.check(spec)
-    if checked.finished is None:
-        check_sources(spec, build=False)
+    warnings = check_sources(spec, build=False) if checked.finished is None else []
     log(f"shardgen: manifest {spec.manifest}: {checked.rows} rows, {_columns(spec)}")
     log(f"  output {spec.output}: {_output_state(spec, checked)}")
-    for warning in (job.noise_warning(spec), vocabulary.warning(spec)):
+    for warning in (*warnings, job.noise_warning(spec), vocabulary.warning(spec)):
         if warning:
             log(warning)
     have_cpu, have_gpu, node_cpu, where = plan.resources_for_run()

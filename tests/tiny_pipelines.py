@@ -75,10 +75,11 @@ def t5() -> tuple[T5EncoderModel, T5TokenizerFast]:
     return T5EncoderModel(config), tokenizer
 
 
-def clip(projection: bool = False):
-    tokenizer = build_tokenizer()
+def clip(projection: bool = False, positions: int = 77):
+    """``positions``: the tokens it reads (77 as OpenAI's CLIP; more for Long-CLIP)."""
+    tokenizer = build_tokenizer(positions)
     config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=DIM, intermediate_size=37, num_hidden_layers=2,
-                            num_attention_heads=4, projection_dim=DIM, max_position_embeddings=77,
+                            num_attention_heads=4, projection_dim=DIM, max_position_embeddings=positions,
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id)
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config), tokenizer

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from pipeline import storage
 from pipeline.errors import ModelError
-from pipeline.families import check_family
+from pipeline.families import check_family, size_problem, size_warning
+from pipeline.kinds import KINDS
 from pipeline.models import hub
 from pipeline.models.cache import COMPLETE_MARKER, cache_root, fill_once
 from pipeline.models.checks import check_model
@@ -95,24 +96,40 @@ def contents(source: str, storage_spec: StorageSpec | None = None, revision: str
     return folder_contents(_locate(source, storage_spec, revision, variant))
 
 
-def check_sources(spec: JobSpec, build: bool = True) -> None:
-    """Refuse, on the driver before any actor starts, a model that cannot be loaded or that no
-    stage of its kind can run (exit 2), instead of a job of failed rows. Remote folders and hub ids
-    are listed, not downloaded; ``build`` False (validate) writes no built-in into the cache."""
+def check_sources(spec: JobSpec, build: bool = True) -> list[str]:
+    """Refuse, on the driver before any actor starts, a model that cannot be loaded, that no stage
+    of its kind can run, or asked a size its family cannot make (exit 2), instead of a job of failed
+    rows; return one warning per stage asked a size far from its family's native one. Remote
+    folders and hub ids are listed, not downloaded; ``build`` False (validate) writes no built-in
+    into the cache."""
     indexes: dict[tuple, dict | None] = {}
     for key in dict.fromkeys((s.model, s.revision, s.variant) for s in spec.all_stages()):
         files, indexes[key] = contents(key[0], spec.storage, key[1], key[2], build)
         check_model(key[0], files, indexes[key])
-    for stage in spec.all_stages():
-        family = check_family(stage.model, indexes[(stage.model, stage.revision, stage.variant)], stage)
-        if stage.loras or stage.controlnet:
-            from pipeline.conditioning import checks
+    warnings = []
+    for name, flow in spec.flow_map().items():
+        prefix = "stages" if spec.flows is None else f"flows.{name}"
+        for i, stage in enumerate(flow):
+            family = check_family(stage.model, indexes[(stage.model, stage.revision, stage.variant)], stage)
+            if stage.loras or stage.controlnet:
+                from pipeline.conditioning import checks
 
-            # A hub or remote model's weights are not on the driver: its adapters' fit is checked as it loads.
-            here = not (hub.is_hub_id(stage.model) or storage.is_remote(stage.model))
-            folder = _locate(stage.model, spec.storage, None, None) if here else None
-            checks.check_stage(stage, family, indexes[(stage.model, stage.revision, stage.variant)], spec.storage,
-                               folder)
+                # A hub or remote model's weights are not on the driver: its adapters' fit is checked as it loads.
+                here = not (hub.is_hub_id(stage.model) or storage.is_remote(stage.model))
+                folder = _locate(stage.model, spec.storage, None, None) if here else None
+                checks.check_stage(stage, family, indexes[(stage.model, stage.revision, stage.variant)],
+                                   spec.storage, folder)
+            if KINDS[stage.kind].size_from != "spec":
+                continue
+            problem = size_problem(family, stage.width, stage.height)
+            if problem:
+                raise ModelError(f"{prefix}.{i}.{problem} (model {stage.model})")
+            # The built-ins are trained at their own small size, which their recommended settings give.
+            warning = None if stage.model.startswith(BUILTIN_PREFIX) else size_warning(family, stage.width,
+                                                                                      stage.height)
+            if warning:
+                warnings.append(f"shardgen: warning: {prefix}.{i}: {warning} (model {stage.model})")
+    return warnings
 
 
 def resolve(source: str, storage_spec: StorageSpec | None = None, revision: str | None = None,

@@ -42,7 +42,7 @@ from safetensors.torch import save as save_tensors
 
 from pipeline import columns
 from pipeline.conditioning.stage import Conditioning
-from pipeline.families import check_family
+from pipeline.families import check_family, has_component
 from pipeline.kinds import KINDS
 from pipeline.models.resolve import cache_root, resolve
 from pipeline.spec import AUTO_MAX_BATCH, AUTO_START_BATCH, StageSpec, StorageSpec
@@ -127,8 +127,15 @@ class DiffusionStage:
                                          self.family.pipelines[self.kind])
         self.pipeline_class = self.conditioning.pipeline_class
         self.dtype = self._dtype()
+        # A shipped safety checker would turn flagged images black and leave them `ok`: it is not
+        # loaded, and every record says so (docs/models.md).
+        self.safety_checker = has_component(index, "safety_checker")
+        skipped = {"safety_checker": None} if self.safety_checker else {}
+        placed = {"device_map": "balanced"} if self.spreads else {}
+        quantized = {"quantization_config": quantization(spec.quantize, index, self.device)} \
+            if spec.quantize != "none" else {}
         self.pipe: DiffusionPipeline = getattr(diffusers, self.pipeline_class).from_pretrained(
-            folder, dtype=self.dtype, use_safetensors=True, local_files_only=True,
+            folder, dtype=self.dtype, use_safetensors=True, local_files_only=True, **skipped, **placed, **quantized,
             **self.conditioning.components(self.dtype))
         self.conditioning.attach(self.pipe)
         self.offload = self._place()
@@ -204,13 +211,23 @@ class DiffusionStage:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
 
+    @property
+    def spreads(self) -> bool:
+        """Whether one pipeline is placed across several GPUs (gpus_per_actor 2..8)."""
+        return self.device == "cuda" and (self.spec.gpus_per_actor or 0) > 1
+
     def _place(self) -> str:
         """Put the pipeline on the device, or offload it (see StageSpec.offload); return what was done."""
+        if self.spreads:  # from_pretrained placed it (device_map)
+            return f"balanced over {self.spec.gpus_per_actor:g} GPUs"
         if self.device == "cpu" or self.spec.offload == "none":
             self.pipe.to(self.device)
             return "none"
         if self.spec.offload == "model":
             self.pipe.enable_model_cpu_offload(device=self.device)
+        elif self.spec.offload == "group":
+            self.pipe.enable_group_offload(onload_device=torch.device(self.device), offload_type="leaf_level",
+                                           use_stream=True)
         else:
             self.pipe.enable_sequential_cpu_offload(device=self.device)
         return self.spec.offload
@@ -272,6 +289,9 @@ class DiffusionStage:
             batch["pixels"] = raw_images(table)
         if "mask" in self.info.inputs:
             batch["mask"] = raw_images(table, columns.MASK, channels=1)
+        # The manifest's reference_images (PNG bytes), which only a first image_to_image stage takes.
+        takes_references = self.kind == "image_to_image" and self.position == 0
+        batch["references"] = values(table, columns.REFERENCES) if takes_references else [None] * table.num_rows
         batch |= self.conditioning.read(table)
         if self.text_encoder_id:  # only after a stage that kept its embeddings
             batch[columns.TEXT_ENCODER] = values(table, columns.TEXT_ENCODER)
@@ -290,6 +310,8 @@ class DiffusionStage:
                 key += self.conditioning.group_key(batch, i)
                 if self.info.takes_image:
                     key += (batch["pixels"][i].shape,)
+                if batch["references"][i]:  # its images are the whole call's
+                    key += (i,)
                 groups[key].append(i)
         n = self.call_rows
         return [rows[lo:lo + n] for rows in groups.values() for lo in range(0, len(rows), n)]
@@ -346,14 +368,40 @@ class DiffusionStage:
         # group is padded with copies of its last row, whose images are dropped.
         calls = rows + [rows[-1]] * (self.call_rows - len(rows)) if self.spec.compile else rows
         text = self.text(batch, calls)
-        kwargs = {**text.args, **self.call_kwargs(batch, calls), **self.family.call_args(self.pipe, self.spec,
-                                                                                          *self.size(batch, i)),
-                  **self.conditioning.call_args(self.takes, batch, calls, *self.size(batch, i))}
+        kwargs = {**text.args, **self.call_kwargs(batch, calls), "num_inference_steps": self.param(batch, "steps", i),
+                  "output_type": self.family.output_type,
+                  "generator": [row_generator(batch["seed"][r], self.position) for r in calls]}
         if "guidance_scale" in self.info.params:
             kwargs["guidance_scale"] = self.param(batch, "guidance_scale", i)
-        out = self.pipe(**kwargs, num_inference_steps=self.param(batch, "steps", i), output_type="pt",
-                        generator=[row_generator(batch["seed"][r], self.position) for r in calls])
-        return self.to_images(out.images[:len(rows)], batch, rows), replace(text, embeds=text.embeds[:len(rows)])
+        kwargs = self.taken(kwargs) | self.family.call_args(self.pipe, self.spec, *self.size(batch, i)) \
+            | self.conditioning.call_args(self.takes, batch, calls, *self.size(batch, i))
+        images = self.to_images(self.pipe(**kwargs).images[:len(rows)], batch, rows)
+        self.check_size(images, batch, i)
+        return images, replace(text, embeds=text.embeds[:len(rows)])
+
+    def taken(self, kwargs: dict) -> dict:
+        """The standard arguments under the names this pipeline takes them by, and only those it
+        takes; resolution binning and caption cleaning off (the asked size must come back, and a
+        prompt is used as written)."""
+        kwargs = {**kwargs, "use_resolution_binning": False, "clean_caption": False}
+        for name, names in self.family.renames.items():
+            if name in kwargs:
+                value = kwargs.pop(name)
+                kwargs |= {n: value for n in names}
+        return {name: value for name, value in kwargs.items() if name in self.takes}
+
+    def check_size(self, images: list[np.ndarray | None], batch: dict[str, list], i: int) -> None:
+        """Refuse images not of the size the row asked for (the input's times the family's scale for
+        kinds that take an image), where a pipeline rounded or binned the size on its own."""
+        if self.info.size_from == "model":
+            return
+        width, height = self.size(batch, i)
+        if self.info.takes_image:
+            width, height = width * self.family.scale, height * self.family.scale
+        made = next((im.shape[:2] for im in images if im is not None), (height, width))
+        if made != (height, width):
+            raise ValueError(f"{self.pipeline_class} made {made[1]}x{made[0]} images where {width}x{height} was "
+                             f"asked; {self.family.title} sizes are multiples of {self.family.multiple}")
 
     def to_images(self, images, batch: dict[str, list], rows: list[int]) -> list[np.ndarray | None]:
         """The pipeline's images (a float NCHW tensor in [0, 1] on the device; numpy NHWC from the
@@ -405,6 +453,10 @@ class DiffusionStage:
             record["text_embeds"] = outcome.text
         if self.offload != "none":
             record["offload"] = self.offload
+        if self.safety_checker:
+            record["safety_checker"] = "not run"
+        if self.spec.quantize != "none":
+            record["quantize"] = self.spec.quantize
         record |= self.conditioning.record(batch, i)
         return record | self.family.call_args(self.pipe, self.spec, *self.size(batch, i))
 
@@ -446,6 +498,39 @@ class DiffusionStage:
 
 # What running out of memory raises: on a GPU, torch's error; on a CPU, Python's.
 OUT_OF_MEMORY = (torch.cuda.OutOfMemoryError, MemoryError)
+
+
+# The components a `quantize:` setting applies to: the denoiser and the text encoders, where the
+# weights are (the VAE is small and quantizes badly).
+QUANTIZED_PREFIXES = ("transformer", "unet", "prior", "decoder", "text_encoder")
+
+
+def quantization(name: str, index: dict, device: str):
+    """diffusers' PipelineQuantizationConfig for a StageSpec.quantize setting and a model's
+    components (each through its own library's config class); ModelError where this machine
+    cannot run it."""
+    import transformers
+    from diffusers import PipelineQuantizationConfig
+
+    from pipeline.errors import ModelError
+
+    if name != "int8_weight_only" and device != "cuda":
+        raise ModelError(f"quantize: {name} runs on GPUs only; int8_weight_only runs on CPUs too")
+    if name == "nf4":
+        kwargs = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16}
+        configs = {lib: lib.BitsAndBytesConfig for lib in (diffusers, transformers)}
+    else:
+        try:
+            from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+        except ImportError:
+            raise ModelError(f"quantize: {name} needs torchao (pip install 'shardgen[quantize]')") from None
+        kwargs = {"quant_type": Int8WeightOnlyConfig() if name == "int8_weight_only" else Float8WeightOnlyConfig()}
+        configs = {lib: lib.TorchAoConfig for lib in (diffusers, transformers)}
+    libraries = {"diffusers": diffusers, "transformers": transformers}
+    mapping = {component: configs[libraries[index[component][0]]](**kwargs) for component in index
+               if component.startswith(QUANTIZED_PREFIXES) and has_component(index, component)
+               and index[component][0] in libraries}
+    return PipelineQuantizationConfig(quant_mapping=mapping)
 
 
 def _problem(kind: str, err: Exception) -> str:
