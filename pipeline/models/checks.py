@@ -29,8 +29,9 @@ def _pickled_only(files: list[str]) -> list[str]:
 def _library_allowed(library: str) -> bool:
     from diffusers import pipelines
 
-    # diffusers names its own pipeline sub-modules as libraries too (e.g. "stable_diffusion").
-    return library in LIBRARIES or hasattr(pipelines, library)
+    # diffusers names its own pipeline sub-modules as libraries too (e.g. "stable_diffusion"), also
+    # those it moved under pipelines.deprecated (Würstchen's, whose Paella VQ-GAN Stable Cascade uses).
+    return library in LIBRARIES or hasattr(pipelines, library) or hasattr(pipelines.deprecated, library)
 
 
 def _pipeline_class_allowed(name: object) -> bool:
