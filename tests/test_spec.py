@@ -153,7 +153,7 @@ def test_defaults_of_every_field():
         "stages": [{"kind": "text_to_image", "revision": None, "variant": None, "scheduler": None, "steps": 20,
                     "guidance_scale": 4.0, "width": 32, "height": 32, "strength": 0.75, "noise_level": 20,
                     "batch_size": "auto", "actors": [1, 1], "gpus_per_actor": None, "cpus_per_actor": 1.0,
-                    "dtype": "auto", "batch_invariant": None, "offload": "none", "compile": False,
+                    "dtype": "auto", "batch_invariant": None, "offload": "none", "quantize": "none", "compile": False,
                     "attention_backend": None, "cache": None, "true_cfg_scale": None,
                     "max_sequence_length": None, "loras": [], "controlnet": [], "controlnet_scale": 1.0,
                     "control_start": 0.0, "control_end": 1.0, "control": None}],
