@@ -7,6 +7,7 @@ this module knows no Ray.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -34,6 +35,10 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", module=r"(ray|diffusers|transformers|torch)(\.|$)")
+    # torchao (the quantize extra), imported by diffusers where installed, logs each CUDA kernel
+    # library a CPU build lacks, and torch's pytree one line per enum it registers.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _duration(seconds: float) -> str:

@@ -170,3 +170,15 @@ def assert_finished_exactly_once(output: str, manifest: str) -> None:
     report = verify(output, manifest=manifest, log=lambda _: None)
     assert not report.failures, report.to_json()
     assert data_files(output) == out.names, "data/ holds files that are not shards"
+
+
+def as_a_fresh_process(monkeypatch) -> None:
+    """Run the CLI in this process as a new command would: joined to no Ray (an earlier test of this
+    xdist worker may have started the session's), and never starting one (ray.init fails the test)."""
+    import ray
+
+    def refused(*args, **kwargs):
+        raise AssertionError("ray.init was called: the dead address was not caught first")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)

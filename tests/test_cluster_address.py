@@ -6,18 +6,14 @@ the check comes first, and here ray.init raises if called at all."""
 from __future__ import annotations
 
 import pytest
-import ray
 
 from pipeline.errors import EXIT_FAILED
-from tests.helpers import free_port, prompts_manifest, run_cli, write_manifest
+from tests.helpers import as_a_fresh_process, free_port, prompts_manifest, run_cli, write_manifest
 
 
 @pytest.fixture
 def no_ray_init(monkeypatch):
-    def refused(*args, **kwargs):
-        raise AssertionError("ray.init was called: the dead address was not caught first")
-
-    monkeypatch.setattr(ray, "init", refused)
+    as_a_fresh_process(monkeypatch)
 
 
 def _run(tmp_path) -> tuple[int, str, str]:

@@ -46,13 +46,11 @@ def run(manifest, tmp_path_factory, ray_local):
     def _run(name: str, source: str = manifest, **stage) -> dict[str, bytes]:
         if name not in done:
             # Half a CPU per actor lets two actors and the CPU steps share this 2-CPU test cluster.
-            stats = run_job(small_spec(source, str(folder / name), model="builtin:tiny-sd", cpus_per_actor=0.5,
+            run_job(small_spec(source, str(folder / name), model="builtin:tiny-sd", cpus_per_actor=0.5,
                                        **stage), log=lambda _: None)
-            _run.actors[name] = stats.stages[0].actors  # how many stage actors reported, this run
             done[name] = images_by_id(str(folder / name))
         return done[name]
 
-    _run.actors = {}
     return _run
 
 
@@ -62,7 +60,6 @@ def test_same_images_across_batch_sizes_and_actor_counts(run):
     assert len(set(reference.values())) == ROWS  # different rows, different images
     # Batch size 4 with one actor runs in another row order below.
     assert run("b4-a2", batch_size=4, actors=2) == reference
-    assert (run.actors["b1-a1"], run.actors["b4-a2"]) == (1, 2)  # the pool of two did run two actors
 
 
 def test_same_images_in_another_row_order(run, tmp_path_factory):

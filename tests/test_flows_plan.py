@@ -32,7 +32,7 @@ def test_two_flows_read_the_manifest_once(tmp_path, ray_local, capsys):
         ray.kill(job)
     physical = capsys.readouterr().out.split("-------- Physical Plan (Optimized) --------")[1]
     # Read once, before the plan branches: no branch reads it again.
-    assert physical.count("ReadParquet") == 0 and physical.count("Union") == 1, physical
+    assert physical.count("ReadParquet") == 0 and physical.count("UnionOperator[") == 1, physical
 
 
 def test_each_flow_s_calls_are_full(tmp_path, ray_local):

@@ -30,7 +30,7 @@ from pipeline.errors import SpecError
 from pipeline.spec import parse_spec
 from pipeline.stats import Stats
 from tests import ray_head as heads
-from tests.helpers import cli_output, free_port, prompts_manifest, write_manifest
+from tests.helpers import as_a_fresh_process, cli_output, free_port, prompts_manifest, write_manifest
 
 PLANTED = "planted-" + secrets.token_hex(16)  # long enough that storage.redact treats it as a credential
 NIGHTS = {date(2026, 11, 26): 2, date(2026, 11, 27): 3, date(2026, 11, 28): 4}  # rows per night
@@ -155,6 +155,7 @@ def test_refused_and_failed_nights_and_the_first_failing_nights_exit_code(tmp_pa
         if status == "failed":  # its manifest is there: what stops it is the dead cluster
             write_manifest(str(tmp_path / f"m-{night}.parquet"), prompts_manifest(1))
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
+    as_a_fresh_process(monkeypatch)
     spec = tmp_path / "nightly.yaml"
     spec.write_text(yaml.safe_dump({"manifest": str(tmp_path / "m-{date}.parquet"), "output": str(tmp_path / "n")}))
     got, out = cli_output("nightly", "--spec", str(spec), "--from", str(nights[0]), "--to", str(nights[1]))

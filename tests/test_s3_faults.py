@@ -142,7 +142,7 @@ def test_job_rides_out_faults(bucket, s3_endpoint, ray_local):
 def test_job_fails_loudly_when_storage_never_recovers(bucket, s3_endpoint, ray_local):
     spec = upscale_job(bucket)
     with FaultProxy(s3_endpoint, always="slowdown") as proxy:
-        with pytest.raises(StorageError, match=rf"cannot read manifest {spec.manifest}: .*tried up to 2 times"):
+        with pytest.raises(StorageError, match=rf"cannot check {spec.output}: .*tried up to 2 times"):
             run_job(through(spec, proxy, max_attempts=2))
     assert stored(bucket, "out/_SUCCESS", s3_endpoint) is None
 

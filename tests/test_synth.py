@@ -101,7 +101,10 @@ def test_card_declares_class_label_and_splits(synth_output, tmp_path):
     assert "class_label" in card and "machine-generated" in card and "builtin:shapes-t2i" in card
     ds = datasets.load_dataset(str(output), cache_dir=str(tmp_path / "hf"))
     assert set(ds) == {"train", "validation", "test"}
-    assert {split: len(ds[split]) for split in ds} == {"train": 6, "validation": 3, "test": 3}
+    # The default config is the ok rows; "all" adds the filtered ones (every row of each split).
+    assert {split: len(ds[split]) for split in ds} == {"train": 4, "validation": 3, "test": 2}
+    every = datasets.load_dataset(str(output), "all", cache_dir=str(tmp_path / "hf"))
+    assert {split: len(every[split]) for split in every} == {"train": 6, "validation": 3, "test": 3}
     feature = ds["train"].features["label"]
     assert isinstance(feature, datasets.ClassLabel) and feature.names == SYNTH_CLASSES
     row = ds["test"][0]

@@ -9,7 +9,8 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from tests.tiny_families_more import MORE_BUILDERS, register_wuerstchen_module
+from pipeline.stages.base import register_wuerstchen_module
+from tests.tiny_families_more import MORE_BUILDERS
 
 # What each builder must save, written out here rather than read from the builders.
 PIPELINE_CLASS = {

@@ -17,7 +17,6 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import diffusers.pipelines
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -56,19 +55,13 @@ from transformers import CLIPConfig, CLIPImageProcessor
 
 from pipeline.models.builtin import tiny_sd
 from pipeline.models.tokenizer import WORDS
+from pipeline.stages.base import register_wuerstchen_module
 from tests.tiny_pipelines import DIM, _flow_vae, _flux_parts, _flux_transformer, clip, saved, t5
 from tests.tiny_text_encoders import bert, byt5, llama, qwen2_5_vl
 
 # The DeepFloyd IF stages' native sizes scaled down 4x (64 -> 16, 256 -> 64): stage II upscales 4x.
 IF_STAGE_1_SIZE = 16
 IF_STAGE_2_SIZE = 64
-
-
-def register_wuerstchen_module() -> None:
-    """diffusers moved Würstchen (and the Paella VQ-GAN that Stable Cascade's decoder shares) to
-    ``pipelines.deprecated``, yet the published checkpoints name the VQ-GAN's library "wuerstchen":
-    under that name again, ``from_pretrained`` finds it and ``save_pretrained`` writes the same entry."""
-    diffusers.pipelines.wuerstchen = deprecated_wuerstchen
 
 
 def _if_t5():

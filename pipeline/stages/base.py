@@ -61,6 +61,16 @@ SCHEDULERS = {
 }
 
 
+def register_wuerstchen_module() -> None:
+    """diffusers moved Würstchen (and the Paella VQ-GAN that Stable Cascade's decoder shares) to
+    ``pipelines.deprecated``, yet the published checkpoints name the VQ-GAN's library "wuerstchen":
+    under that name again, ``from_pretrained`` finds it (in every actor, not only where a test built
+    the model) and ``save_pretrained`` writes the same entry."""
+    from diffusers.pipelines.deprecated import wuerstchen
+
+    diffusers.pipelines.wuerstchen = wuerstchen
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """A diffusers float image in [0, 1] to uint8, rounded as diffusers' own PIL conversion does."""
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
@@ -134,6 +144,7 @@ class DiffusionStage:
         placed = {"device_map": "balanced"} if self.spreads else {}
         quantized = {"quantization_config": quantization(spec.quantize, index, self.device)} \
             if spec.quantize != "none" else {}
+        register_wuerstchen_module()
         self.pipe: DiffusionPipeline = getattr(diffusers, self.pipeline_class).from_pretrained(
             folder, dtype=self.dtype, use_safetensors=True, local_files_only=True, **skipped, **placed, **quantized,
             **self.conditioning.components(self.dtype))
