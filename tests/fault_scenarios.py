@@ -78,10 +78,10 @@ def title(proc: psutil.Process) -> str:
 
 def ray_workers(running: str) -> list[psutil.Process]:
     """Workers of this Ray running ``running``: Ray titles a worker "ray::TASK" while it runs a
-    task ("ray::MapBatches(prepare_batch)", or its fused steps joined by "->":
-    "ray::ReadParquet->MapBatches(prepare_batch)->...") and "ray::ACTOR.METHOD" while an actor runs METHOD."""
+    task ("ray::MapBatches(prepare_batch)", or fused steps joined by "->", of which ``running`` may
+    be a run: "ray::ReadParquet->MapBatches(prepare_batch)->...") and "ray::ACTOR.METHOD" while an actor runs METHOD."""
     return [p for p in psutil.Process().children(recursive=True)
-            if title(p).startswith("ray::") and running in title(p).removeprefix("ray::").split("->")]
+            if title(p).startswith("ray::") and f"->{running}->" in f"->{title(p).removeprefix('ray::')}->"]
 
 
 def stage_actors(method: str) -> list[psutil.Process]:
