@@ -66,9 +66,12 @@ def register_wuerstchen_module() -> None:
     ``pipelines.deprecated``, yet the published checkpoints name the VQ-GAN's library "wuerstchen":
     under that name again, ``from_pretrained`` finds it (in every actor, not only where a test built
     the model) and ``save_pretrained`` writes the same entry."""
-    from diffusers.pipelines.deprecated import wuerstchen
+    import importlib.util
 
-    diffusers.pipelines.wuerstchen = wuerstchen
+    if importlib.util.find_spec("diffusers.pipelines.deprecated.wuerstchen"):  # a diffusers that has moved it
+        from diffusers.pipelines.deprecated import wuerstchen
+
+        diffusers.pipelines.wuerstchen = wuerstchen
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
