@@ -182,3 +182,15 @@ def as_a_fresh_process(monkeypatch) -> None:
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", refused)
+
+
+def built_once(builders: dict, tmp_path_factory):
+    """get(name) -> the folder ``builders[name]`` saved its pipeline into, built on first use only."""
+    folders = {}
+
+    def get(name: str):
+        if name not in folders:
+            folders[name] = builders[name](tmp_path_factory.mktemp(name))
+        return folders[name]
+
+    return get

@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 from pipeline.models.tokenizer import WORDS
 from tests import tiny_text_encoders
+from tests.helpers import built_once
 from tests.tiny_families import FAMILY_BUILDERS
 
 # What each builder must save, written out here rather than read from the builders.
@@ -31,14 +32,7 @@ PROMPTS = ["a red circle", "a blue square on a green background"]
 
 @pytest.fixture(scope="module")
 def family_folder(tmp_path_factory):
-    folders = {}
-
-    def get(name: str):
-        if name not in folders:
-            folders[name] = FAMILY_BUILDERS[name](tmp_path_factory.mktemp(name))
-        return folders[name]
-
-    return get
+    return built_once(FAMILY_BUILDERS, tmp_path_factory)
 
 
 def test_registry_names_each_family_once():

@@ -10,6 +10,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from pipeline.stages.base import register_wuerstchen_module
+from tests.helpers import built_once
 from tests.tiny_families_more import MORE_BUILDERS
 
 # What each builder must save, written out here rather than read from the builders.
@@ -58,14 +59,7 @@ CALL_ARGS = {
 @pytest.fixture(scope="module")
 def family_folder(tmp_path_factory):
     register_wuerstchen_module()
-    folders = {}
-
-    def get(name: str):
-        if name not in folders:
-            folders[name] = MORE_BUILDERS[name](tmp_path_factory.mktemp(name))
-        return folders[name]
-
-    return get
+    return built_once(MORE_BUILDERS, tmp_path_factory)
 
 
 def _generate(pipe, name: str, prompts: list[str]):
