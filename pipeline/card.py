@@ -76,7 +76,8 @@ def dataset_card(spec: JobSpec, stats: Stats, files: list[str]) -> str:
     models = sorted({s.model for s in spec.all_stages()})
     stages = "; ".join(f"{name}: " + " -> ".join(f"{s.kind} ({s.model})" for s in flow)
                        for name, flow in spec.flow_map().items())
-    filtered = (f" and {stats.filtered} rows marked `status: filtered` (the reason in `filter_reason`; "
+    filtered = (f" and {stats.filtered} rows marked `status: filtered` (the reason in `filter_reason`, or in "
+                f"`error` with no image where a stage's safety checker flagged it; "
                 f"by reason {stats.filtered_by_reason})" if stats.filtered else "")
     classes = f"\nClasses (`label`): {', '.join(labels)}.\n" if labels else ""
     return f"""---

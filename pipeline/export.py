@@ -37,7 +37,9 @@ def _rows(fs, root: str, names: list[str], statuses: list[str]) -> Iterator[pa.T
         # without an active exception", exit 134) after the export has succeeded.
         with fs.open(f"{root}/{name}", "rb") as f:
             table = pq.ParquetFile(f, pre_buffer=False).read(use_threads=False)
-        yield table.filter(pc.is_in(table.column("status"), value_set=pa.array(statuses)))
+        # A row a safety checker filtered has no image to export.
+        yield table.filter(pc.and_(pc.is_in(table.column("status"), value_set=pa.array(statuses)),
+                                   pc.is_valid(table.column("image_sha256"))))
 
 
 def export_webdataset(output: str, dest: str, rows_per_shard: int = 1000, include_filtered: bool = False,

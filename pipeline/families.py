@@ -332,6 +332,9 @@ def check_family(source: str, model_index: dict, stage) -> Family:
     if stage.true_cfg_scale and "true_cfg_scale" not in _call_parameters(family.pipelines[kind]):
         raise ModelError(f"true_cfg_scale: {family.pipelines[kind]} ({family.title}) has no true classifier-free "
                          f"guidance; leave true_cfg_scale unset for model {source}")
+    if stage.safety_checker == "filter" and not has_component(model_index, "safety_checker"):
+        raise ModelError(f"safety_checker: filter runs the safety checker a model ships, and {source} "
+                         f"({model_index.get('_class_name')}) ships none; leave safety_checker off")
     from pipeline.stages import speed
 
     problem = speed.check(stage, model_index)

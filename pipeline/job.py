@@ -160,7 +160,8 @@ def _stage_figures(st: StageStats) -> str:
 
 def summary_line(spec: JobSpec, stats: Stats) -> str:
     rate = f"{stats.images_per_s:.2f} images/s" if stats.images_per_s else "n/a"
-    counts = f"{stats.rows} rows ({stats.ok} ok, {stats.error} error)"
+    filtered = f", {stats.filtered} filtered {stats.filtered_by_reason}" if stats.filtered else ""
+    counts = f"{stats.rows} rows ({stats.ok} ok, {stats.error} error{filtered})"
     if len(stats.runs) > 1:  # a resume: this run's rows and rate, the output's total apart
         line = (f"shardgen: {stats.rows_this_run} rows this run in {stats.elapsed_s:.1f} s, {rate}; the output "
                 f"holds {counts} from {len(stats.runs)} runs -> {spec.output}")

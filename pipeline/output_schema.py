@@ -34,6 +34,9 @@ OUTPUT_SCHEMA = pa.schema([
 ])
 # Input columns that the generated image replaces.
 CONSUMED_INPUTS = ("image", "mask", "reference_images")
+# The status of a row kept out of the dataset by a stage's safety checker (no image, the reason in
+# `error`) or by the spec's `filters:` (the image kept, the reason in `filter_reason`).
+FILTERED = "filtered"
 # The columns the spec's `filters:` add after the fixed ones (pipeline/synth/filters.py).
 PHASH, PROB, REASON = "phash", "label_prob", "filter_reason"
 # A manifest column under one of these names that shardgen does not read passes through as

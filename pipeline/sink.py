@@ -14,11 +14,11 @@ from dataclasses import replace
 from datetime import datetime, timezone
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline import layout
 from pipeline.card import dataset_card
 from pipeline.job_record import put_text, write_job_file
+from pipeline.output_schema import FILTERED
 from pipeline.spec import JobSpec
 from pipeline.stats import ActorMetrics, StageStats, Stats
 from pipeline.synth import filters
@@ -47,9 +47,12 @@ def finalize(spec: JobSpec, run_id: str, reports: list[ShardReport], files: list
     wall = (ended - started).total_seconds()
     if filtered is not None:
         written = filtered.written
-    ok = int(pc.sum(pc.equal(written.column("status"), "ok")).as_py() or 0)
-    n_filtered = filtered.filtered if filtered else 0
-    errors = dict(Counter(_error_kind(m) for m in written.column("error").to_pylist() if m is not None))
+    status, messages = written.column("status").to_pylist(), written.column("error").to_pylist()
+    ok, n_filtered = status.count("ok"), status.count(FILTERED)
+    errors = dict(Counter(_error_kind(m) for s, m in zip(status, messages) if s == "error" and m is not None))
+    # Rows a stage's safety checker filtered say why in `error`; those the filters did, in filter_reason.
+    by_reason = Counter(_error_kind(m) for s, m in zip(status, messages) if s == FILTERED and m is not None)
+    by_reason.update(filtered.by_reason if filtered else {})
     runs = sorted({layout.run_of(name) for name in files} | {run_id})
     stats = Stats(
         run_id=run_id,
@@ -64,10 +67,11 @@ def finalize(spec: JobSpec, run_id: str, reports: list[ShardReport], files: list
         images_per_s=round(this_run.ok / wall, 3) if wall > 0 else None,
         stages=[StageStats.of(kind, round(this_run.stage_busy_s.get(kind, 0.0), 3), actors or [])
                 for kind in dict.fromkeys(s.kind for s in spec.all_stages())],
+        filtered=n_filtered,
+        filtered_by_reason=dict(by_reason),
     )
     if filtered is not None:
-        stats = replace(stats, filtered=n_filtered, filtered_by_reason=filtered.by_reason,
-                        per_class=filtered.per_class, filter_pass_rate=filters.pass_rate(filtered),
+        stats = replace(stats, per_class=filtered.per_class, filter_pass_rate=filters.pass_rate(filtered),
                         duplicate_rate=filters.duplicate_rate(filtered))
     put_text(spec, layout.STATS, stats.to_json())
     write_job_file(spec, run_id, started, ended, runs)

@@ -224,6 +224,13 @@ class StageSpec(_Strict):
         "half, GPUs of compute capability 8.9+), nf4 (bitsandbytes 4-bit: a quarter, GPUs only); none: the "
         "dtype's full weights. Needs the `quantize` extra (torchao) or bitsandbytes installed",
     )
+    safety_checker: Literal["off", "filter"] = Field(
+        default="off",
+        description="a safety checker the model ships (SD 1.x, DeepFloyd IF), which turns the images it flags "
+        "black: off does not load it and records \"safety_checker\": \"not run\" in every row's stage_params; "
+        "filter runs it, and a row it flags becomes `status: filtered` with no image and the reason in `error` "
+        "(counted in _stats.json). filter on a model that ships none is refused before the job starts",
+    )
     compile: bool | Literal["regional"] = Field(
         default=False,
         description="true: torch.compile the denoiser and the VAE decoder when the actor starts, warmed up with one "

@@ -84,9 +84,11 @@ class Stats:
     elapsed_s: float  # this run's wall time
     images_per_s: float | None  # this run's ok images per second of wall time
     stages: list[StageStats] = field(default_factory=list)
-    # With `filters:` (pipeline/synth/filters.py): rows = ok + error + filtered.
+    # rows = ok + error + filtered: rows a stage's `safety_checker: filter` flagged, or `filters:`
+    # (pipeline/synth/filters.py) marked.
     filtered: int = 0
-    filtered_by_reason: dict[str, int] = field(default_factory=dict)  # low_confidence, exact_/near_duplicate
+    # safety_checker; low_confidence, exact_/near_duplicate
+    filtered_by_reason: dict[str, int] = field(default_factory=dict)
     per_class: dict[str, dict[str, int]] = field(default_factory=dict)  # label -> {ok, filtered, error}
     filter_pass_rate: float | None = None  # kept / rows with an image
     duplicate_rate: float | None = None  # exact and near duplicates / rows with an image

@@ -146,14 +146,87 @@ def test_if_cascade_reuses_stage_one_t5_embeddings(tiny_more, tmp_path):
 
 
 def test_shipped_safety_checker_is_not_run_and_recorded(tiny_more, tmp_path):
-    """A checkpoint whose safety checker flags every image: no row comes back black and `ok`; the
-    checker is not loaded, and each record says it was not run."""
+    """A checkpoint whose safety checker flags every image, `safety_checker: off` (the default): no
+    row comes back black and `ok`; the checker is not loaded, and each record says it was not run."""
     spec = spec_for(tiny_more("sd-flag-everything"), "text_to_image", 32)
-    out = stage_class("text_to_image")(spec, StorageSpec())(prepared([spec], manifest_rows("text_to_image"),
-                                                                     tmp_path))
+    stage = stage_class("text_to_image")(spec, StorageSpec())
+    out = stage(prepared([spec], manifest_rows("text_to_image"), tmp_path))
+    assert stage.pipe.safety_checker is None
     assert values(out, "status") == ["ok"] * 3, values(out, "error")
     assert all(np.asarray(im).max() > 0 for im in raw_images(out))
     assert [json.loads(p)[0]["safety_checker"] for p in values(out, columns.STAGE_PARAMS)] == ["not run"] * 3
+
+
+@pytest.fixture(scope="module")
+def flagged(tiny_more, tmp_path_factory):
+    """`safety_checker: filter` on the checkpoint whose checker flags every image: the stage's output."""
+    spec = spec_for(tiny_more("sd-flag-everything"), "text_to_image", 32, safety_checker="filter")
+    return stage_class("text_to_image")(spec, StorageSpec())(
+        prepared([spec], manifest_rows("text_to_image"), tmp_path_factory.mktemp("flagged")))
+
+
+def test_safety_checker_filter_makes_flagged_rows_filtered_without_an_image(flagged):
+    assert values(flagged, "status") == ["filtered"] * 3
+    assert values(flagged, "error") == ["safety_checker: StableDiffusionSafetyChecker flagged the image as not safe "
+                                        "for work"] * 3
+    assert raw_images(flagged) == [None] * 3  # never a black image
+    assert values(flagged, columns.STAGE_PARAMS) == ["[]"] * 3  # no stage made an image for them
+
+
+def test_flagged_rows_are_counted_filtered_in_stats_and_summary(flagged, tmp_path):
+    """_stats.json and the run's summary count the flagged rows as filtered, by reason, not as errors."""
+    from datetime import datetime, timezone
+
+    from pipeline import layout, sink
+    from pipeline.job import summary_line
+    from pipeline.stats import Stats
+
+    manifest = write_manifest(str(tmp_path / "m.parquet"), manifest_rows("text_to_image"))
+    spec = parse_spec({"manifest": manifest, "output": str(tmp_path / "out"),
+                       "stages": [{"kind": "text_to_image", "model": "builtin:tiny-sd"}]})
+    written = pa.table({"id": ["a", "b", "c", "d"], "status": ["ok", "error", *values(flagged, "status")[:2]],
+                        "error": [None, "text_to_image: ValueError: bad", *values(flagged, "error")[:2]]})
+    now = datetime.now(timezone.utc)
+    stats = sink.finalize(spec, "run", [], [], written, now, now)
+    assert (stats.rows, stats.ok, stats.error, stats.filtered) == (4, 1, 1, 2)
+    assert stats.errors_by_kind == {"text_to_image": 1} and stats.filtered_by_reason == {"safety_checker": 2}
+    on_disk = Stats.from_json((tmp_path / "out" / layout.STATS).read_text())
+    assert (on_disk.filtered, on_disk.filtered_by_reason) == (2, {"safety_checker": 2})
+    assert "4 rows (1 ok, 1 error, 2 filtered {'safety_checker': 2})" in summary_line(spec, stats)
+
+
+def test_filters_leave_rows_the_safety_checker_filtered_as_they_are(tmp_path):
+    """`filters:` decide over rows with an image; a row the safety checker filtered has none and
+    keeps its status and reason (a rerun of the filters changes nothing either)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.synth import filters
+
+    (tmp_path / "out" / "data").mkdir(parents=True)
+    shard = pa.table({"id": ["a", "b", "c"], "status": ["ok", "ok", "filtered"],
+                      "error": [None, None, "safety_checker: flagged"], "image_sha256": ["s1", "s1", None],
+                      "phash": ["0" * 16] * 2 + [None], "label_prob": pa.nulls(3, pa.float64()),
+                      "filter_reason": pa.nulls(3, pa.string())})
+    pq.write_table(shard, tmp_path / "out" / "data" / "part-1.parquet")
+    spec = parse_spec({"manifest": str(tmp_path / "m.parquet"), "output": str(tmp_path / "out"),
+                       "stages": [{"kind": "text_to_image", "model": "builtin:tiny-sd"}],
+                       "filters": {"exact_duplicates": True}})
+    report = filters.apply(spec, ["data/part-1.parquet"], log=lambda *_: None)
+    assert report.written.column("status").to_pylist() == ["ok", "filtered", "filtered"]
+    assert report.by_reason == {"exact_duplicate": 1} and report.candidates == 2
+    assert report.written.column("error").to_pylist()[2] == "safety_checker: flagged"
+
+
+def test_safety_checker_filter_is_refused_on_the_driver_without_a_checker(tiny_more, tmp_path):
+    manifest = write_manifest(str(tmp_path / "m.parquet"), manifest_rows("text_to_image", 1))
+    spec = parse_spec({"manifest": manifest, "output": str(tmp_path / "out"),
+                       "stages": [{"kind": "text_to_image", "model": tiny_more("flux-kontext"), "width": 32,
+                                   "height": 32, "safety_checker": "filter"}]})
+    with pytest.raises(ModelError, match=r"^safety_checker: filter runs the safety checker a model ships, and .* "
+                                         r"\(FluxKontextPipeline\) ships none; leave safety_checker off"):
+        check_sources(spec)
+    on_sd = spec.stages[0].model_copy(update={"model": tiny_more("sd-flag-everything")})
+    assert check_family(on_sd.model, index_of(on_sd.model), on_sd).name == "sd"
 
 
 def test_the_flag_everything_checker_does_flag(tiny_more):

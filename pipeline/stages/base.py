@@ -45,6 +45,7 @@ from pipeline.conditioning.stage import Conditioning
 from pipeline.families import check_family, has_component
 from pipeline.kinds import KINDS
 from pipeline.models.resolve import cache_root, resolve
+from pipeline.output_schema import FILTERED
 from pipeline.spec import AUTO_MAX_BATCH, AUTO_START_BATCH, StageSpec, StorageSpec
 from pipeline.stages import speed
 from pipeline.stages.metrics import ActorClock, ActorMetrics
@@ -107,6 +108,7 @@ class Outcome:
     seconds: float = 0.0
     text: str | None = None  # its prompt embeddings: "computed", "reused", or "pipeline" (the pipeline encoded)
     embeds: bytes | None = None  # those embeddings, for the next stage
+    flagged: str | None = None  # why the model's safety checker flagged the image (the row is `filtered`)
 
 
 @dataclass
@@ -140,10 +142,10 @@ class DiffusionStage:
                                          self.family.pipelines[self.kind])
         self.pipeline_class = self.conditioning.pipeline_class
         self.dtype = self._dtype()
-        # A shipped safety checker would turn flagged images black and leave them `ok`: it is not
-        # loaded, and every record says so (docs/models.md).
+        # A shipped safety checker turns the images it flags black: off, it is not loaded and every
+        # record says so; `filter` runs it and a flagged row is `filtered`, never a black ok image.
         self.safety_checker = has_component(index, "safety_checker")
-        skipped = {"safety_checker": None} if self.safety_checker else {}
+        skipped = {"safety_checker": None} if self.safety_checker and spec.safety_checker == "off" else {}
         placed = {"device_map": "balanced"} if self.spreads else {}
         quantized = {"quantization_config": quantization(spec.quantize, index, self.device)} \
             if spec.quantize != "none" else {}
@@ -340,7 +342,7 @@ class DiffusionStage:
             yield from self.run(batch, head)
         start = time.perf_counter()
         try:
-            (images, text), problem, out_of_memory = self.generate(batch, rows), None, False
+            (images, text, flags), problem, out_of_memory = self.generate(batch, rows), None, False
         except Exception as err:  # noqa: BLE001 - every failure becomes the row's error message
             images, problem, out_of_memory = None, _problem(self.kind, err), isinstance(err, OUT_OF_MEMORY)
         self.clock.pipeline_ran(time.perf_counter() - start, len(rows), self.call_rows)
@@ -359,8 +361,10 @@ class DiffusionStage:
                 yield rows[0], Outcome(problem=problem, seconds=time.perf_counter() - start)
             return
         seconds = (time.perf_counter() - start) / len(rows)
-        for i, image, embeds in zip(rows, images, text.embeds):
-            if image is None:
+        for i, image, embeds, flagged in zip(rows, images, text.embeds, flags):
+            if flagged:  # its image is black: none is kept
+                yield i, Outcome(seconds=seconds, text=text.source, flagged=flagged)
+            elif image is None:
                 yield i, Outcome(problem=f"{self.kind}: output is not finite (NaN or inf)", seconds=seconds)
             else:
                 yield i, Outcome(image, None, seconds, text.source, embeds)
@@ -374,9 +378,11 @@ class DiffusionStage:
         print(f"shardgen: {self.kind}: a call of {rows} rows ran out of memory; this actor's batch size is "
               f"{self.batch_size} for the rest of the job", file=sys.stderr, flush=True)
 
-    def generate(self, batch: dict[str, list], rows: list[int]) -> tuple[list[np.ndarray | None], Text]:
+    def generate(self, batch: dict[str, list], rows: list[int]) -> tuple[list[np.ndarray | None], Text,
+                                                                          list[str | None]]:
         """Run the pipeline on one call's ``rows``: one uint8 HxWx3 image per row (None where the
-        output is not finite), and how their prompts were encoded."""
+        output is not finite), how their prompts were encoded, and per row why the safety checker
+        flagged it (None: not flagged, or not run)."""
         i = rows[0]
         # Compiled, every call keeps the batch's shape (a new shape would compile again): a short
         # group is padded with copies of its last row, whose images are dropped.
@@ -389,9 +395,24 @@ class DiffusionStage:
             kwargs["guidance_scale"] = self.param(batch, "guidance_scale", i)
         kwargs = self.taken(kwargs) | self.family.call_args(self.pipe, self.spec, *self.size(batch, i)) \
             | self.conditioning.call_args(self.takes, batch, calls, *self.size(batch, i))
-        images = self.to_images(self.pipe(**kwargs).images[:len(rows)], batch, rows)
+        output = self.pipe(**kwargs)
+        images = self.to_images(output.images[:len(rows)], batch, rows)
         self.check_size(images, batch, i)
-        return images, replace(text, embeds=text.embeds[:len(rows)])
+        return images, replace(text, embeds=text.embeds[:len(rows)]), self.flags(output)[:len(rows)]
+
+    def flags(self, output) -> list[str | None]:
+        """Per image of a pipeline's ``output``, why its safety checker flagged it, or None. With
+        `safety_checker: filter` a pipeline must say which images it flagged (SD's
+        nsfw_content_detected, DeepFloyd IF's nsfw_detected): one that does not fails its rows
+        rather than pass black images as ok."""
+        if self.spec.safety_checker == "off":
+            return [None] * len(output.images)
+        found = next((getattr(output, n) for n in SAFETY_FLAGS if getattr(output, n, None) is not None), None)
+        if found is None:
+            raise ValueError(f"safety_checker: filter: {self.pipeline_class} does not report which images its "
+                             "safety checker flagged")
+        checker = type(self.pipe.safety_checker).__name__
+        return [f"safety_checker: {checker} flagged the image as not safe for work" if f else None for f in found]
 
     def taken(self, kwargs: dict) -> dict:
         """The standard arguments under the names this pipeline takes them by, and only those it
@@ -468,7 +489,7 @@ class DiffusionStage:
         if self.offload != "none":
             record["offload"] = self.offload
         if self.safety_checker:
-            record["safety_checker"] = "not run"
+            record["safety_checker"] = "passed" if self.spec.safety_checker == "filter" else "not run"
         if self.spec.quantize != "none":
             record["quantize"] = self.spec.quantize
         record |= self.conditioning.record(batch, i)
@@ -477,10 +498,12 @@ class DiffusionStage:
     def write(self, table: pa.Table, batch: dict[str, list], outcomes: dict[int, Outcome]) -> pa.Table:
         """Step 4: the rows' images, status, timings, records and the embeddings for the next stage."""
         n = table.num_rows
-        done = {i: o for i, o in outcomes.items() if o.problem is None}
+        done = {i: o for i, o in outcomes.items() if o.problem is None and o.flagged is None}
         failed = {i: o.problem for i, o in outcomes.items() if o.problem is not None}
-        status = ["error" if i in failed else s for i, s in enumerate(values(table, "status"))]
-        error = [failed.get(i, e) for i, e in enumerate(values(table, "error"))]
+        flagged = {i: o.flagged for i, o in outcomes.items() if o.flagged is not None}
+        status = ["error" if i in failed else FILTERED if i in flagged else s
+                  for i, s in enumerate(values(table, "status"))]
+        error = [failed.get(i, flagged.get(i, e)) for i, e in enumerate(values(table, "error"))]
         elapsed = [outcomes[i].seconds if i in outcomes else 0.0 for i in range(n)]
         table = with_pixels(table, [done[i].image if i in done else None for i in range(n)])
         widths, heights = values(table, "width"), values(table, "height")
@@ -509,6 +532,9 @@ class DiffusionStage:
             table = with_column(table, name, vals, type_)
         return table
 
+
+# The pipeline output fields that say which images a safety checker flagged.
+SAFETY_FLAGS = ("nsfw_content_detected", "nsfw_detected")
 
 # What running out of memory raises: on a GPU, torch's error; on a CPU, Python's.
 OUT_OF_MEMORY = (torch.cuda.OutOfMemoryError, MemoryError)

@@ -29,14 +29,13 @@ from PIL import Image
 
 from pipeline import columns, manifest, storage
 from pipeline.errors import SpecError
-from pipeline.output_schema import PHASH, PROB, REASON
+from pipeline.output_schema import FILTERED, PHASH, PROB, REASON
 from pipeline.spec import ConfidenceFilterSpec, FiltersSpec, JobSpec
 from pipeline.writers.parquet import ParquetWriter
 
 if TYPE_CHECKING:
     from pipeline.synth.classifiers import Classifier
 
-FILTERED = "filtered"
 # Filter kinds, in the order they are applied; a reason starts with its kind.
 LOW_CONFIDENCE, EXACT, NEAR = "low_confidence", "exact_duplicate", "near_duplicate"
 
@@ -167,8 +166,9 @@ def apply(spec: JobSpec, files: list[str], log=print) -> FilterReport:
     tables = {name: _read(fs, f"{root}/{name}", wanted) for name in files}
     whole = pa.concat_tables(list(tables.values()), promote_options="permissive")
     status = whole.column("status").to_pylist()
-    candidate = [s in ("ok", FILTERED) for s in status]
     col = lambda name: whole.column(name).to_pylist() if name in whole.column_names else [None] * whole.num_rows  # noqa: E731
+    # Rows with an image: a row a stage's safety checker filtered has none and stays as it is.
+    candidate = [s in ("ok", FILTERED) and sha is not None for s, sha in zip(status, col("image_sha256"))]
     classes = len({name for name in col(label) if name is not None})
     reasons = decide(whole.column("id").to_pylist(), candidate, col("image_sha256"), col(PHASH), col(PROB), filters,
                      classes)
