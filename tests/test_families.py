@@ -155,17 +155,12 @@ def test_every_kind_has_its_stage_class():
         assert set(kind.manifest_columns) <= {"prompt", "image", "mask"}
 
 
-# Families written out whose tiny pipelines do not run yet (tests/test_families_generic.py
-# NOT_RUNNING): their detection alone is tested.
-AWAITING_TINY = {("hunyuanimage", "text_to_image"), ("kolors", "text_to_image"), ("kolors", "image_to_image")}
-
-
 def test_every_family_and_kind_is_covered():
     from tests.test_families_generic import CASES as GENERIC_CASES
 
     served = {(f.name, k) for f in FAMILIES for k in f.pipelines}
     tested = {(FAMILY_OF.get(m, m), k) for m, k, _ in CASES} | {(family, k) for _, k, _, family, _ in GENERIC_CASES}
-    assert served <= tested | AWAITING_TINY and not AWAITING_TINY & tested
+    assert served <= tested
     assert all(k in KINDS for _, k in served)
 
 

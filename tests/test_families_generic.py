@@ -50,6 +50,10 @@ CASES = [
     ("aura-flow", "text_to_image", 32, "auraflow", "AuraFlowPipeline"),
     ("lumina2", "text_to_image", 32, "lumina2", "Lumina2Pipeline"),
     ("cogview4", "text_to_image", 32, "cogview4", "CogView4Pipeline"),
+    ("hunyuan-dit", "text_to_image", 32, "hunyuan", "HunyuanDiTPipeline"),
+    ("kolors", "text_to_image", 32, "kolors", "KolorsPipeline"),
+    ("kolors", "image_to_image", 32, "kolors", "KolorsImg2ImgPipeline"),
+    ("hunyuan-image-2.1", "text_to_image", 32, "hunyuanimage", "HunyuanImagePipeline"),
     ("flux-kontext", "text_to_image", 32, "flux-kontext", "FluxKontextPipeline"),
     ("flux-kontext", "image_to_image", 32, "flux-kontext", "FluxKontextPipeline"),
     ("kandinsky3", "text_to_image", 64, "kandinsky3", "Kandinsky3Pipeline"),
@@ -62,14 +66,9 @@ CASES = [
     # HiDream generates at its native area whatever the size asked (the tiny one's is 128x128).
     ("hidream", "text_to_image", 128, "hidream", "HiDreamImagePipeline"),
 ]
-# Tiny pipelines whose own build does not run yet (called straight through diffusers, outside any
-# stage): HunyuanDiT and HunyuanImage 2.1 at 32x32 raise shape errors inside the transformer, Kolors
-# gives NaN for some prompts of the contract.
-NOT_RUNNING = {"hunyuan-dit", "hunyuan-image-2.1", "kolors"}
-
 
 def test_every_tiny_pipeline_is_a_case():
-    assert {c[0] for c in CASES} == set(REGISTRY) - {"sd-flag-everything"} - NOT_RUNNING
+    assert {c[0] for c in CASES} == set(REGISTRY) - {"sd-flag-everything"}
 
 
 @pytest.fixture(scope="session")
