@@ -27,6 +27,7 @@ from pipeline.cluster import check_address, connect, ensure_ray
 from pipeline.encode import encode_batch, seconds_per_image
 from pipeline.errors import ShardgenError, SpecError
 from pipeline.kinds import KINDS
+from pipeline.output_schema import FILTERED
 from pipeline.prepare import prepare_batch
 from pipeline.resume import drop_done
 from pipeline.shard_publisher import ShardPublisher
@@ -142,6 +143,7 @@ def _count(counter, table: pa.Table, kind: str, last: bool) -> None:
     if last:  # the rows are done: they only wait for their shard now
         counter.add.remote(progress.DONE, table.num_rows)
         counter.add.remote(progress.OK, int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0))
+        counter.add.remote(progress.FILTERED, int(pc.sum(pc.equal(table.column("status"), FILTERED)).as_py() or 0))
 
 
 def _counted(cls: type, counter, kind: str, last: bool) -> type:

@@ -16,10 +16,11 @@ import warnings
 from collections.abc import Callable
 
 # Counter keys besides the stage kinds: rows done (through every stage, waiting for their shard),
-# and how many of them are ok.
+# and how many of them are ok, and filtered (a safety checker flagged them).
 DONE = "_done"
 UNROUTED = "_unrouted"  # rows whose `task` names no flow
 OK = "_ok"
+FILTERED = "_filtered"
 LOG_INTERVAL_S = 15.0
 LOG_INTERVAL_MAX_S = 600.0
 TTY_INTERVAL_S = 0.5
@@ -53,8 +54,8 @@ def _duration(seconds: float) -> str:
 def line(total: int, totals: dict[str, int], counts: dict[str, int], elapsed: float, bar: bool = False) -> str:
     """One progress line: rows done of ``total``, ok / error, images/s, time left, and the rows
     each stage finished where there are several."""
-    done, ok = counts.get(DONE, 0), counts.get(OK, 0)
-    text = f"{done}/{total} rows ({ok} ok, {done - ok} error)"
+    done, ok, filtered = counts.get(DONE, 0), counts.get(OK, 0), counts.get(FILTERED, 0)
+    text = f"{done}/{total} rows ({ok} ok, {done - ok - filtered} error{f', {filtered} filtered' if filtered else ''})"
     if bar:
         filled = BAR_WIDTH * done // max(1, total)
         text = "[" + "#" * filled + "." * (BAR_WIDTH - filled) + "] " + text

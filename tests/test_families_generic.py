@@ -173,10 +173,11 @@ def test_safety_checker_filter_makes_flagged_rows_filtered_without_an_image(flag
 
 
 def test_flagged_rows_are_counted_filtered_in_stats_and_summary(flagged, tmp_path):
-    """_stats.json and the run's summary count the flagged rows as filtered, by reason, not as errors."""
+    """_stats.json, the run's summary and its progress line count the flagged rows as filtered (by
+    reason), not as errors."""
     from datetime import datetime, timezone
 
-    from pipeline import layout, sink
+    from pipeline import layout, progress, sink
     from pipeline.job import summary_line
     from pipeline.stats import Stats
 
@@ -192,6 +193,8 @@ def test_flagged_rows_are_counted_filtered_in_stats_and_summary(flagged, tmp_pat
     on_disk = Stats.from_json((tmp_path / "out" / layout.STATS).read_text())
     assert (on_disk.filtered, on_disk.filtered_by_reason) == (2, {"safety_checker": 2})
     assert "4 rows (1 ok, 1 error, 2 filtered {'safety_checker': 2})" in summary_line(spec, stats)
+    counts = {progress.DONE: 4, progress.OK: 1, progress.FILTERED: 2}
+    assert progress.line(4, {}, counts, 2.0).startswith("shardgen: 4/4 rows (1 ok, 1 error, 2 filtered)")
 
 
 def test_filters_leave_rows_the_safety_checker_filtered_as_they_are(tmp_path):
