@@ -158,18 +158,40 @@ def test_shipped_safety_checker_is_not_run_and_recorded(tiny_more, tmp_path):
 
 @pytest.fixture(scope="module")
 def flagged(tiny_more, tmp_path_factory):
-    """`safety_checker: filter` on the checkpoint whose checker flags every image: the stage's output."""
+    """`safety_checker: filter` on the checkpoint whose checker flags every image: the stage, its
+    input rows, and its output."""
     spec = spec_for(tiny_more("sd-flag-everything"), "text_to_image", 32, safety_checker="filter")
-    return stage_class("text_to_image")(spec, StorageSpec())(
-        prepared([spec], manifest_rows("text_to_image"), tmp_path_factory.mktemp("flagged")))
+    stage = stage_class("text_to_image")(spec, StorageSpec())
+    table = prepared([spec], manifest_rows("text_to_image"), tmp_path_factory.mktemp("flagged"))
+    return {"stage": stage, "table": table, "out": stage(table)}
 
 
 def test_safety_checker_filter_makes_flagged_rows_filtered_without_an_image(flagged):
-    assert values(flagged, "status") == ["filtered"] * 3
-    assert values(flagged, "error") == ["safety_checker: StableDiffusionSafetyChecker flagged the image as not safe "
-                                        "for work"] * 3
-    assert raw_images(flagged) == [None] * 3  # never a black image
-    assert values(flagged, columns.STAGE_PARAMS) == ["[]"] * 3  # no stage made an image for them
+    out = flagged["out"]
+    assert values(out, "status") == ["filtered"] * 3
+    assert values(out, "error") == ["safety_checker: StableDiffusionSafetyChecker flagged the image as not safe "
+                                    "for work"] * 3
+    assert raw_images(out) == [None] * 3  # never a black image
+    assert values(out, columns.STAGE_PARAMS) == ["[]"] * 3  # no stage made an image for them
+
+
+def test_safety_checker_filter_passes_rows_it_does_not_flag(flagged):
+    """The same checker with its concept thresholds above any cosine similarity flags nothing:
+    every row ok, not black, recorded as passed."""
+    import torch
+
+    weights = flagged["stage"].pipe.safety_checker.concept_embeds_weights
+    saved = weights.detach().clone()
+    try:
+        with torch.no_grad():
+            weights.fill_(2.0)
+        out = flagged["stage"](flagged["table"])
+    finally:
+        with torch.no_grad():
+            weights.copy_(saved)
+    assert values(out, "status") == ["ok"] * 3, values(out, "error")
+    assert all(im.max() > 0 for im in raw_images(out))
+    assert [json.loads(p)[0]["safety_checker"] for p in values(out, columns.STAGE_PARAMS)] == ["passed"] * 3
 
 
 def test_flagged_rows_are_counted_filtered_in_stats_and_summary(flagged, tmp_path):
@@ -184,8 +206,9 @@ def test_flagged_rows_are_counted_filtered_in_stats_and_summary(flagged, tmp_pat
     manifest = write_manifest(str(tmp_path / "m.parquet"), manifest_rows("text_to_image"))
     spec = parse_spec({"manifest": manifest, "output": str(tmp_path / "out"),
                        "stages": [{"kind": "text_to_image", "model": "builtin:tiny-sd"}]})
-    written = pa.table({"id": ["a", "b", "c", "d"], "status": ["ok", "error", *values(flagged, "status")[:2]],
-                        "error": [None, "text_to_image: ValueError: bad", *values(flagged, "error")[:2]]})
+    out = flagged["out"]
+    written = pa.table({"id": ["a", "b", "c", "d"], "status": ["ok", "error", *values(out, "status")[:2]],
+                        "error": [None, "text_to_image: ValueError: bad", *values(out, "error")[:2]]})
     now = datetime.now(timezone.utc)
     stats = sink.finalize(spec, "run", [], [], written, now, now)
     assert (stats.rows, stats.ok, stats.error, stats.filtered) == (4, 1, 1, 2)
