@@ -17,8 +17,9 @@ import pyarrow as pa
 
 # DuckDB's memory for a check: past it, its hash tables go to disk (slower, never out of memory).
 ID_CHECK_MEMORY = "256MB"
-# Ids per batch read from the manifest.
+# Ids per batch read from the manifest, and the bytes read from its file at a time.
 BATCH_ROWS = 1 << 16
+READ_BUFFER = 1 << 20
 
 
 @contextmanager
@@ -53,17 +54,27 @@ EXAMPLES = 10
 
 def count_ids(batches: pa.RecordBatchReader) -> IdCounts:
     """Rows, null ids and duplicated ids of a stream of batches with an ``id`` column."""
+    rows = 0
+
+    def counted() -> Iterator[pa.RecordBatch]:
+        nonlocal rows
+        for batch in batches:
+            rows += batch.num_rows
+            yield batch
+
     with connection() as con:
-        con.register("ids", batches)
-        # Grouped once into a table (it spills), so the examples need no second read.
-        con.execute("CREATE TEMP TABLE counted AS SELECT id, count(*) AS n FROM ids GROUP BY id")
-        rows, nulls, duplicated = con.execute(
-            "SELECT coalesce(sum(n), 0), coalesce(sum(n) FILTER (WHERE id IS NULL), 0), "
-            "count(*) FILTER (WHERE id IS NOT NULL AND n > 1) FROM counted").fetchone()
+        con.register("ids", pa.RecordBatchReader.from_batches(batches.schema, counted()))
+        # Only the ids seen more than once (and the nulls) are kept: a small table, so the
+        # examples need no second read; the grouping itself spills.
+        con.execute("CREATE TEMP TABLE repeated AS SELECT id, count(*) AS n FROM ids GROUP BY id "
+                    "HAVING count(*) > 1 OR id IS NULL")
+        nulls, duplicated = con.execute(
+            "SELECT coalesce(sum(n) FILTER (WHERE id IS NULL), 0), count(*) FILTER (WHERE id IS NOT NULL) "
+            "FROM repeated").fetchone()
         examples = [r[0] for r in con.execute(
-            f"SELECT id FROM counted WHERE id IS NOT NULL AND n > 1 ORDER BY id LIMIT {EXAMPLES}").fetchall()] \
+            f"SELECT id FROM repeated WHERE id IS NOT NULL ORDER BY id LIMIT {EXAMPLES}").fetchall()] \
             if duplicated else []
-    return IdCounts(int(rows), int(nulls), int(duplicated), examples)
+    return IdCounts(rows, int(nulls), int(duplicated), examples)
 
 
 def missing_from(ids: pa.Array, batches: pa.RecordBatchReader) -> tuple[int, list[str]]:

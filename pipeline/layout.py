@@ -8,6 +8,8 @@ OUTPUT/
   _stats.json    the run's counts and times
   README.md      the dataset card
   _SUCCESS       written last: its absence means the job did not finish
+  _index/*.parquet   while a job is unfinished: the id/status/error of published shards, so that a
+                 resume reads a few files, not every shard (pipeline/shard_index.py); removed at the end
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ JOB = "_job.json"
 STATS = "_stats.json"
 CARD = "README.md"
 SUCCESS = "_SUCCESS"
+INDEX = "_index"
 SHARD_PREFIX = "part-"
 SHARD_SUFFIX = ".parquet"
 

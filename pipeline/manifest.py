@@ -172,11 +172,18 @@ def check(spec: JobSpec) -> int:
     return counts.rows
 
 
+def _streamed() -> pads.ParquetFragmentScanOptions:
+    """Parquet read a buffer at a time, not a whole row group's column at once: what streams
+    from the manifest does not grow with its row groups' size (a 1M-row group held 300 MB)."""
+    return pads.ParquetFragmentScanOptions(pre_buffer=False, use_buffered_stream=True,
+                                           buffer_size=id_checks.READ_BUFFER)
+
+
 def id_batches(spec: JobSpec, dataset: pads.Dataset | None = None) -> pa.RecordBatchReader:
-    """The manifest's ids as a stream of batches of one column, ``id``."""
+    """The manifest's ids as a stream of batches of one column, ``id`` (one batch read ahead)."""
     dataset = dataset or open_manifest(spec)
-    return dataset.scanner(columns={"id": pc.field(source(spec, "id"))},
-                           batch_size=id_checks.BATCH_ROWS).to_reader()
+    return dataset.scanner(columns={"id": pc.field(source(spec, "id"))}, batch_size=id_checks.BATCH_ROWS,
+                           batch_readahead=1, fragment_readahead=1, fragment_scan_options=_streamed()).to_reader()
 
 
 def read(spec: JobSpec, names: list[str] | None = None, rows: int | None = None) -> pa.Table:
@@ -186,5 +193,7 @@ def read(spec: JobSpec, names: list[str] | None = None, rows: int | None = None)
     have = mapped_names(spec, dataset.schema.names)
     columns = None if names is None else [source(spec, n) for n in names if n in have]
     with storage.guard("read manifest", spec.manifest, spec.storage):
-        table = dataset.head(rows, columns=columns) if rows is not None else dataset.to_table(columns=columns)
+        table = dataset.scanner(columns=columns, batch_size=max(rows, 1), batch_readahead=1, fragment_readahead=1,
+                                fragment_scan_options=_streamed()).head(rows) if rows is not None \
+            else dataset.to_table(columns=columns)
     return table.rename_columns(mapped_names(spec, table.column_names))

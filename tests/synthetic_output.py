@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 import numpy as np
 import pyarrow as pa
 
-from pipeline import columns, sink
+from pipeline import columns, shard_index, sink
 from pipeline.spec import StorageSpec, parse_spec
 from pipeline.writers.shards import ShardWriter, output_rows
 from tests.helpers import write_manifest
@@ -104,6 +104,7 @@ def build(output: str, manifest: str, rows: int, size: int, rows_per_shard: int,
         writer.flush()
         written.append(table.select(["id", "status", "error"]))
     report = writer.report
+    shard_index.remove(output, StorageSpec())  # as the end of a run does (resume.settle)
     sink.finalize(spec, run_id, [report], report.files, pa.concat_tables(written), START, START + timedelta(minutes=5))
     ids = [f"row-{i:05d}" for i in range(rows)]
     return Synthetic(output, manifest, rows, report.ok, image_bytes,

@@ -1,22 +1,26 @@
 """The driver's bookkeeping at scale, in process: the manifest's nulls and duplicates counted out of
 core, foreign ids found by an anti-join, repeated shards found without a set of every id, a finished
-output answered without its manifest, and the summary of a resumed run."""
+output answered without its manifest, the shard index a resume reads instead of the shards, and the
+summary of a resumed run."""
 
 from __future__ import annotations
 
 import json
 import shutil
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import id_checks, job, manifest, resume
+from pipeline import id_checks, job, layout, manifest, resume, shard_index
 from pipeline.errors import ManifestError, SpecError
 from pipeline.job import summary_line
-from pipeline.spec import parse_spec
+from pipeline.spec import StorageSpec, parse_spec
 from pipeline.stats import Stats
+from pipeline.writers.shards import ShardWriter, output_rows
 from tests.conftest import write_manifest
+from tests.synthetic_output import _task_table
 
 
 def stream(ids: list, batch: int = 3) -> pa.RecordBatchReader:
@@ -48,8 +52,10 @@ def test_foreign_ids_are_found_by_an_anti_join():
 
 def test_only_shards_repeating_kept_ids_are_removed():
     shards = [("s0", ["a", "b"]), ("s1", ["c", "d"]), ("s2", ["b", "e"]), ("s3", ["e", "f"]), ("s4", ["g"])]
-    written = resume.Written([n for n, _ in shards], [len(i) for _, i in shards],
-                             pa.table({"id": [i for _, ids in shards for i in ids]}))
+    rows = [(n, i) for n, ids in shards for i in ids]
+    written = resume.Written([n for n, _ in shards], shard_index.conform(pa.table({
+        "shard": [n for n, _ in rows], "id": [i for _, i in rows], "status": ["ok"] * len(rows),
+        "error": pa.nulls(len(rows), pa.string())})))
     # s2 repeats s0's "b"; once it is gone, s3's "e" is no repeat.
     assert resume._repeating(written) == {"s2"}
     assert written.without({"s2"}).done().to_pylist() == ["a", "b", "c", "d", "e", "f", "g"]
@@ -88,3 +94,38 @@ def test_summary_after_a_resume_says_this_runs_rows_and_rate_and_the_total_apart
     assert summary_line(spec, stats).startswith(
         "shardgen: 1200 rows this run in 33.7 s, 35.61 images/s; the output holds 5000 rows (4990 ok, 10 error) "
         "from 2 runs -> out")
+
+
+def test_a_resume_reads_the_runs_index_not_its_shards_and_the_end_removes_it(tmp_path):
+    rows = 10
+    write_manifest(str(tmp_path / "m.parquet"), [{"id": f"row-{i:05d}", "prompt": "p"} for i in range(rows + 3)])
+    spec = parse_spec({"manifest": str(tmp_path / "m.parquet"), "output": str(tmp_path / "out")})
+    writer = ShardWriter(spec.output, StorageSpec(), "20260101T000000-aaaa", 4)
+    writer.add(*output_rows(_task_table(np.random.default_rng(0), list(range(rows)), 8)[0]), key=0)
+    files = writer.flush().files  # 4 + 4 + 2 rows, and one index file naming them
+    index = list((tmp_path / "out" / layout.INDEX).iterdir())
+    assert len(index) == 1 and pq.read_table(index[0]).column("shard").to_pylist() == [files[0]] * 4 + \
+        [files[1]] * 4 + [files[2]] * 2
+    # A shard the index names is not read again: not even a broken one fails the scan.
+    (tmp_path / "out" / files[0]).write_bytes(b"not parquet")
+    late = resume_shard(tmp_path / "out", "part-20260101T000001-bbbb-000000", ["row-00010", "row-00011"])
+    lines: list[str] = []
+    written = resume.scan(spec, log=lines.append)
+    assert written.files == sorted([*files, late]) and written.rows == 12 and lines == []
+    assert sorted(written.done().to_pylist()) == [f"row-{i:05d}" for i in range(12)]
+    assert len(list((tmp_path / "out" / layout.INDEX).iterdir())) == 2  # the late shard, read once, is indexed
+    assert resume.scan(spec, log=lines.append).rows == 12 and lines == []
+    # This run's shard: its rows come from the index this run wrote; then the index goes.
+    new = resume_shard(tmp_path / "out", "part-20260101T000002-cccc-000000", ["row-00012"])
+    shard_index.write(spec.output, spec.storage, shard_index.rows_of(new, pq.read_table(tmp_path / "out" / new)))
+    (tmp_path / "out" / new).write_bytes(b"not parquet either")
+    kept, table = resume.settle(spec, written, [new], rows + 3, log=lines.append)
+    assert kept == sorted([*files, late, new]) and table.num_rows == 13 and lines == []
+    assert not (tmp_path / "out" / layout.INDEX).exists()
+
+
+def resume_shard(output, name: str, ids: list[str]) -> str:
+    """A published shard of ``ids`` (all ok) that no index names; its name relative to the output."""
+    path = output / layout.DATA / f"{name}.parquet"
+    pq.write_table(pa.table({"id": ids, "status": ["ok"] * len(ids), "error": pa.nulls(len(ids), pa.string())}), path)
+    return f"{layout.DATA}/{name}.parquet"

@@ -7,7 +7,8 @@ One ShardWriter per run gathers the rows (pipeline/shard_publisher.py holds it i
 write tasks convert and count their rows (output_rows) and hand them over; the writer publishes a
 shard as soon as it is full, and a partial one when its oldest row has waited
 ``publish_every_s``, so that an interrupt costs minutes of work, not a shard. It holds encoded
-rows only, at most one shard's worth per split.
+rows only, at most one shard's worth per split. It also indexes what it published
+(pipeline/shard_index.py): a resume and the end of the run read that index, not the shards.
 
 This module knows pyarrow and the storage layer, not Ray.
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import columns, layout, storage
+from pipeline import columns, layout, shard_index, storage
 from pipeline.output_schema import to_output_table
 from pipeline.spec import StorageSpec
 from pipeline.writers.parquet import ParquetWriter
@@ -85,6 +86,8 @@ class ShardWriter:
         self.keys: set = set()
         self.report = ShardReport()
         self.shards = 0
+        self.index: list[pa.Table] = []  # index rows of published shards not yet in an index file
+        self.index_rows = 0
 
     def add(self, table: pa.Table, report: ShardReport, key=None) -> None:
         """Take the output rows ``table`` (counted in ``report``, see output_rows) and publish
@@ -120,16 +123,27 @@ class ShardWriter:
         for split, pending in list(self.pending.items()):
             if pending.rows:
                 self._publish(split, pending.rows)
+        self._write_index()
         return self.report
+
+    def _write_index(self) -> None:
+        if self.index:
+            shard_index.write(self.output, self.storage, pa.concat_tables(self.index))
+        self.index, self.index_rows = [], 0
 
     def _publish(self, split: str | None, rows: int) -> None:
         """Publish the first ``rows`` waiting rows of ``split`` as one shard."""
         pending = self.pending[split]
         whole = pa.concat_tables(pending.tables, promote_options="permissive")
         name = layout.shard_name(self.run_id, self.shards, split)
-        self.format.publish(storage.join(self.output, name), whole.slice(0, rows), self.storage)
+        shard = whole.slice(0, rows)
+        self.format.publish(storage.join(self.output, name), shard, self.storage)
         self.shards += 1
         self.report.files.append(name)
+        self.index.append(shard_index.rows_of(name, shard))
+        self.index_rows += rows
+        if self.index_rows >= shard_index.FLUSH_ROWS:
+            self._write_index()
         rest = whole.slice(rows)
         pending.tables, pending.rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
         pending.since = self.clock()
