@@ -50,9 +50,10 @@ def misfit_lora(dest: Path) -> Path:
     return save_lora(unet, dest)
 
 
-def controlnet_for(model_folder: str | Path, dest: Path, seed: int = 0) -> Path:
+def controlnet_for(model_folder: str | Path, dest: Path, seed: int = 0, spread: float = 0.2) -> Path:
     """A ControlNet made from the pipeline's UNet (as diffusers' training starts one), with its
-    zero-initialised output layers filled at random so that the control image shows; its
+    zero-initialised output layers filled at random (normal, ``spread``) so that the control image
+    shows; its
     conditioning encoder downsamples as much as the pipeline's VAE (4x for the tiny ones)."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(Path(model_folder) / "unet")
@@ -60,7 +61,7 @@ def controlnet_for(model_folder: str | Path, dest: Path, seed: int = 0) -> Path:
     with torch.no_grad():
         for param in controlnet.parameters():
             if not param.any():
-                param.normal_(0, 0.2)
+                param.normal_(0, spread)
     controlnet.save_pretrained(dest, safe_serialization=True)
     return dest
 
