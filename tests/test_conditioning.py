@@ -242,14 +242,19 @@ def test_a_saved_controlnet_pipeline_named_as_the_model_runs_with_its_controlnet
     assert by_model == by_field and by_model[0] != by_model[1]
 
 
-def test_sdxl_controlnet_and_lora(models, tmp_path):
+def test_sdxl_controlnet_lora_and_ip_adapter(models, tmp_path):
+    """One SDXL stage with all three: the control image steers, and so does the reference image."""
     spec = t2i(models["sdxl"], controlnet=str(models["sdxl_controlnet"]),
-               loras=[{"source": str(lora_for(models["sdxl"], tmp_path / "xl-lora"))}])
-    out = run(spec, [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": square(32, 4, 12 + 12 * i)}
-                     for i in range(2)], tmp_path)
+               loras=[{"source": str(lora_for(models["sdxl"], tmp_path / "xl-lora"))}],
+               ip_adapter=str(ip_adapter_for(models["sdxl"], tmp_path / "xl-ip-adapter")))
+    a, b = square(32, 4, 12), square(32, 4, 24)
+    rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": c, "reference_image": r}
+            for i, (c, r) in enumerate(((a, noise_png(0)), (b, noise_png(0)), (a, noise_png(1))))]
+    out = run(spec, rows, tmp_path)
     got = images(out)
-    assert got[0] != got[1]
-    assert json.loads(values(out, columns.STAGE_PARAMS)[0])[0]["pipeline"] == "StableDiffusionXLControlNetPipeline"
+    assert got[0] != got[1] and got[0] != got[2]
+    (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
+    assert record["pipeline"] == "StableDiffusionXLControlNetPipeline" and record["ip_adapter"]["scale"] == 1.0
 
 
 def test_controlnet_on_a_stage_kind_without_one_is_refused():
