@@ -294,16 +294,19 @@ def test_an_ip_adapter_folder_is_checked_on_the_driver(models, tmp_path):
     no_encoder = tmp_path / "no-encoder"
     no_encoder.mkdir()
     shutil.copy(models["ip_adapter"] / "ip-adapter.safetensors", no_encoder)
-    lora_folder = models["lora"].parent  # safetensors, but a LoRA's
-    shutil.copytree(models["ip_adapter"] / "image_encoder", lora_folder / "image_encoder", dirs_exist_ok=True)
-    cases = ((no_encoder, "has no image_encoder/ holding a CLIPVisionModelWithProjection"),
-             (lora_folder, "is not an IP-Adapter's weights"))
-    for source, message in cases:
+    lora_folder = tmp_path / "lora"  # safetensors beside an encoder, but a LoRA's
+    shutil.copytree(models["ip_adapter"] / "image_encoder", lora_folder / "image_encoder")
+    shutil.copy(models["lora"], lora_folder)
+    cases = ((no_encoder, {}, "has no image_encoder/ holding a CLIPVisionModelWithProjection"),
+             (lora_folder, {}, "is not an IP-Adapter's weights"),
+             (models["ip_adapter"], {"t2i_adapter": str(models["t2i_adapter"])},
+              "diffusers' StableDiffusionAdapterPipeline takes no IP-Adapter"))
+    for source, extra, message in cases:
+        stage = {"kind": "text_to_image", "model": TINY, "ip_adapter": str(source), **extra}
         spec = parse_spec({"manifest": str(tmp_path / "m.parquet"), "output": str(tmp_path / "out"),
-                           "stages": [{"kind": "text_to_image", "model": TINY, "ip_adapter": str(source)}]})
+                           "stages": [stage]})
         with pytest.raises(ModelError, match=message):
             check_sources(spec)
-    shutil.rmtree(lora_folder / "image_encoder")
     manifest = write_manifest(str(tmp_path / "m.parquet"), prompt_rows())
     with pytest.raises(ManifestError, match=r"lacks required column\(s\) \['reference_image'\]"):
         manifest_check(parse_spec({"manifest": manifest, "output": str(tmp_path / "out"), "stages": [

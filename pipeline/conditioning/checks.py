@@ -17,5 +17,5 @@ def check_stage(stage: StageSpec, family, model_index: dict, storage_spec: Stora
     adapters' fit is checked as it loads."""
     pipeline_class = controlnet.pipeline_class(family.name, stage, model_index, family.pipelines[stage.kind])
     controlnet.check(stage, storage_spec)
-    ip_adapter.check(stage, family.name, storage_spec)
+    ip_adapter.check(stage, family.name, pipeline_class, storage_spec)
     lora.check(stage, pipeline_class, folder, storage_spec)

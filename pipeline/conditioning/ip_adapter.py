@@ -67,12 +67,17 @@ def locate(stage: StageSpec, storage_spec: StorageSpec | None) -> tuple[Path, st
     return folder, name
 
 
-def check(stage: StageSpec, family: str, storage_spec: StorageSpec | None) -> None:
-    """On the driver: the family takes IP-Adapters and the adapter can be fetched (exit 2 if not)."""
+def check(stage: StageSpec, family: str, pipeline_class: str, storage_spec: StorageSpec | None) -> None:
+    """On the driver: the family and the stage's pipeline take IP-Adapters, and the adapter can be
+    fetched (exit 2 if not)."""
+    import diffusers
+
     if not stage.ip_adapter:
         return
     if family not in FAMILIES:
         raise ModelError(f"ip_adapter: shardgen runs IP-Adapters on {', '.join(FAMILIES)} (not {family})")
+    if not hasattr(getattr(diffusers, pipeline_class), "load_ip_adapter"):  # StableDiffusionAdapterPipeline
+        raise ModelError(f"ip_adapter: diffusers' {pipeline_class} takes no IP-Adapter")
     locate(stage, storage_spec)
 
 
