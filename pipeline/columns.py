@@ -13,3 +13,4 @@ TEXT_ENCODER = "_sg_text_encoder"  # fingerprint of the text encoder that made T
 STAGE_PARAMS = "_sg_stage_params"  # JSON list: each stage's kind, model and parameters
 LORA = "_sg_lora"  # the named LoRA adapters a row picked (comma-joined; empty: none)
 CONTROL_PREFIX = "_sg_control_"  # + k: the row's control image for the stage's k-th ControlNet, as PNG bytes
+REFERENCE_IMAGE = "_sg_reference_image"  # PNG bytes of the row's reference image for an IP-Adapter

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipeline import columns, id_checks, storage
-from pipeline.conditioning import control_images
+from pipeline.conditioning import rows as conditioning
 from pipeline.errors import ManifestError
 from pipeline.kinds import KINDS
 from pipeline.output_schema import RESERVED, SOURCE_PREFIX
@@ -50,6 +50,7 @@ COLUMN_TYPES: dict[str, tuple[str, Callable[[pa.DataType], bool]]] = {
     "image": ("bytes, struct{bytes, path} or URI string", _is_image_type),
     "mask": ("bytes, struct{bytes, path} or URI string", _is_image_type),
     "control_image": ("bytes, struct{bytes, path} or URI string", _is_image_type),
+    "reference_image": ("bytes, struct{bytes, path} or URI string", _is_image_type),
     "lora": ("string", _is_text),
     "controlnet_scale": ("number", lambda t: pa.types.is_floating(t) or pa.types.is_integer(t)),
     "reference_images": ("list of bytes, struct{bytes, path} or URI strings", _is_image_list_type),
@@ -143,7 +144,7 @@ def check(spec: JobSpec) -> int:
     # Only a flow's first stage reads the manifest; later stages take the previous stage's output.
     for flow in spec.flow_map().values():
         required += [c for c in KINDS[flow[0].kind].manifest_columns if c not in required]
-        required += [c for c in control_images.manifest_columns(flow) if c not in required]
+        required += [c for c in conditioning.manifest_columns(flow) if c not in required]
     missing = [c for c in required if c not in names]
     if missing:
         raise ManifestError(

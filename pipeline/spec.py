@@ -54,9 +54,12 @@ NOISE_MODEL_PREFIX = "builtin:tiny-"
 # The manifest columns shardgen reads by name; `columns:` maps them to a manifest's own names.
 ManifestColumn = Literal["id", "task", "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width",
                          "height", "strength", "image", "mask", "control_image", "controlnet_scale", "lora",
-                         "reference_images"]
+                         "reference_images", "reference_image"]
 # The stage kinds a ControlNet can condition (diffusers has ControlNet pipelines for each).
 CONTROLNET_KINDS = ("text_to_image", "image_to_image", "inpainting")
+# IP-Adapters condition the same kinds; diffusers' T2I-Adapter pipelines only make images from text.
+IP_ADAPTER_KINDS = CONTROLNET_KINDS
+T2I_ADAPTER_KINDS = ("text_to_image",)
 # The manifest columns that set a generation parameter per row. Opt-in: a caption set's `width` is
 # the photo's size, not the size to generate at.
 OverrideColumn = Literal["steps", "guidance_scale", "strength", "width", "height"]
@@ -278,8 +281,20 @@ class StageSpec(_Strict):
     control_end: Annotated[float, Field(ge=0, le=1)] = Field(
         default=1.0, description="the share of the denoising steps after which the ControlNet stops applying")
     control: ControlSpec | None = Field(
-        default=None, description="compute the (first) ControlNet's control image from the row's `image` instead "
-        "of reading a `control_image` column")
+        default=None, description="compute the (first) ControlNet's or the T2I-Adapter's control image from the "
+        "row's `image` instead of reading a `control_image` column")
+    t2i_adapter: str | None = Field(
+        default=None, description="a T2I-Adapter model (a T2IAdapter folder, a source as for `model`), instead of "
+        "a ControlNet: it reads the row's `control_image` (or one made by `control`); `controlnet_scale` is its "
+        "adapter_conditioning_scale")
+    ip_adapter: str | None = Field(
+        default=None, description="an IP-Adapter: a folder (a source as for `model`) holding its .safetensors "
+        "weights and its image encoder in image_encoder/; the row's `reference_image` is the image it follows")
+    ip_adapter_weight_name: str | None = Field(
+        default=None, description="the IP-Adapter's .safetensors file in its folder, when it holds several; "
+        "null: the only one there")
+    ip_adapter_scale: Annotated[float, Field(ge=0, le=10)] = Field(
+        default=1.0, description="how strongly the reference image steers; 0 gives the base model's images exactly")
     # The RECOMMENDED settings that filled fields this stage's spec left unset.
     _recommended: dict[str, Any] = PrivateAttr(default_factory=dict)
 
@@ -312,6 +327,16 @@ class StageSpec(_Strict):
         return "cpus_per_actor" not in self.model_fields_set
 
     @property
+    def conditioned(self) -> bool:
+        """Whether the stage loads conditioning models (pipeline/conditioning/)."""
+        return bool(self.loras or self.controlnet or self.t2i_adapter or self.ip_adapter)
+
+    @property
+    def control_models(self) -> int:
+        """How many control images a row needs: one per ControlNet, one for a T2I-Adapter."""
+        return len(self.controlnet) + (1 if self.t2i_adapter else 0)
+
+    @property
     def draws_noise(self) -> bool:
         return self.model.startswith(NOISE_MODEL_PREFIX)
 
@@ -336,8 +361,18 @@ class StageSpec(_Strict):
     def _conditioning(self) -> "StageSpec":
         if self.controlnet and self.kind not in CONTROLNET_KINDS:
             raise ValueError(f"controlnet: {self.kind} stages take no ControlNet (only {', '.join(CONTROLNET_KINDS)})")
-        if self.control and not self.controlnet:
-            raise ValueError("control: makes a control image for a ControlNet; set `controlnet` too")
+        if self.control and not (self.controlnet or self.t2i_adapter):
+            raise ValueError("control: makes a control image for a ControlNet or T2I-Adapter; set `controlnet` or "
+                             "`t2i_adapter` too")
+        if self.t2i_adapter and self.kind not in T2I_ADAPTER_KINDS:
+            raise ValueError(f"t2i_adapter: {self.kind} stages take no T2I-Adapter (only "
+                             f"{', '.join(T2I_ADAPTER_KINDS)})")
+        if self.t2i_adapter and self.controlnet:
+            raise ValueError("t2i_adapter: a stage takes a ControlNet or a T2I-Adapter, not both")
+        if self.t2i_adapter and {"control_start", "control_end"} & self.model_fields_set:
+            raise ValueError("control_start, control_end: apply to ControlNets; a T2I-Adapter applies at every step")
+        if self.ip_adapter and self.kind not in IP_ADAPTER_KINDS:
+            raise ValueError(f"ip_adapter: {self.kind} stages take no IP-Adapter (only {', '.join(IP_ADAPTER_KINDS)})")
         if self.control_start >= self.control_end:
             raise ValueError(f"control_start {self.control_start} must be below control_end {self.control_end}")
         names = [lora.name for lora in self.loras if lora.name]

@@ -3,7 +3,9 @@ tests/tiny_conditioning.py): LoRA adapters (scale 0 is the base model byte for b
 switched, the `lora` column picks per row, a misfit is refused on the driver, sources from s3://
 and a stand-in Hub), ControlNets on SD 1.x and SDXL (the control image steers: two control images,
 two images; the same one, the same image; a missing or wrong-sized one is an error row naming the
-column; a saved ControlNet pipeline as the model), and Canny control images made on CPU."""
+column; a saved ControlNet pipeline as the model), IP-Adapters on SD 1.x (the reference image
+steers; scale 0 is the base model byte for byte), T2I-Adapters on SD 1.x (the shapes model), and
+Canny control images made on CPU."""
 
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from PIL import Image
 from pipeline import columns, storage
 from pipeline.access import policy
 from pipeline.conditioning.control_images import canny
-from pipeline.errors import ModelError
+from pipeline.errors import ManifestError, ModelError
+from pipeline.manifest import check as manifest_check
 from pipeline.models.resolve import build_builtin, check_sources
 from pipeline.prepare import prepare_batch
 from pipeline.spec import ControlSpec, LimitsSpec, StageSpec, StorageSpec, parse_spec
@@ -28,7 +31,7 @@ from pipeline.stages import stage_class
 from pipeline.tables import values
 from tests.conftest import write_manifest
 from tests.hub_server import HubServer, Repo
-from tests.tiny_conditioning import controlnet_for, lora_for, misfit_lora
+from tests.tiny_conditioning import controlnet_for, ip_adapter_for, lora_for, misfit_lora, t2i_adapter_for
 from tests.tiny_pipelines import sdxl
 
 FAST = {"steps": 2, "cpus_per_actor": 0.5, "width": 32, "height": 32}
@@ -48,14 +51,18 @@ def square(side: int, lo: int, hi: int) -> bytes:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, environment):
     """Folders of the tiny conditioning models: LoRAs that fit tiny-sd (two) and one that does not,
-    a ControlNet for tiny-sd, the tiny SDXL pipeline and a ControlNet for it."""
+    a ControlNet and an IP-Adapter for tiny-sd, the tiny SDXL pipeline and a ControlNet for it, and
+    a T2I-Adapter for the shapes model (tiny-sd's first down block has no attention, after which
+    diffusers adds an adapter's first feature at the next size)."""
     root = tmp_path_factory.mktemp("conditioning")
     sd = build_builtin("tiny-sd")
     xl = root / "sdxl"
     sdxl().save_pretrained(xl, safe_serialization=True)
     return {"sd": sd, "lora": lora_for(sd, root / "lora-a"), "lora_b": lora_for(sd, root / "lora-b", seed=1),
             "misfit": misfit_lora(root / "misfit"), "controlnet": controlnet_for(sd, root / "controlnet"),
-            "sdxl": xl, "sdxl_controlnet": controlnet_for(xl, root / "sdxl-controlnet")}
+            "sdxl": xl, "sdxl_controlnet": controlnet_for(xl, root / "sdxl-controlnet"),
+            "ip_adapter": ip_adapter_for(sd, root / "ip-adapter"),
+            "t2i_adapter": t2i_adapter_for(build_builtin("shapes-t2i"), root / "t2i-adapter")}
 
 
 def run(spec: StageSpec, rows: list[dict], tmp_path, stage=None) -> pa.Table:
@@ -235,14 +242,19 @@ def test_a_saved_controlnet_pipeline_named_as_the_model_runs_with_its_controlnet
     assert by_model == by_field and by_model[0] != by_model[1]
 
 
-def test_sdxl_controlnet_and_lora(models, tmp_path):
+def test_sdxl_controlnet_lora_and_ip_adapter(models, tmp_path):
+    """One SDXL stage with all three: the control image steers, and so does the reference image."""
     spec = t2i(models["sdxl"], controlnet=str(models["sdxl_controlnet"]),
-               loras=[{"source": str(lora_for(models["sdxl"], tmp_path / "xl-lora"))}])
-    out = run(spec, [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": square(32, 4, 12 + 12 * i)}
-                     for i in range(2)], tmp_path)
+               loras=[{"source": str(lora_for(models["sdxl"], tmp_path / "xl-lora"))}],
+               ip_adapter=str(ip_adapter_for(models["sdxl"], tmp_path / "xl-ip-adapter")))
+    a, b = square(32, 4, 12), square(32, 4, 24)
+    rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": c, "reference_image": r}
+            for i, (c, r) in enumerate(((a, noise_png(0)), (b, noise_png(0)), (a, noise_png(1))))]
+    out = run(spec, rows, tmp_path)
     got = images(out)
-    assert got[0] != got[1]
-    assert json.loads(values(out, columns.STAGE_PARAMS)[0])[0]["pipeline"] == "StableDiffusionXLControlNetPipeline"
+    assert got[0] != got[1] and got[0] != got[2]
+    (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
+    assert record["pipeline"] == "StableDiffusionXLControlNetPipeline" and record["ip_adapter"]["scale"] == 1.0
 
 
 def test_controlnet_on_a_stage_kind_without_one_is_refused():
@@ -250,6 +262,83 @@ def test_controlnet_on_a_stage_kind_without_one_is_refused():
         StageSpec(kind="super_resolution", model=TINY, controlnet="./cn")
     with pytest.raises(ValueError, match="control: makes a control image for a ControlNet"):
         StageSpec(kind="image_to_image", model=TINY, control={"kind": "canny"})
+
+
+# -- IP-Adapter -------------------------------------------------------------------------------------
+
+
+def noise_png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_the_reference_image_steers_the_image_and_scale_zero_is_the_base_model(models, base_images, tmp_path):
+    """Same prompt and seed: two reference images give two images, the same one the same image
+    (rows grouped per reference into calls); at scale 0 the base model's images byte for byte."""
+    a, b = noise_png(0), noise_png(1)
+    rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 7, "reference_image": r} for i, r in enumerate((a, b, a))]
+    spec = t2i(TINY, ip_adapter=str(models["ip_adapter"]), ip_adapter_scale=1.0, batch_size=3)
+    out = run(spec, rows, tmp_path)
+    got = images(out)
+    assert got[0] == got[2] != got[1] and got[0] != base_images[0]
+    (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
+    assert record["ip_adapter"] == {"model": str(models["ip_adapter"]), "weight_name": None, "scale": 1.0}
+    zero = t2i(TINY, ip_adapter=str(models["ip_adapter"]), ip_adapter_scale=0.0)
+    assert images(run(zero, rows[:2], tmp_path)) == [base_images[0]] * 2
+    missing = run(spec, [{"id": "r", "prompt": PROMPTS[0], "reference_image": None}], tmp_path)
+    assert values(missing, "error") == ["reference_image: missing"]
+
+
+def test_an_ip_adapter_folder_is_checked_on_the_driver(models, tmp_path):
+    no_encoder = tmp_path / "no-encoder"
+    no_encoder.mkdir()
+    shutil.copy(models["ip_adapter"] / "ip-adapter.safetensors", no_encoder)
+    lora_folder = tmp_path / "lora"  # safetensors beside an encoder, but a LoRA's
+    shutil.copytree(models["ip_adapter"] / "image_encoder", lora_folder / "image_encoder")
+    shutil.copy(models["lora"], lora_folder)
+    cases = ((no_encoder, {}, "has no image_encoder/ holding a CLIPVisionModelWithProjection"),
+             (lora_folder, {}, "is not an IP-Adapter's weights"),
+             (models["ip_adapter"], {"t2i_adapter": str(models["t2i_adapter"])},
+              "diffusers' StableDiffusionAdapterPipeline takes no IP-Adapter"))
+    for source, extra, message in cases:
+        stage = {"kind": "text_to_image", "model": TINY, "ip_adapter": str(source), **extra}
+        spec = parse_spec({"manifest": str(tmp_path / "m.parquet"), "output": str(tmp_path / "out"),
+                           "stages": [stage]})
+        with pytest.raises(ModelError, match=message):
+            check_sources(spec)
+    manifest = write_manifest(str(tmp_path / "m.parquet"), prompt_rows())
+    with pytest.raises(ManifestError, match=r"lacks required column\(s\) \['reference_image'\]"):
+        manifest_check(parse_spec({"manifest": manifest, "output": str(tmp_path / "out"), "stages": [
+            {"kind": "text_to_image", "model": TINY, "ip_adapter": str(models["ip_adapter"])}]}))
+
+
+# -- T2I-Adapter ------------------------------------------------------------------------------------
+
+
+def test_a_t2i_adapter_follows_the_control_image(models, tmp_path):
+    spec = t2i("builtin:shapes-t2i", t2i_adapter=str(models["t2i_adapter"]))
+    a, b = square(32, 4, 12), square(32, 16, 30)
+    rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": c} for i, c in enumerate((a, b, a))]
+    out = run(spec, rows, tmp_path)
+    got = images(out)
+    assert got[0] == got[2] != got[1]
+    (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
+    assert record["pipeline"] == "StableDiffusionAdapterPipeline"
+    assert record["t2i_adapter"] == {"model": str(models["t2i_adapter"]), "scale": 1.0, "control_image": "manifest"}
+    base = images(run(t2i("builtin:shapes-t2i"), rows[:2], tmp_path))
+    zero = images(run(t2i("builtin:shapes-t2i", t2i_adapter=str(models["t2i_adapter"]), controlnet_scale=0.0),
+                      rows[:2], tmp_path))
+    assert zero == base
+
+
+def test_t2i_adapter_rules():
+    with pytest.raises(ValueError, match="t2i_adapter: image_to_image stages take no T2I-Adapter"):
+        StageSpec(kind="image_to_image", model=TINY, t2i_adapter="./a")
+    with pytest.raises(ValueError, match="a ControlNet or a T2I-Adapter, not both"):
+        StageSpec(kind="text_to_image", model=TINY, t2i_adapter="./a", controlnet="./c")
+    with pytest.raises(ValueError, match="a T2I-Adapter applies at every step"):
+        StageSpec(kind="text_to_image", model=TINY, t2i_adapter="./a", control_end=0.5)
 
 
 # -- control images made on CPU ---------------------------------------------------------------------

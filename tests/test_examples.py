@@ -1,22 +1,32 @@
 """Every example under examples/ runs as its comments say: `shardgen manifest from` its source
-file, then `shardgen run` on the spec (here on two rows and two steps, to stay fast)."""
+file, then `shardgen run` on the spec (here on two rows and two steps, to stay fast). The
+conditioning examples (examples/conditioning/, examples/segmentation/) are checked as `validate`
+checks them, less its look at the cluster: the manifest, the models and adapters on the driver, and
+the prepare step on every row (each control and reference image read, Canny computed), since
+tests/test_conditioning.py runs the same stages in process."""
 
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
+from pipeline import job, validate
 from pipeline.job import load_spec, run_job
 from pipeline.manifest_from import manifest_from
+from pipeline.models.resolve import check_sources
+from pipeline.spec import parse_spec
 from tests.conftest import read_output
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SPECS = sorted(EXAMPLES.glob("*.yaml"))
+CONDITIONING = sorted(EXAMPLES.glob("conditioning/*.yaml"))
 
 
 def test_there_are_examples():
@@ -46,3 +56,44 @@ def test_example_runs(path, tmp_path, ray_local):
             stage = small.all_stages()[0]
             assert (row["width"], row["height"]) == (stage.width, stage.height) == image.shape[1::-1]
             assert (row["source_width"], row["source_height"]) == (given["width"], given["height"])
+
+
+def test_there_are_conditioning_examples():
+    assert {p.stem for p in CONDITIONING} >= {"controlnet", "canny", "t2i_adapter", "ip_adapter"}
+
+
+def _validated(spec_path: Path, manifest: str, tmp_path) -> int:
+    """`validate`'s checks of the example's spec on ``manifest`` (from the repository root, which
+    the example's paths are relative to; the output in ``tmp_path``): the rows the prepare step
+    made without an error, after asserting that none failed."""
+    data = yaml.safe_load(spec_path.read_text())
+    spec = parse_spec({**data, "manifest": manifest, "output": str(tmp_path / "out")})
+    job.check(spec)
+    check_sources(spec, build=False)
+    tried, kinds, examples = validate._sample(spec)
+    assert not kinds, examples
+    return tried
+
+
+@pytest.mark.parametrize("path", CONDITIONING, ids=[p.stem for p in CONDITIONING])
+def test_conditioning_example_validates(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(EXAMPLES.parent)
+    source = path.with_suffix(".csv")
+    assert f"shardgen manifest from examples/conditioning/{source.name}" in path.read_text()
+    # The images beside the manifest, as beside the source: its relative paths resolve against its folder.
+    shutil.copytree(EXAMPLES / "conditioning" / "images", tmp_path / "images")
+    manifest = manifest_from(str(source), str(tmp_path / "m.parquet"), log=lambda _: None)
+    assert _validated(path, manifest, tmp_path) == 4
+
+
+def test_the_segmentation_example_validates(tmp_path, monkeypatch):
+    from pipeline.cli import main as cli
+
+    monkeypatch.chdir(EXAMPLES.parent)
+    spec = EXAMPLES / "segmentation" / "spec.yaml"
+    assert "shardgen manifest synth --control-maps examples/segmentation/maps" in spec.read_text()
+    manifest = str(tmp_path / "manifest.parquet")
+    assert cli(["manifest", "synth", "--control-maps", "examples/segmentation/maps", "--classes",
+                "examples/segmentation/classes.yaml", "--templates", "examples/segmentation/templates.yaml",
+                "--splits", "train=1", "--output", manifest]) == 0
+    assert _validated(spec, manifest, tmp_path) == 8

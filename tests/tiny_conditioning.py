@@ -1,16 +1,21 @@
 """Tiny random-weight conditioning models in the real diffusers formats, built offline: LoRA
-adapters (peft layers saved with diffusers' save_lora_weights) and ControlNets shaped for the
-built-in tiny SD 1.x pipeline (builtin:tiny-sd) and the tiny SDXL one (tests/tiny_pipelines.py)."""
+adapters (peft layers saved with diffusers' save_lora_weights), ControlNets, IP-Adapters and
+T2I-Adapters shaped for the built-in tiny SD 1.x pipeline (builtin:tiny-sd) and the tiny SDXL one
+(tests/tiny_pipelines.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionPipeline, T2IAdapter, UNet2DConditionModel
+from diffusers.models.attention_processor import IPAdapterAttnProcessor
+from diffusers.models.embeddings import ImageProjection
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 # The attention projections most LoRAs train.
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -45,9 +50,10 @@ def misfit_lora(dest: Path) -> Path:
     return save_lora(unet, dest)
 
 
-def controlnet_for(model_folder: str | Path, dest: Path, seed: int = 0) -> Path:
+def controlnet_for(model_folder: str | Path, dest: Path, seed: int = 0, spread: float = 0.2) -> Path:
     """A ControlNet made from the pipeline's UNet (as diffusers' training starts one), with its
-    zero-initialised output layers filled at random so that the control image shows; its
+    zero-initialised output layers filled at random (normal, ``spread``) so that the control image
+    shows; its
     conditioning encoder downsamples as much as the pipeline's VAE (4x for the tiny ones)."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(Path(model_folder) / "unet")
@@ -55,6 +61,52 @@ def controlnet_for(model_folder: str | Path, dest: Path, seed: int = 0) -> Path:
     with torch.no_grad():
         for param in controlnet.parameters():
             if not param.any():
-                param.normal_(0, 0.2)
+                param.normal_(0, spread)
     controlnet.save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
+def ip_adapter_for(model_folder: str | Path, dest: Path, seed: int = 0) -> Path:
+    """An IP-Adapter for the pipeline saved at ``model_folder``, laid out as the published ones:
+    ``dest``/ip-adapter.safetensors (the image projection and each cross-attention's extra key and
+    value projections, keyed as diffusers' IP-Adapter tests key them) beside a tiny CLIP vision
+    encoder in ``dest``/image_encoder/ whose projection width is the U-Net's text width."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(Path(model_folder) / "unet")
+    width, channels = unet.config.cross_attention_dim, unet.config.block_out_channels
+    tensors, key_id = {}, 1
+    for name in unet.attn_processors:  # the order diffusers numbers the adapter's layers in
+        if name.endswith("attn1.processor"):
+            continue
+        block = name.split(".")[0]
+        hidden = channels[-1] if block == "mid_block" else \
+            (channels[::-1] if block == "up_blocks" else channels)[int(name.split(".")[1])]
+        layers = IPAdapterAttnProcessor(hidden_size=hidden, cross_attention_dim=width).state_dict()
+        tensors |= {f"ip_adapter.{key_id}.to_k_ip.weight": layers["to_k_ip.0.weight"],
+                    f"ip_adapter.{key_id}.to_v_ip.weight": layers["to_v_ip.0.weight"]}
+        key_id += 2
+    projection = ImageProjection(cross_attention_dim=width, image_embed_dim=width, num_image_text_embeds=4)
+    layers = projection.state_dict()
+    tensors |= {"image_proj.proj.weight": layers["image_embeds.weight"], "image_proj.proj.bias":
+                layers["image_embeds.bias"], "image_proj.norm.weight": layers["norm.weight"],
+                "image_proj.norm.bias": layers["norm.bias"]}
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, dest / "ip-adapter.safetensors")
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=width, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        image_size=32, patch_size=4))
+    encoder.save_pretrained(dest / "image_encoder", safe_serialization=True)
+    return dest
+
+
+def t2i_adapter_for(model_folder: str | Path, dest: Path, seed: int = 0) -> Path:
+    """A T2I-Adapter whose features have the widths of the pipeline's U-Net blocks and whose first
+    one has the size of the latents (its pixel unshuffle downsamples as much as the VAE)."""
+    torch.manual_seed(seed)
+    folder = Path(model_folder)
+    unet = UNet2DConditionModel.load_config(folder / "unet")
+    vae = AutoencoderKL.load_config(folder / "vae")
+    adapter = T2IAdapter(in_channels=3, channels=list(unet["block_out_channels"]), num_res_blocks=1,
+                         downscale_factor=2 ** (len(vae["block_out_channels"]) - 1), adapter_type="full_adapter")
+    adapter.save_pretrained(dest, safe_serialization=True)
     return dest

@@ -1,12 +1,13 @@
 """The driver's checks of a stage's conditioning, before any actor starts (exit 2 on a problem):
-each ControlNet is a ControlNet folder, the family has a ControlNet pipeline for the kind, and each
-LoRA adapter can be fetched and, when the model is a folder on this machine, fits it."""
+each ControlNet or T2I-Adapter is a folder of its kind, the family has a pipeline for the kind with
+it, an IP-Adapter is one and the family takes it, and each LoRA adapter can be fetched and, when
+the model is a folder on this machine, fits it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.conditioning import controlnet, lora
+from pipeline.conditioning import controlnet, ip_adapter, lora
 from pipeline.spec import StageSpec, StorageSpec
 
 
@@ -16,4 +17,5 @@ def check_stage(stage: StageSpec, family, model_index: dict, storage_spec: Stora
     adapters' fit is checked as it loads."""
     pipeline_class = controlnet.pipeline_class(family.name, stage, model_index, family.pipelines[stage.kind])
     controlnet.check(stage, storage_spec)
+    ip_adapter.check(stage, family.name, pipeline_class, storage_spec)
     lora.check(stage, pipeline_class, folder, storage_spec)

@@ -30,8 +30,9 @@ def column(k: int) -> str:
 
 
 def count(flow: list[StageSpec]) -> int:
-    """How many control images a row of ``flow`` needs: the most ControlNets of any stage."""
-    return max((len(stage.controlnet) for stage in flow), default=0)
+    """How many control images a row of ``flow`` needs: the most of any stage (one per ControlNet,
+    one for a T2I-Adapter)."""
+    return max((stage.control_models for stage in flow), default=0)
 
 
 def maker(flow: list[StageSpec]) -> ControlSpec | None:

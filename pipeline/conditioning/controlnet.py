@@ -1,6 +1,6 @@
-"""ControlNets of a stage: the diffusers pipeline class each family and kind runs with one, the
-ControlNet models (a folder of config.json and safetensors weights, from any model source; checked
-on the driver like a model folder), and their call arguments.
+"""ControlNets and T2I-Adapters of a stage: the diffusers pipeline class each family and kind runs
+with one, the models (a folder of config.json and safetensors weights, from any model source;
+checked on the driver like a model folder), and their call arguments.
 
 A saved ``...ControlNetPipeline`` named as the model counts as its base family with the
 ControlNet it holds; a stage's own `controlnet` replaces that one.
@@ -27,6 +27,11 @@ PIPELINES: dict[str, dict[str, str]] = {
     "flux": {"text_to_image": "FluxControlNetPipeline", "image_to_image": "FluxControlNetImg2ImgPipeline",
              "inpainting": "FluxControlNetInpaintPipeline"},
 }
+# family -> stage kind -> the diffusers pipeline that runs it with a T2I-Adapter.
+ADAPTER_PIPELINES: dict[str, dict[str, str]] = {
+    "sd": {"text_to_image": "StableDiffusionAdapterPipeline"},
+    "sdxl": {"text_to_image": "StableDiffusionXLAdapterPipeline"},
+}
 # A saved ControlNet pipeline's class -> the class its family is detected by.
 SAVED = {cls: {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
                "flux": "FluxPipeline"}[family]
@@ -45,37 +50,47 @@ def holds_controlnet(model_index: dict) -> bool:
 
 
 def pipeline_class(family: str, stage: StageSpec, model_index: dict, plain: str) -> str:
-    """The pipeline class a stage runs: ``plain`` (its family's) unless it has a ControlNet."""
-    if not (stage.controlnet or holds_controlnet(model_index)):
+    """The pipeline class a stage runs: ``plain`` (its family's) unless it has a ControlNet or a
+    T2I-Adapter."""
+    if stage.t2i_adapter:
+        field, table = "t2i_adapter", ADAPTER_PIPELINES
+    elif stage.controlnet or holds_controlnet(model_index):
+        field, table = "controlnet", PIPELINES
+    else:
         return plain
-    found = PIPELINES.get(family, {}).get(stage.kind)
+    found = table.get(family, {}).get(stage.kind)
     if found is None:
-        raise ModelError(f"controlnet: shardgen runs ControlNets on {', '.join(sorted(PIPELINES))} "
-                         f"(not {family}) for {stage.kind}")
+        raise ModelError(f"{field}: shardgen runs them on {', '.join(sorted(table))} (not {family}) for "
+                         f"{stage.kind}")
     return found
 
 
-def _check_folder(source: str, files: list[str], config: dict | None) -> str:
-    """The folder's ControlNet class, or ModelError: safetensors only, no code, a diffusers class."""
+# The field naming a conditioning model -> a word its diffusers class name holds.
+CLASS_WORD = {"controlnet": "ControlNet", "t2i_adapter": "Adapter"}
+
+
+def _check_folder(field: str, source: str, files: list[str], config: dict | None) -> str:
+    """The folder's model class, or ModelError: safetensors only, no code, a diffusers class of
+    the field's kind."""
     import diffusers
 
     from pipeline.models.checks import _pickled_only
 
     pickled = _pickled_only(files)
     if pickled or any(f.endswith(".py") for f in files):
-        raise ModelError(f"controlnet: {source} holds pickled weights or Python code; shardgen loads safetensors "
+        raise ModelError(f"{field}: {source} holds pickled weights or Python code; shardgen loads safetensors "
                          "only and runs no code from model folders")
     name = (config or {}).get("_class_name")
     found = getattr(diffusers, name, None) if isinstance(name, str) else None
-    if not (isinstance(found, type) and issubclass(found, diffusers.ModelMixin) and "ControlNet" in name):
-        raise ModelError(f"controlnet: {source} is not a diffusers ControlNet folder (config.json names "
-                         f"{name!r})")
+    word = CLASS_WORD[field]
+    if not (isinstance(found, type) and issubclass(found, diffusers.ModelMixin) and word in name):
+        raise ModelError(f"{field}: {source} is not a diffusers {word} folder (config.json names {name!r})")
     return name
 
 
-def locate(source: str, storage_spec: StorageSpec | None) -> Path:
-    """A ControlNet's local folder (copied once per node for a remote one; a trained built-in,
-    builtin:NAME, ships in the package), checked."""
+def locate(source: str, storage_spec: StorageSpec | None, field: str = "controlnet") -> Path:
+    """A ControlNet's or T2I-Adapter's local folder (copied once per node for a remote one; a
+    trained built-in, builtin:NAME, ships in the package), checked."""
     from pipeline.models.resolve import BUILTIN_PREFIX, TRAINED_DIR, _locate
 
     shipped = TRAINED_DIR / source.removeprefix(BUILTIN_PREFIX)
@@ -85,34 +100,45 @@ def locate(source: str, storage_spec: StorageSpec | None) -> Path:
         folder = _locate(source, storage_spec, None, None)
     config = folder / "config.json"
     files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
-    _check_folder(source, files, json.loads(config.read_text()) if config.is_file() else None)
+    _check_folder(field, source, files, json.loads(config.read_text()) if config.is_file() else None)
     return folder
 
 
+def _sources(stage: StageSpec) -> list[tuple[str, str]]:
+    """(field, source) of each ControlNet or T2I-Adapter of the stage."""
+    return [("controlnet", s) for s in stage.controlnet] + ([("t2i_adapter", stage.t2i_adapter)]
+                                                             if stage.t2i_adapter else [])
+
+
 def check(stage: StageSpec, storage_spec: StorageSpec | None) -> None:
-    """On the driver: each ControlNet can be fetched and is a ControlNet folder (exit 2 if not)."""
-    for source in stage.controlnet:
-        locate(source, storage_spec)
+    """On the driver: each ControlNet or T2I-Adapter can be fetched and is a folder of its kind
+    (exit 2 if not)."""
+    for field, source in _sources(stage):
+        locate(source, storage_spec, field)
 
 
 def load(stage: StageSpec, storage_spec: StorageSpec | None, dtype) -> dict:
-    """The from_pretrained argument that gives the pipeline the stage's ControlNet(s); {} when the
-    model's own one (a saved ControlNet pipeline) is used."""
+    """The from_pretrained argument that gives the pipeline the stage's ControlNet(s) or
+    T2I-Adapter; {} when the model's own ControlNet (a saved ControlNet pipeline) is used."""
     import diffusers
 
-    if not stage.controlnet:
-        return {}
     models = []
-    for source in stage.controlnet:
-        folder = locate(source, storage_spec)
+    for field, source in _sources(stage):
+        folder = locate(source, storage_spec, field)
         name = json.loads((folder / "config.json").read_text())["_class_name"]
         models.append(getattr(diffusers, name).from_pretrained(folder, torch_dtype=dtype, use_safetensors=True,
                                                                local_files_only=True))
+    if not models:
+        return {}
+    if stage.t2i_adapter:
+        return {"adapter": models[0]}
     return {"controlnet": models[0] if len(models) == 1 else models}
 
 
 def call_args(takes: set[str], stage: StageSpec, controls: list[list], scale: float) -> dict:
     """The pipeline arguments for one call: ``controls`` holds per ControlNet the rows' images."""
+    if stage.t2i_adapter:  # diffusers' adapter pipelines take the control image as `image`
+        return {"image": controls[0], "adapter_conditioning_scale": scale}
     # The text-to-image pipelines take the control image as `image`; the others, whose `image` is
     # the picture to change, as `control_image`.
     name = "control_image" if "control_image" in takes else "image"

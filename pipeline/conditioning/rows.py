@@ -1,5 +1,6 @@
 """What the prepare step does for conditioning, per row: the control images (control_images.py),
-the LoRA adapters the row's `lora` column picks, and its `controlnet_scale`."""
+the reference image of an IP-Adapter, the LoRA adapters the row's `lora` column picks, and its
+`controlnet_scale`."""
 
 from __future__ import annotations
 
@@ -10,20 +11,28 @@ import pyarrow as pa
 
 from pipeline import columns
 from pipeline.access import Access
-from pipeline.conditioning import control_images, lora
+from pipeline.conditioning import control_images, ip_adapter, lora
+from pipeline.images import decode
 from pipeline.spec import LimitsSpec, StageSpec, StorageSpec
 
 
 def manifest_names(flow: list[StageSpec]) -> list[str]:
     """The manifest columns the conditioning of ``flow`` reads (absent ones read as nulls)."""
-    return ["lora", "controlnet_scale", *(control_images.column(k)
-                                          for k in range(max(control_images.count(flow), 1)))]
+    return ["lora", "controlnet_scale", ip_adapter.COLUMN,
+            *(control_images.column(k) for k in range(max(control_images.count(flow), 1)))]
+
+
+def manifest_columns(flow: list[StageSpec]) -> list[str]:
+    """The conditioning columns a manifest must have for ``flow``."""
+    references = [ip_adapter.COLUMN] if any(stage.ip_adapter for stage in flow) else []
+    return control_images.manifest_columns(flow) + references
 
 
 @dataclass
 class RowConditioning:
     controls: list[bytes | None]
     lora: str
+    reference: bytes | None
 
 
 def row(cols: dict[str, list], i: int, flow: list[StageSpec], lora_given: bool, image: np.ndarray | None,
@@ -31,7 +40,11 @@ def row(cols: dict[str, list], i: int, flow: list[StageSpec], lora_given: bool, 
         limits: LimitsSpec) -> RowConditioning:
     """Row ``i``'s conditioning inputs; InputError names the column of a bad one."""
     controls = control_images.row_controls(cols, i, flow, image, width, height, storage, access, limits)
-    return RowConditioning(controls, lora.row_choice(cols["lora"][i], flow[0], lora_given))
+    reference = None
+    if any(stage.ip_adapter for stage in flow):  # any size: the adapter's image encoder resizes it
+        reference = control_images.encode(decode(ip_adapter.COLUMN, cols[ip_adapter.COLUMN][i], "RGB", storage,
+                                                 access, limits))
+    return RowConditioning(controls, lora.row_choice(cols["lora"][i], flow[0], lora_given), reference)
 
 
 def filled(flow: list[StageSpec], rows: list[RowConditioning | None], cols: dict[str, list],
@@ -43,6 +56,8 @@ def filled(flow: list[StageSpec], rows: list[RowConditioning | None], cols: dict
         images = [r.controls[k] if r else None for r in rows]
         if any(image is not None for image in images):
             out.append((control_images.internal(k), images, pa.binary()))
+    if any(r and r.reference is not None for r in rows):
+        out.append((columns.REFERENCE_IMAGE, [r.reference if r else None for r in rows], pa.binary()))
     if lora.selectable(flow[0]):
         out.append((columns.LORA, [r.lora if r else None for r in rows], pa.string()))
     if "controlnet_scale" in given:

@@ -1,13 +1,14 @@
 """A stage's conditioning, as the stage uses it: at load time the pipeline class and the ControlNet
-models it is built with, then the LoRA adapters put into it; at call time the columns it reads,
-what rows must share to share a call, the pipeline arguments, and what each row's record says."""
+or T2I-Adapter models it is built with, then the IP-Adapter and LoRA adapters put into it; at call
+time the columns it reads, what rows must share to share a call, the pipeline arguments, and what
+each row's record says."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 
 from pipeline import columns
-from pipeline.conditioning import control_images, controlnet, lora
+from pipeline.conditioning import control_images, controlnet, ip_adapter, lora
 from pipeline.spec import StageSpec, StorageSpec
 from pipeline.tables import values
 
@@ -27,17 +28,22 @@ class Conditioning:
         return controlnet.load(self.spec, self.storage, dtype)
 
     def attach(self, pipe) -> None:
-        """Load time, step 2: the LoRA adapters, fused where the stage has one fixed set."""
+        """Load time, step 2: the IP-Adapter, then the LoRA adapters, fused where the stage has one
+        fixed set."""
+        if self.spec.ip_adapter:
+            ip_adapter.attach(pipe, self.spec, self.storage)
         self.adapters = lora.Adapters(pipe, self.spec, self.storage) if self.spec.loras else None
 
     @property
     def controls(self) -> int:
-        return max(len(self.spec.controlnet), 1) if self.controlled else 0
+        return max(self.spec.control_models, 1) if self.controlled else 0
 
     def read(self, table: pa.Table) -> dict[str, list]:
         """The conditioning columns as lists; absent ones read as unset (the stage's own values)."""
         batch = {control_images.internal(k): values(table, control_images.internal(k))
                  for k in range(self.controls)}
+        if self.spec.ip_adapter:
+            batch[columns.REFERENCE_IMAGE] = values(table, columns.REFERENCE_IMAGE)
         named = lora.JOIN.join(lora.selectable(self.spec))
         batch[columns.LORA] = values(table, columns.LORA, named) if self.position == 0 else [named] * table.num_rows
         if self.controlled:
@@ -46,16 +52,20 @@ class Conditioning:
         return batch
 
     def group_key(self, batch: dict[str, list], i: int) -> tuple:
-        """What rows must share to share a call: their adapter set and ControlNet scale."""
-        return (batch[columns.LORA][i], batch["controlnet_scale"][i] if self.controlled else None)
+        """What rows must share to share a call: their adapter set, ControlNet scale and reference
+        image (diffusers gives every row of a call the call's reference images)."""
+        return (batch[columns.LORA][i], batch["controlnet_scale"][i] if self.controlled else None,
+                batch[columns.REFERENCE_IMAGE][i] if self.spec.ip_adapter else None)
 
     def call_args(self, pipe_takes: set[str], batch: dict[str, list], rows: list[int], width: int,
                   height: int) -> dict:
-        """Call time: switch to the rows' adapters; the control images as pipeline arguments."""
+        """Call time: switch to the rows' adapters; the control and reference images as pipeline
+        arguments."""
         if self.adapters:
             self.adapters.use(batch[columns.LORA][rows[0]])
+        args = self.reference_args(batch, rows[0]) if self.spec.ip_adapter else {}
         if not self.controlled:
-            return {}
+            return args
         images = []
         for k in range(self.controls):
             name = control_images.column(k)
@@ -70,14 +80,27 @@ class Conditioning:
                                      "image this stage makes")
                 per_row.append(image)
             images.append(per_row)
-        return controlnet.call_args(pipe_takes, self.spec, images, batch["controlnet_scale"][rows[0]])
+        return args | controlnet.call_args(pipe_takes, self.spec, images, batch["controlnet_scale"][rows[0]])
+
+    def reference_args(self, batch: dict[str, list], i: int) -> dict:
+        """The call's reference image: its rows share one (group_key)."""
+        data = batch[columns.REFERENCE_IMAGE][i]
+        if data is None:
+            raise ValueError(f"{ip_adapter.COLUMN}: missing (this stage has an IP-Adapter)")
+        return {"ip_adapter_image": control_images.unpack(data)}
 
     def record(self, batch: dict[str, list], i: int) -> dict:
-        """What the row's stage_params add: its adapters and ControlNet settings."""
+        """What the row's stage_params add: its adapters and ControlNet or T2I-Adapter settings."""
         out = {}
         if self.adapters:
             out["loras"] = self.adapters.record(batch[columns.LORA][i])
-        if self.controlled:
+        if self.spec.ip_adapter:
+            out["ip_adapter"] = {"model": self.spec.ip_adapter, "weight_name": self.spec.ip_adapter_weight_name,
+                                 "scale": self.spec.ip_adapter_scale}
+        if self.spec.t2i_adapter:
+            out["t2i_adapter"] = {"model": self.spec.t2i_adapter, "scale": batch["controlnet_scale"][i],
+                                  "control_image": self.spec.control.kind if self.spec.control else "manifest"}
+        elif self.controlled:
             out["controlnet"] = {"models": self.spec.controlnet or ["(the model's own)"],
                                  "scale": batch["controlnet_scale"][i], "start": self.spec.control_start,
                                  "end": self.spec.control_end,

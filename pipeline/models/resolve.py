@@ -111,7 +111,7 @@ def check_sources(spec: JobSpec, build: bool = True) -> list[str]:
         prefix = "stages" if spec.flows is None else f"flows.{name}"
         for i, stage in enumerate(flow):
             family = check_family(stage.model, indexes[(stage.model, stage.revision, stage.variant)], stage)
-            if stage.loras or stage.controlnet:
+            if stage.conditioned:
                 from pipeline.conditioning import checks
 
                 # A hub or remote model's weights are not on the driver: its adapters' fit is checked as it loads.
