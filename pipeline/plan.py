@@ -231,8 +231,8 @@ def encode_bundle_rows(spec: JobSpec) -> int:
 def _exact_blocks(ds: ray.data.Dataset, rows: int) -> ray.data.Dataset:
     """``ds`` in blocks of exactly ``rows`` rows but its last: Ray Data's streaming repartition
     (`ds.repartition(target_num_rows_per_block=rows, strict=True)`), built with the light steps'
-    CPU share so that it fuses into the step before it. Dataset.repartition takes no resource
-    arguments: its own step would ask for a whole CPU and wait forever behind actor pools that
+    CPU share. Dataset.repartition takes no resource arguments: its step, fused into a step
+    before it or on its own, would ask for a whole CPU and wait forever behind actor pools that
     hold the others."""
     op = StreamingRepartition(target_num_rows_per_block=rows, strict=True, input_dependencies=[ds._logical_plan.dag],
                               ray_remote_args={"num_cpus": CPU_STEP_CPUS})
@@ -240,10 +240,15 @@ def _exact_blocks(ds: ray.data.Dataset, rows: int) -> ray.data.Dataset:
 
 
 def _stages(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec, counter) -> ray.data.Dataset:
-    """Prepare the rows for ``flow``, cut them into blocks of batch multiples and run one actor
-    pool per stage."""
+    """Cut ``flow``'s rows into blocks of batch multiples, prepare them and run one actor pool per
+    stage."""
     rows = block_rows(flow)
     checks = {"storage": spec.storage, "access": access.for_job(spec), "limits": spec.limits}
+    # Cut twice: the manifest's rows, in a step of its own (a cut fused into prepare would bundle
+    # prepare's input exactly, and any step fused before it that drops rows, the flow's routing or
+    # resume's done ids, would leave its blocks short), then the prepared rows, fused into
+    # prepare (decoded input images can make Ray Data split its output blocks by size).
+    ds = _exact_blocks(ds, rows)
     ds = _exact_blocks(ds.map_batches(prepare_batch, fn_kwargs={"flow": flow, **checks}, batch_size=rows,
                                       batch_format="pyarrow", num_cpus=CPU_STEP_CPUS), rows)
     for position, stage in enumerate(flow):
@@ -263,9 +268,8 @@ def _stages(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec, counter)
     return ds
 
 
-def build(spec: JobSpec, rows: int, done: pa.Array, counter) -> ray.data.Dataset:
-    """The whole job as one dataset; ``rows`` are to be generated, the ids in ``done`` skipped.
-    ``spec`` has its resources fitted (fit_resources); ``counter`` is the job's JobTracker."""
+def _read(spec: JobSpec, rows: int, done: pa.Array) -> ray.data.Dataset:
+    """The manifest's rows, streamed, with the job's column names and without the ids in ``done``."""
     # Ray's newer Parquet reader lists files in a step that asks for a whole CPU and takes no
     # resource arguments: behind actor pools that hold most CPUs of a small node it can wait
     # forever. The classic reader runs with the CPU share given below.
@@ -282,20 +286,28 @@ def build(spec: JobSpec, rows: int, done: pa.Array, counter) -> ray.data.Dataset
         ds = ds.rename_columns(renamed, num_cpus=CPU_STEP_CPUS)
     if len(done):
         ds = ds.map_batches(drop_done, fn_kwargs={"done": done}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
+    return ds
+
+
+def build(spec: JobSpec, rows: int, done: pa.Array, counter) -> ray.data.Dataset:
+    """The whole job as one dataset; ``rows`` are to be generated, the ids in ``done`` skipped.
+    ``spec`` has its resources fitted (fit_resources); ``counter`` is the job's JobTracker."""
     if spec.flows is None:
-        ds = _stages(ds, spec.stages, spec, counter)
+        ds = _stages(_read(spec, rows, done), spec.stages, spec, counter)
     else:
-        # Each flow's branch takes its rows before batching, so that its calls are full. Ray Data
-        # would read the manifest again for each branch: it is read once, here, and held.
-        # Each flow's rows are held apart too: a step that drops rows just before the exact cut
-        # would be fused into it, and its blocks would come out short.
-        ds = ds.materialize()
+        # Each flow's branch reads the manifest and keeps its own rows before they are batched, so
+        # that its calls are full; the rows of no flow take a branch of their own. Ray Data has no
+        # step that splits one stream into branches: reading once would mean holding the whole
+        # manifest in the object store (materialize) before the first row is generated, tens of
+        # GB at 100M rows. A branch's read streams like the rest of the job, and reading prompts
+        # again costs little beside generating images from them.
         names = sorted(spec.flows)
-        branches = [_stages(ds.map_batches(route.rows_of, fn_kwargs={"flow": name}, batch_format="pyarrow",
-                                           num_cpus=CPU_STEP_CPUS).materialize(), spec.flows[name], spec, counter)
+        branches = [_stages(_read(spec, rows, done).map_batches(route.rows_of, fn_kwargs={"flow": name},
+                                                                batch_format="pyarrow", num_cpus=CPU_STEP_CPUS),
+                            spec.flows[name], spec, counter)
                     for name in names]
-        unrouted = ds.map_batches(_unrouted, fn_kwargs={"flows": names, "counter": counter}, batch_format="pyarrow",
-                                  num_cpus=CPU_STEP_CPUS)
+        unrouted = _read(spec, rows, done).map_batches(_unrouted, fn_kwargs={"flows": names, "counter": counter},
+                                                       batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
         ds = unrouted.union(*branches)
     ds = ds.map_batches(encode_batch, fn_kwargs={"fmt": spec.format}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
     if spec.filters:  # per-row scores; the filters decide once the whole output is written
