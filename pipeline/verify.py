@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import sys
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import pyarrow.dataset as pads
@@ -66,8 +65,11 @@ class Report:
 
 
 def check_footers(out: Output, report: Report) -> list[str]:
-    """Open every footer; check one schema and the huggingface metadata. Returns the readable shards."""
-    readable, schemas, broken = [], {}, []
+    """Open every footer; check one schema and the huggingface metadata. Returns the readable shards.
+    Each footer is let go once read: what is kept per shard is its name, under its schema's text
+    (a few schemas, whatever the number of shards)."""
+    readable, broken, missing = [], [], []
+    by_schema: dict[str, list[str]] = {}
     for name, loc in zip(out.names, out.locations):
         try:
             meta = out.footer(loc)
@@ -75,20 +77,21 @@ def check_footers(out: Output, report: Report) -> list[str]:
             broken.append(f"{name}: {type(err).__name__}: {err}")
             continue
         readable.append(name)
-        schemas[name] = meta.schema.to_arrow_schema()
+        schema = meta.schema.to_arrow_schema()
+        by_schema.setdefault(str(schema.remove_metadata()), []).append(name)
+        if not has_image_feature((schema.metadata or {}).get(b"huggingface")):
+            missing.append(name)
         report.rows += meta.num_rows
     if broken:
         report.fail("footers", f"{len(broken)} shard(s) whose Parquet footer does not open", broken)
     report.checked.append("footers")
-    if schemas:
+    if by_schema:
         # The schema most shards have is the reference, so that the odd shards are the ones named.
-        plain = {n: s.remove_metadata() for n, s in schemas.items()}
-        usual = Counter(str(s) for s in plain.values()).most_common(1)[0][0]
-        differ = [f"{n}: {s}" for n, s in plain.items() if str(s) != usual]
+        usual = max(by_schema, key=lambda s: len(by_schema[s]))
+        differ = [f"{n}: {s}" for s, names in by_schema.items() if s != usual for n in names]
         if differ:
             report.fail("schema", f"{len(differ)} shard(s) whose schema differs from that of the other "
-                        f"{len(plain) - len(differ)}", differ)
-        missing = [n for n, s in schemas.items() if not has_image_feature((s.metadata or {}).get(b"huggingface"))]
+                        f"{len(readable) - len(differ)}", differ)
         if missing:
             report.fail("huggingface", f"{len(missing)} shard(s) without the huggingface schema metadata "
                         "declaring `image` an Image", missing)

@@ -7,7 +7,13 @@ id/status/error rows (no images: the steps measured read only those columns), th
 in a fresh process and prints its wall time and the process's peak RSS:
 
 - ``manifest check``: the checks `validate` and `run` make on the manifest's ids (manifest.check);
-- ``resume scan``: reading every shard's id/status/error at resume, and the done ids (resume.scan).
+- ``resume``: what a rerun on an unfinished output does before it generates: the manifest check,
+  reading every shard's id/status/error (resume.scan: from the shard index a run leaves,
+  OUTPUT/_index/, and from the shards themselves where no index names them) and the check of
+  the done ids against the manifest (resume.check_ids).
+
+Each step prints wall time and CPU time: on a shared, loaded machine the CPU time is what a quiet
+core's wall time would be.
 
 Only functions every shardgen version has are called, so the same script measures before and
 after a change (run it with PYTHONPATH set to the other checkout).
@@ -30,13 +36,15 @@ import json, resource, sys, time
 from pipeline import manifest, resume
 from pipeline.spec import parse_spec
 spec = parse_spec({"manifest": sys.argv[2], "output": sys.argv[3]})
-started = time.perf_counter()
+started, cpu = time.perf_counter(), time.process_time()
 if sys.argv[1] == "manifest":
     manifest.check(spec)
 else:
+    manifest.check(spec)
     written = resume.scan(spec)
+    resume.check_ids(written, spec)
     written.done()
-print(json.dumps({"s": time.perf_counter() - started,
+print(json.dumps({"s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu,
                   "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -52,13 +60,21 @@ def make_manifest(path: str, rows: int) -> None:
     writer.close()
 
 
-def make_output(folder: str, shards: int, rows_per_shard: int) -> None:
+def make_output(folder: str, shards: int, rows_per_shard: int, index: bool) -> None:
+    """M shards; with ``index``, the shard index their run wrote (pipeline/shard_index.py's
+    columns), as a run that was interrupted leaves it."""
     data = Path(folder, "data")
     data.mkdir(parents=True)
+    indexed = []
     for s in range(shards):
         ids = [f"row-{i:09d}" for i in range(s * rows_per_shard, (s + 1) * rows_per_shard)]
-        pq.write_table(pa.table({"id": ids, "status": ["ok"] * len(ids), "error": pa.nulls(len(ids), pa.string())}),
-                       data / f"part-20260101T000000-000000-{s:06d}.parquet")
+        table = pa.table({"id": ids, "status": ["ok"] * len(ids), "error": pa.nulls(len(ids), pa.string())})
+        name = f"part-20260101T000000-000000-{s:06d}.parquet"
+        pq.write_table(table, data / name)
+        indexed.append(table.add_column(0, "shard", pa.array([f"data/{name}"] * len(ids)).dictionary_encode()))
+    if index:
+        Path(folder, "_index").mkdir()
+        pq.write_table(pa.concat_tables(indexed), Path(folder, "_index", "bench.parquet"))
 
 
 def step(name: str, manifest: str, output: str) -> dict:
@@ -75,24 +91,27 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 20_000_000])
     parser.add_argument("--shards", type=int, nargs="+", default=[2000, 20000])
     parser.add_argument("--rows-per-shard", type=int, default=100)
+    parser.add_argument("--no-index", action="store_true",
+                        help="an output without its shard index (a run killed before it wrote any)")
     args = parser.parse_args()
-    print("| step | size | time | driver peak RSS |\n|---|---|---|---|")
+    print("| step | size | wall (CPU) | driver peak RSS |\n|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="shardgen-scale-") as tmp:
         for rows in args.rows:
             manifest = f"{tmp}/m-{rows}.parquet"
             make_manifest(manifest, rows)
             got = step("manifest", manifest, f"{tmp}/none")
-            print(f"| manifest check | {rows:,} rows | {got['s']:.1f} s | {got['peak_mib']:.0f} MiB |", flush=True)
+            print(f"| manifest check | {rows:,} rows | {got['s']:.1f} s ({got['cpu_s']:.1f} s) | "
+                  f"{got['peak_mib']:.0f} MiB |", flush=True)
             Path(manifest).unlink()
         for shards in args.shards:
             output = f"{tmp}/out-{shards}"
-            make_output(output, shards, args.rows_per_shard)
+            make_output(output, shards, args.rows_per_shard, not args.no_index)
             manifest = f"{tmp}/m-{shards}.parquet"
             make_manifest(manifest, shards * args.rows_per_shard)
-            got = step("scan", manifest, output)
-            print(f"| resume scan (id/status/error of every shard) | {shards:,} shards x {args.rows_per_shard} rows | "
-                  f"{got['s']:.1f} s ({got['s'] / shards * 1e4:.1f} s per 10k shards) | {got['peak_mib']:.0f} MiB |",
-                  flush=True)
+            got = step("resume", manifest, output)
+            what = "no index" if args.no_index else "indexed"
+            print(f"| resume before generating ({what}) | {shards:,} shards x {args.rows_per_shard} rows | "
+                  f"{got['s']:.1f} s ({got['cpu_s']:.1f} s) | {got['peak_mib']:.0f} MiB |", flush=True)
 
 
 if __name__ == "__main__":

@@ -129,3 +129,20 @@ def resume_shard(output, name: str, ids: list[str]) -> str:
     path = output / layout.DATA / f"{name}.parquet"
     pq.write_table(pa.table({"id": ids, "status": ["ok"] * len(ids), "error": pa.nulls(len(ids), pa.string())}), path)
     return f"{layout.DATA}/{name}.parquet"
+
+
+def test_inspect_reads_shards_of_one_schema_without_a_union_and_of_two_with_one(tmp_path):
+    from pipeline.inspect.output import Output
+
+    data = tmp_path / "out" / layout.DATA
+    data.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["a"], "status": ["ok"]}), data / "part-0.parquet")
+    pq.write_table(pa.table({"id": ["b"], "status": ["error"]}), data / "part-1.parquet")
+    out = Output(str(tmp_path / "out"))
+    assert out.schemas() == 1 and out.query("SELECT count(*) AS n FROM rows")[0]["n"] == 2
+    # A later run's shard with a column more: read by name, its column kept.
+    pq.write_table(pa.table({"id": ["c"], "status": ["ok"], "lora": ["x"]}), data / "part-2.parquet")
+    out = Output(str(tmp_path / "out"))
+    assert out.schemas() == 2
+    assert out.query("SELECT id, lora FROM rows ORDER BY id") == [
+        {"id": "a", "lora": None}, {"id": "b", "lora": None}, {"id": "c", "lora": "x"}]
