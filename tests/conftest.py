@@ -72,10 +72,23 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a bench, GPU bench, training or synth-eval run (given in conftest)")
 
 
-# The two fault scenarios are the longest tests, and by file name they would be handed out among
-# the last: one worker then ran one alone while the other idled (1172 s against 1071 s). First,
-# they run side by side, one on each xdist worker.
-FIRST = ("test_node_loss.py", "test_worker_sigkill.py")
+# xdist hands whole modules to its two workers (`--dist loadfile`) in the order they are collected,
+# and left to itself it orders them by their number of tests, so the one-test fault scenarios came
+# last and one worker ran them alone while the other had finished. The longest modules go first
+# instead (longest processing time first), most to least as measured in one run of the suite; the
+# short ones after them even out the two workers' ends. `--no-loadscope-reorder` (pyproject.toml)
+# keeps this order.
+LONGEST_FIRST = (
+    "test_node_loss.py", "test_worker_sigkill.py", "test_nightly.py", "test_demo.py", "test_s3_faults.py",
+    "test_examples.py", "test_hub.py", "test_formats.py", "test_stages.py", "test_training.py",
+    "test_bad_manifests.py", "test_security.py", "test_conditioning.py", "test_families_generic.py",
+    "test_resume.py", "test_determinism.py", "test_filters.py", "test_webdataset.py",
+)
+
+
+def longest_first(item) -> int:
+    name = item.path.name
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
 
 def listed(item, names: set[str]) -> bool:
@@ -119,7 +132,7 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
         if listed(item, SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: item.path.name not in FIRST)  # stable: the rest keep their order
+    items.sort(key=longest_first)  # stable: the rest keep their order
 
 
 class StartedInFastTier(AssertionError):
