@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +33,7 @@ from pipeline.prepare import prepare_batch
 from pipeline.spec import LimitsSpec, StageSpec, StorageSpec, parse_spec
 from pipeline.stages import stage_class
 from pipeline.tables import raw_images, values
-from tests.conftest import read_output, write_manifest
-from tests.test_stages import half_mask, png
+from tests.helpers import half_mask, png, read_output, subprocess_env, write_manifest
 from tests.tiny_pipelines import build_all
 
 FAST = {"steps": 2, "cpus_per_actor": 0.2}
@@ -265,8 +263,9 @@ def test_mismatch_exits_2_through_the_cli_before_any_actor(tiny, tmp_path):
         "manifest": manifest, "output": str(output),
         "stages": [{"kind": "text_to_image", "model": tiny["flux"]},
                    {"kind": "inpainting", "model": tiny["pixart-sigma"]}]}))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "RAY_ADDRESS": ""}
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--spec", str(spec)], env=env,
+    # RAY_ADDRESS=local: with an empty address the CLI joins whatever `ray start` cluster runs on the
+    # machine (another test's head, on the other xdist worker) instead of refusing first.
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--spec", str(spec)], env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
     assert "is a PixArtSigmaPipeline (the PixArt-Σ family)" in done.stderr
