@@ -87,15 +87,15 @@ def run(rows: int, folder: Path, steps: int = 20) -> list[Result]:
         "shardgen, 1 actor x 1 CPU, batched": {"batch_invariant": False},
         "shardgen, 2 actors x 0.75 CPU, one row per call": {"actors": 2, "cpus_per_actor": 0.75},
     }
-    results = [
-        plain_loop(base, prompts, ids, threads=1, per_row=True),
-        plain_loop(base, prompts, ids, threads=1, per_row=False),
-        plain_loop(base, prompts, ids, threads=2, per_row=False),
-    ]
-    for name, extra in variants.items():
+    loops = [{"threads": 1, "per_row": True}, {"threads": 1, "per_row": False}, {"threads": 2, "per_row": False}]
+    plain, shardgen = [], []
+    # Each ratio's two sides run back to back: a machine whose load changes during the bench gives
+    # both the same share of it.
+    for loop, (name, extra) in zip(loops, variants.items()):
+        plain.append(plain_loop(base, prompts, ids, **loop))
         spec = base.model_copy(update={"stages": [StageSpec(**{**stage.model_dump(), **extra})]})
-        results.append(pipeline_run(spec, name))
-    return results
+        shardgen.append(pipeline_run(spec, name))
+    return plain + shardgen
 
 
 def main(rows: int, out: str | None, steps: int = 20) -> None:
