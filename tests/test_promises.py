@@ -17,7 +17,6 @@ from pipeline.models.hub import select
 from pipeline.spec import LimitsSpec, StageSpec, parse_spec
 from tests.helpers import cli, cli_output
 
-
 # -- limits: every super_resolution stage is checked at x4 (docs/reference.md) ---------------------
 
 
