@@ -207,6 +207,15 @@ def test_variant_downloads_only_its_weights_and_loads_as_a_plain_folder(hub_env,
     assert not _downloads(hub_env) and sum(hub_env.requests.values()) == 1
 
 
+def test_cached_commit_makes_no_request(hub_env, monkeypatch):
+    """A commit never changes: once cached, loading it again asks the Hub nothing (not even online)."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    folder = resolve(MODEL, revision=COMMIT)
+    hub_env.requests.clear()
+    assert resolve(MODEL, revision=COMMIT) == folder
+    assert not hub_env.requests
+
+
 # -- jobs through Ray -----------------------------------------------------------------------------
 
 
