@@ -84,6 +84,19 @@ def test_write_gives_up_naming_the_uri_and_stores_nothing(fault, bucket, s3_endp
     assert stored(bucket, "a.bin", s3_endpoint) is None
 
 
+def test_a_large_write_goes_up_in_parts_and_a_failing_part_aborts_the_upload(bucket, s3_endpoint):
+    """docs/reference.md: a file of 100 MB or more goes up as a multipart upload that S3 assembles
+    only on completion, and that is aborted if a part keeps failing (no parts left billed)."""
+    data = b"x" * (100 * 2**20)
+    with FaultProxy(s3_endpoint, always="internal", methods=("PUT",), path_contains="partNumber=2") as proxy:
+        with pytest.raises(StorageError, match=rf"cannot write {bucket}/big.bin"):
+            storage.write_bytes(f"{bucket}/big.bin", data, StorageSpec(endpoint_url=proxy.url, max_attempts=2))
+    assert proxy.counts["internal"] == 2  # the second part, tried twice: the file went up in parts
+    assert stored(bucket, "big.bin", s3_endpoint) is None
+    uploads = boto3.client("s3", endpoint_url=s3_endpoint).list_multipart_uploads(Bucket=bucket[5:])
+    assert uploads.get("Uploads", []) == []
+
+
 @pytest.mark.parametrize("attempts, mode", [(1, "standard"), (3, "standard"), (3, "adaptive")])
 def test_max_attempts_is_the_tries_per_request(attempts, mode, bucket, s3_endpoint):
     # An InternalError is retried by botocore alone (s3fs retries only throttling and broken
