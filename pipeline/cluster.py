@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 
 import ray
 
@@ -72,13 +73,29 @@ def ensure_ray(verbose: bool = False) -> None:
         connect(check_address(), verbose)
 
 
+# Ray gives a new local node a fixed 30 s to register; on a busy machine it can miss that ("The
+# current node timed out during startup") although nothing is wrong: that start is torn down and
+# made again, rather than the job failing.
+LOCAL_START_TRIES = 3
+
+
 def connect(address: str | None, verbose: bool = False) -> None:
     """ray.init on ``address`` (checked by check_address; None: a local Ray), quietly unless ``verbose``."""
     if not verbose:
         for name, start in _NOTICES.items():
             logging.getLogger(name).addFilter(_DropNotice(start))
-    ray.init(address=address, include_dashboard=False, log_to_driver=verbose,
-             logging_level=logging.INFO if verbose else logging.WARNING)
+    for attempt in range(1, LOCAL_START_TRIES + 1):
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=verbose,
+                     logging_level=logging.INFO if verbose else logging.WARNING)
+            break
+        except Exception as err:  # noqa: BLE001 - only a local start's time-out is tried again
+            if address not in (None, "local") or "timed out during startup" not in str(err) \
+                    or attempt == LOCAL_START_TRIES:
+                raise
+            ray.shutdown()
+            print(f"shardgen: the local Ray did not start in time (try {attempt} of {LOCAL_START_TRIES}): "
+                  "starting it again", file=sys.stderr)
     from ray.data import DataContext
 
     context = DataContext.get_current()

@@ -45,3 +45,34 @@ def test_a_stale_ray_current_cluster_fails_naming_it(tmp_path, monkeypatch, no_r
             "(the address a `ray start` on this machine recorded)") in err, err
     assert "RAY_ADDRESS=local" in err
     assert not (tmp_path / "out").exists()
+
+
+TIMED_OUT = "The current node timed out during startup. This could happen because some of the raylet failed"
+
+
+@pytest.mark.parametrize("address, tries", [("local", 2), (None, 2), ("10.0.0.9:6379", 1)])
+def test_only_a_local_start_that_times_out_is_made_again(monkeypatch, capsys, address, tries):
+    """Ray's fixed 30 s for a new local node can pass on a busy machine: that start is made again,
+    saying so; a cluster that does not answer in time is an error at once. (ray.init stands in:
+    the time-out cannot be caused on purpose.)"""
+    import ray
+
+    from pipeline import cluster
+
+    calls = []
+
+    def init(address=None, **kwargs):
+        calls.append(address)
+        if len(calls) == 1:
+            raise Exception(TIMED_OUT)
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    if tries == 1:
+        with pytest.raises(Exception, match="timed out during startup"):
+            cluster.connect(address, verbose=True)
+        assert calls == [address]
+    else:
+        cluster.connect(address, verbose=True)
+        assert calls == [address, "shutdown", address]
+        assert "did not start in time (try 1 of 3)" in capsys.readouterr().err
