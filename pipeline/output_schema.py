@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import columns
 
@@ -37,6 +38,13 @@ CONSUMED_INPUTS = ("image", "mask", "reference_images")
 # The status of a row kept out of the dataset by a stage's safety checker (no image, the reason in
 # `error`) or by the spec's `filters:` (the image kept, the reason in `filter_reason`).
 FILTERED = "filtered"
+
+
+def status_counts(table: pa.Table) -> dict[str, int]:
+    """How many rows of ``table`` have each status, counted in Arrow (an output may hold 100M rows)."""
+    return {c["values"]: c["counts"] for c in pc.value_counts(table.column("status")).to_pylist()}
+
+
 # The columns the spec's `filters:` add after the fixed ones (pipeline/synth/filters.py).
 PHASH, PROB, REASON = "phash", "label_prob", "filter_reason"
 # A manifest column under one of these names that shardgen does not read passes through as

@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy
 from ray.data._internal.logical.interfaces import LogicalPlan
@@ -27,7 +26,7 @@ from pipeline.cluster import check_address, connect, ensure_ray
 from pipeline.encode import encode_batch, seconds_per_image
 from pipeline.errors import ShardgenError, SpecError
 from pipeline.kinds import KINDS
-from pipeline.output_schema import FILTERED
+from pipeline.output_schema import FILTERED, status_counts
 from pipeline.prepare import prepare_batch
 from pipeline.resume import drop_done
 from pipeline.shard_publisher import ShardPublisher
@@ -142,8 +141,9 @@ def _count(counter, table: pa.Table, kind: str, last: bool) -> None:
     counter.add.remote(kind, table.num_rows)
     if last:  # the rows are done: they only wait for their shard now
         counter.add.remote(progress.DONE, table.num_rows)
-        counter.add.remote(progress.OK, int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0))
-        counter.add.remote(progress.FILTERED, int(pc.sum(pc.equal(table.column("status"), FILTERED)).as_py() or 0))
+        counts = status_counts(table)
+        counter.add.remote(progress.OK, counts.get("ok", 0))
+        counter.add.remote(progress.FILTERED, counts.get(FILTERED, 0))
 
 
 def _counted(cls: type, counter, kind: str, last: bool) -> type:

@@ -14,11 +14,12 @@ from dataclasses import replace
 from datetime import datetime, timezone
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import layout
 from pipeline.card import dataset_card
 from pipeline.job_record import put_text, write_job_file
-from pipeline.output_schema import FILTERED
+from pipeline.output_schema import FILTERED, status_counts
 from pipeline.spec import JobSpec
 from pipeline.stats import ActorMetrics, StageStats, Stats
 from pipeline.synth import filters
@@ -34,6 +35,12 @@ def _error_kind(message: str) -> str:
     return message.split(":", 1)[0] if message else "unknown"
 
 
+def _kinds(written: pa.Table, status: str) -> Counter:
+    """The kinds of the messages in `error` of the rows of ``status``, counted."""
+    of = written.column("error").filter(pc.equal(written.column("status"), status)).drop_null()
+    return Counter(_error_kind(m) for m in of.to_pylist())
+
+
 def finalize(spec: JobSpec, run_id: str, reports: list[ShardReport], files: list[str], written: pa.Table,
              started: datetime, ended: datetime, filtered: FilterReport | None = None,
              actors: list[ActorMetrics] | None = None) -> Stats:
@@ -47,11 +54,11 @@ def finalize(spec: JobSpec, run_id: str, reports: list[ShardReport], files: list
     wall = (ended - started).total_seconds()
     if filtered is not None:
         written = filtered.written
-    status, messages = written.column("status").to_pylist(), written.column("error").to_pylist()
-    ok, n_filtered = status.count("ok"), status.count(FILTERED)
-    errors = dict(Counter(_error_kind(m) for s, m in zip(status, messages) if s == "error" and m is not None))
+    counts = status_counts(written)
+    ok, n_filtered = counts.get("ok", 0), counts.get(FILTERED, 0)
+    errors = dict(_kinds(written, "error"))
     # Rows a stage's safety checker filtered say why in `error`; those the filters did, in filter_reason.
-    by_reason = Counter(_error_kind(m) for s, m in zip(status, messages) if s == FILTERED and m is not None)
+    by_reason = _kinds(written, FILTERED)
     by_reason.update(filtered.by_reason if filtered else {})
     runs = sorted({layout.run_of(name) for name in files} | {run_id})
     stats = Stats(
