@@ -74,12 +74,9 @@ def _check_folder(field: str, source: str, files: list[str], config: dict | None
     the field's kind."""
     import diffusers
 
-    from pipeline.models.checks import _pickled_only
+    from pipeline.models.checks import check_safe_files
 
-    pickled = _pickled_only(files)
-    if pickled or any(f.endswith(".py") for f in files):
-        raise ModelError(f"{field}: {source} holds pickled weights or Python code; shardgen loads safetensors "
-                         "only and runs no code from model folders")
+    check_safe_files(field, source, files)
     name = (config or {}).get("_class_name")
     found = getattr(diffusers, name, None) if isinstance(name, str) else None
     word = CLASS_WORD[field]

@@ -28,12 +28,10 @@ ENCODER = "image_encoder"
 
 def _weights(folder: Path, source: str, weight_name: str | None) -> str:
     """The adapter's weight file in ``folder``, checked to be an IP-Adapter's."""
-    from pipeline.models.checks import _pickled_only
+    from pipeline.models.checks import check_safe_files
 
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
-    if _pickled_only(files) or any(f.endswith(".py") for f in files):
-        raise ModelError(f"ip_adapter: {source} holds pickled weights or Python code; shardgen loads safetensors "
-                         "only and runs no code from model folders")
+    check_safe_files("ip_adapter", source, files)
     found = [f for f in files if f.endswith(".safetensors")]
     if weight_name is None and len(found) != 1:
         raise ModelError(f"ip_adapter: {source} holds {len(found)} .safetensors files ({found}); name one with "

@@ -41,6 +41,14 @@ def _pipeline_class_allowed(name: object) -> bool:
     return isinstance(found, type) and issubclass(found, diffusers.DiffusionPipeline)
 
 
+def check_safe_files(field: str, source: str, files: list[str]) -> None:
+    """Refuse (ModelError, exit 2) a conditioning model folder (the spec field ``field`` names it)
+    that holds pickled weights or Python code."""
+    if _pickled_only(files) or any(f.endswith(".py") for f in files):
+        raise ModelError(f"{field}: {source} holds pickled weights or Python code; shardgen loads safetensors "
+                         "only and runs no code from model folders")
+
+
 def check_model(source: str, files: list[str], model_index: dict | None) -> None:
     """Refuse (ModelError, exit 2) the model at ``source`` whose relative file names are ``files``
     and whose model_index.json holds ``model_index`` (None when it has none)."""
