@@ -4,7 +4,8 @@ DEST/{split}-000000.tar, … (split: the output's split folders; `train` for an 
 Rows with `status: ok` are exported (filtered rows too with ``include_filtered``; error rows have
 no image). Each tar is published whole (storage.write_bytes), its rows a fixed slice of the
 output's rows in shard order, so a rerun skips the tars that exist and writes only the rest; the
-export's record (_webdataset.json) is written last, and a rerun against another output run or
+card (README.md: the features, for `datasets.load_dataset(DEST)`) and then the export's record
+(_webdataset.json) are written last, and a rerun against another output run or
 other options is refused.
 """
 
@@ -18,11 +19,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import layout, storage
+from pipeline.card import webdataset_card
 from pipeline.errors import SpecError
 from pipeline.spec import StorageSpec
-from pipeline.writers.webdataset import WebDatasetWriter
+from pipeline.writers.webdataset import WebDatasetWriter, sample_schema
 
 RECORD = "_webdataset.json"
+CARD = "README.md"  # the features `datasets.load_dataset(DEST)` reads
 DEFAULT_SPLIT = "train"
 
 
@@ -69,10 +72,12 @@ def export_webdataset(output: str, dest: str, rows_per_shard: int = 1000, includ
     for name in names:
         by_split.setdefault(layout.split_of(name) or DEFAULT_SPLIT, []).append(name)
     statuses = ["ok", "filtered"] if include_filtered else ["ok"]
-    writer, summary = WebDatasetWriter(), {}
+    writer, summary, sample = WebDatasetWriter(), {}, None
     for split, files in sorted(by_split.items()):
         index, samples, pending = 0, 0, []
         for table in _rows(fs, root, files, statuses):
+            if sample is None and table.num_rows:
+                sample = sample_schema(table)
             pending.append(table)
             while sum(t.num_rows for t in pending) >= rows_per_shard:
                 whole = pa.concat_tables(pending, promote_options="permissive")
@@ -85,6 +90,9 @@ def export_webdataset(output: str, dest: str, rows_per_shard: int = 1000, includ
                      pa.concat_tables(pending, promote_options="permissive"), storage_spec, log)
             index, samples = index + 1, samples + rest
         summary[split] = {"shards": index, "samples": samples}
+    if sample is not None:
+        card = webdataset_card(sample, {s: f"{s}-*.tar" for s, counts in summary.items() if counts["samples"]})
+        storage.write_bytes(storage.join(dest, CARD), card.encode(), storage_spec)
     storage.write_bytes(record_uri, (json.dumps({"options": options, "splits": summary}, indent=2) + "\n").encode(),
                         storage_spec)
     return summary

@@ -421,3 +421,10 @@ def test_segmentation_recipe_from_label_maps_to_webdataset_pairs(models, tmp_pat
         assert sample["png"].size == (32, 32)
         # The "pil" decoder makes every PNG RGB; the class indices are each channel's values.
         assert np.array_equal(np.asarray(sample["label_map.png"].convert("L")), expected[sample["json"]["id"]])
+    # `datasets` reads the same pairs, typed by the export's card: the map is an Image feature.
+    import datasets
+
+    ds = datasets.load_dataset(str(tmp_path / "wds"), split="train", cache_dir=str(tmp_path / "hf"))
+    assert isinstance(ds.features["label_map.png"], datasets.Image) and len(ds) == 3
+    for sample in ds:
+        assert np.array_equal(np.asarray(sample["label_map.png"].convert("L")), expected[sample["json"]["id"]])

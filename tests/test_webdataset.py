@@ -1,15 +1,20 @@
 """`shardgen export webdataset`: tar shards {split}-%06d.tar with key.png / key.cls / key.json,
 read back by the `webdataset` package and by `datasets`; published whole, resumable."""
 
+import io
 import json
+from datetime import datetime
 
 import datasets
+import pyarrow as pa
 import pytest
 import webdataset as wds
+from PIL import Image
 
+from pipeline.card import webdataset_card
 from pipeline.cli import main as cli_main
 from pipeline.export import export_webdataset
-from pipeline.writers.webdataset import sample_key
+from pipeline.writers.webdataset import WebDatasetWriter, sample_key, sample_schema
 from tests.conftest import SYNTH_CLASSES, read_output
 
 
@@ -46,8 +51,7 @@ def test_webdataset_package_reads_samples(exported):
 
 def test_datasets_loads_the_tars(exported, tmp_path):
     _, dest, _ = exported
-    ds = datasets.load_dataset("webdataset", data_files={"test": str(dest / "test-*.tar")}, split="test",
-                               cache_dir=str(tmp_path / "hf"))
+    ds = datasets.load_dataset(str(dest), split="test", cache_dir=str(tmp_path / "hf"))  # by the card
     assert len(ds) == 3
     assert isinstance(ds.features["png"], datasets.Image) and ds[0]["png"].size == (32, 32)
     assert ds[0]["cls"] in range(len(SYNTH_CLASSES)) and ds[0]["json"]["split"] == "test"
@@ -79,3 +83,24 @@ def test_refuses_other_options_and_unfinished_outputs(exported, tmp_path):
 def test_sample_keys_have_no_dots():
     assert sample_key("row-001") == "row-001"
     assert sample_key("a.b/c").startswith("a_b_c_") and sample_key("a.b/c") != sample_key("a_b_c")
+
+
+def _rows(ids: list[str], errors: list[str | None]) -> pa.Table:
+    png = (Image.new("RGB", (8, 8), "red"), io.BytesIO())
+    png[0].save(png[1], format="PNG")
+    return pa.table({"id": ids, "image": [{"bytes": png[1].getvalue(), "path": None}] * len(ids),
+                     "status": ["filtered" if e else "ok" for e in errors], "error": errors,
+                     "created_at": pa.array([datetime(2026, 1, 1)] * len(ids), pa.timestamp("us"))})
+
+
+def test_card_types_a_field_that_is_null_in_every_sample_of_the_first_tar(tmp_path):
+    """`datasets` alone types a JSON field from the first tar's first samples; null in all of
+    them made it a null field, and the first string in a later tar failed the load."""
+    first, later = _rows(["a", "b"], [None, None]), _rows(["c"], ["nsfw"])
+    for name, table in (("train-000000.tar", first), ("train-000001.tar", later)):
+        (tmp_path / name).write_bytes(WebDatasetWriter().encode(table))
+    (tmp_path / "README.md").write_text(webdataset_card(sample_schema(first), {"train": "train-*.tar"}))
+    ds = datasets.load_dataset(str(tmp_path), split="train", cache_dir=str(tmp_path / "hf"))
+    assert [r["json"]["error"] for r in ds] == [None, None, "nsfw"]
+    assert ds.features["json"]["error"] == datasets.Value("string")
+    assert ds[0]["json"]["created_at"] == "2026-01-01 00:00:00" and ds[0]["png"].size == (8, 8)

@@ -39,11 +39,58 @@ def image_extension(data: bytes) -> str:
     raise ValueError("image bytes are neither PNG, WebP nor JPEG")
 
 
-def _is_image(value) -> bool:
+def _extension_of(row: dict, column: str) -> str:
     try:
-        return isinstance(value, bytes) and bool(image_extension(value))
-    except ValueError:
-        return False
+        return image_extension(row[column])
+    except ValueError as e:
+        raise ValueError(f"row {row['id']!r}: column {column!r}: {e}, as its first value was") from None
+
+
+def _image_columns(table: pa.Table) -> dict[str, str]:
+    """The columns besides `image` that hold image bytes, each with its members' extension, judged
+    by the column's first value: one layout for every sample of a tar, which `datasets` needs."""
+    found = {}
+    for field in table.schema:
+        if field.name in NOT_IN_JSON or not (pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type)):
+            continue
+        values = table.column(field.name).drop_null()
+        try:
+            found[field.name] = image_extension(values[0].as_py()) if len(values) else None
+        except ValueError:
+            continue  # bytes that are no image go into the JSON
+    return {name: ext for name, ext in found.items() if ext}
+
+
+def _json_type(t: pa.DataType) -> pa.DataType:
+    """The type a column's values have once in the JSON: what JSON cannot hold (timestamps,
+    bytes) is written as its string (json.dumps' default=str)."""
+    if pa.types.is_integer(t):
+        return pa.int64()
+    if pa.types.is_floating(t):
+        return pa.float64()
+    if pa.types.is_boolean(t) or pa.types.is_string(t):
+        return t
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return pa.list_(_json_type(t.value_type))
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, _json_type(f.type)) for f in t])
+    return pa.string()
+
+
+def sample_schema(table: pa.Table) -> pa.Schema:
+    """The fields of each sample as `datasets.load_dataset("webdataset")` reads them: image members
+    (binary, named by their extension), `cls`, `json` (a struct of the other columns) and the
+    `__key__`/`__url__` the reader adds."""
+    images = _image_columns(table)
+    ext = image_extension(table.column("image")[0]["bytes"].as_py())
+    fields = [pa.field(ext, pa.binary())]
+    if LABEL_COLUMN in table.column_names:
+        fields.append(pa.field("cls", pa.int64()))
+    fields += [pa.field(f"{name}.{e}", pa.binary()) for name, e in images.items()]
+    meta = [pa.field(f.name, _json_type(f.type)) for f in table.schema
+            if f.name not in NOT_IN_JSON and f.name not in images]
+    return pa.schema(fields + [pa.field("json", pa.struct(sorted(meta, key=lambda f: f.name))),
+                               pa.field("__key__", pa.string()), pa.field("__url__", pa.string())])
 
 
 def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
@@ -57,6 +104,7 @@ class WebDatasetWriter(FormatWriter):
     suffix = ".tar"
 
     def encode(self, table: pa.Table) -> bytes:
+        images = _image_columns(table)
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for row in table.to_pylist():
@@ -65,9 +113,9 @@ class WebDatasetWriter(FormatWriter):
                 _add(tar, f"{key}.{image_extension(image)}", image)
                 if row.get(LABEL_COLUMN) is not None:
                     _add(tar, f"{key}.cls", str(int(row[LABEL_COLUMN])).encode())
-                images = {k: v for k, v in row.items() if k not in NOT_IN_JSON and _is_image(v)}
-                for column, data in images.items():
-                    _add(tar, f"{key}.{column}.{image_extension(data)}", data)
+                for column in images:
+                    if row[column] is not None:
+                        _add(tar, f"{key}.{column}.{_extension_of(row, column)}", row[column])
                 meta = {k: v for k, v in row.items() if k not in NOT_IN_JSON and k not in images}
                 _add(tar, f"{key}.json", json.dumps(meta, default=str, sort_keys=True).encode())
         return buf.getvalue()
