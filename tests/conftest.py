@@ -30,16 +30,7 @@ import pytest
 import ray
 
 from pipeline.spec import parse_spec
-
-# Re-exported: test modules import these from here as well as from tests.helpers.
-from tests.helpers import (  # noqa: F401
-    free_port,
-    prompts_manifest,
-    read_output,
-    small_spec,
-    start_ray,
-    write_manifest,
-)
+from tests.helpers import free_port, start_ray
 
 RAY_DATA_NO_PROGRESS_S = 600
 

@@ -27,7 +27,7 @@ from pipeline.models.resolve import COMPLETE_MARKER, TRAINED_DIR, builtin_names
 from pipeline.training import data, measure
 from pipeline.training.classifier import NAME as CLASSIFIER_NAME
 from pipeline.training.classifier import ShapeClassifier
-from tests.conftest import read_output
+from tests.helpers import read_output
 
 ROWS = 12  # the demo's flows: three rows in four through the cascade, one in four inpainted
 COLOUR_TARGET, SHAPE_TARGET = 0.9, 0.8

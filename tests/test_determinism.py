@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.job import run_job
-from tests.conftest import prompts_manifest, read_output, small_spec, write_manifest
+from tests.helpers import prompts_manifest, read_output, small_spec, write_manifest
 
 ROWS = 6
 

@@ -14,7 +14,7 @@ from PIL import Image
 from pipeline.encode import encode_image
 from pipeline.job import run_job
 from pipeline.spec import FormatSpec, parse_spec
-from tests.conftest import prompts_manifest, read_output, write_manifest
+from tests.helpers import prompts_manifest, read_output, write_manifest
 
 # PNG gives the generated pixels themselves, which the lossy cases are compared with.
 CASES = [("png", 95), ("webp", 30), ("jpeg", 30)]

@@ -29,7 +29,7 @@ from pipeline.cli import main
 from pipeline.errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK
 from pipeline.models.hub import select
 from pipeline.models.resolve import COMPLETE_MARKER, build_builtin, resolve
-from tests.conftest import prompts_manifest, read_output, write_manifest
+from tests.helpers import prompts_manifest, read_output, write_manifest
 from tests.hub_server import HubServer, Repo
 from tests.test_security import REPO, RUNNER
 
@@ -132,7 +132,7 @@ def test_unknown_revision_is_refused(hub_env, tmp_path, capsys, monkeypatch):
 
 
 def test_unreachable_hub_is_exit_1(hub_env, tmp_path, capsys, monkeypatch):
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("HF_TOKEN", TOKEN)

@@ -12,7 +12,7 @@ import yaml
 from ray.job_submission import JobStatus
 
 from tests import ray_head as heads
-from tests.conftest import prompts_manifest, read_output, write_manifest
+from tests.helpers import prompts_manifest, read_output, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
