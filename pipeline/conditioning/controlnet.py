@@ -88,13 +88,13 @@ def _check_folder(field: str, source: str, files: list[str], config: dict | None
 def locate(source: str, storage_spec: StorageSpec | None, field: str = "controlnet") -> Path:
     """A ControlNet's or T2I-Adapter's local folder (copied once per node for a remote one; a
     trained built-in, builtin:NAME, ships in the package), checked."""
-    from pipeline.models.resolve import BUILTIN_PREFIX, TRAINED_DIR, _locate
+    from pipeline.models.resolve import BUILTIN_PREFIX, TRAINED_DIR, locate
 
     shipped = TRAINED_DIR / source.removeprefix(BUILTIN_PREFIX)
     if source.startswith(BUILTIN_PREFIX) and (shipped / "config.json").is_file():
         folder = shipped
     else:
-        folder = _locate(source, storage_spec, None, None)
+        folder = locate(source, storage_spec, None, None)
     config = folder / "config.json"
     files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
     _check_folder(field, source, files, json.loads(config.read_text()) if config.is_file() else None)

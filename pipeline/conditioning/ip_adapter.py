@@ -50,10 +50,10 @@ def _weights(folder: Path, source: str, weight_name: str | None) -> str:
 def locate(stage: StageSpec, storage_spec: StorageSpec | None) -> tuple[Path, str]:
     """The adapter's local folder (copied once per node for a remote one) and weight file, checked:
     safetensors weights of an IP-Adapter and a CLIP vision encoder beside them."""
-    from pipeline.models.resolve import _locate
+    from pipeline.models.resolve import locate
 
     source = stage.ip_adapter
-    folder = _locate(source, storage_spec, None, None)
+    folder = locate(source, storage_spec, None, None)
     name = _weights(folder, source, stage.ip_adapter_weight_name)
     config = folder / ENCODER / "config.json"
     architectures = json.loads(config.read_text()).get("architectures") if config.is_file() else None

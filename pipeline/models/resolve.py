@@ -93,7 +93,7 @@ def contents(source: str, storage_spec: StorageSpec | None = None, revision: str
         index = storage.read_bytes(storage.join(source, "model_index.json"), storage_spec) \
             if "model_index.json" in files else None
         return files, _model_index(index)
-    return folder_contents(_locate(source, storage_spec, revision, variant))
+    return folder_contents(locate(source, storage_spec, revision, variant))
 
 
 def check_sources(spec: JobSpec, build: bool = True) -> list[str]:
@@ -116,7 +116,7 @@ def check_sources(spec: JobSpec, build: bool = True) -> list[str]:
 
                 # A hub or remote model's weights are not on the driver: its adapters' fit is checked as it loads.
                 here = not (hub.is_hub_id(stage.model) or storage.is_remote(stage.model))
-                folder = _locate(stage.model, spec.storage, None, None) if here else None
+                folder = locate(stage.model, spec.storage, None, None) if here else None
                 checks.check_stage(stage, family, indexes[(stage.model, stage.revision, stage.variant)],
                                    spec.storage, folder)
             if KINDS[stage.kind].size_from != "spec":
@@ -134,7 +134,7 @@ def check_sources(spec: JobSpec, build: bool = True) -> list[str]:
 
 def resolve(source: str, storage_spec: StorageSpec | None = None, revision: str | None = None,
             variant: str | None = None) -> Path:
-    folder = _locate(source, storage_spec, revision, variant)
+    folder = locate(source, storage_spec, revision, variant)
     check_folder(source, folder)
     return folder
 
@@ -145,7 +145,9 @@ def _refuse_hub_options(source: str, revision: str | None, variant: str | None) 
         raise ModelError(f"{field}: only a hub id (org/name) has revisions and variants, not the model {source}")
 
 
-def _locate(source: str, storage_spec: StorageSpec | None, revision: str | None, variant: str | None) -> Path:
+def locate(source: str, storage_spec: StorageSpec | None, revision: str | None, variant: str | None) -> Path:
+    """The local folder of ``source`` (a hub id, a built-in, a remote URI or a local folder), fetched
+    into the model cache when it is not local; what the folder holds is not checked here."""
     if hub.is_hub_id(source):
         return hub.snapshot(source, revision, variant)
     _refuse_hub_options(source, revision, variant)
