@@ -7,6 +7,8 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 import ray
 
@@ -77,25 +79,39 @@ def ensure_ray(verbose: bool = False) -> None:
 # current node timed out during startup") although nothing is wrong: that start is torn down and
 # made again, rather than the job failing.
 LOCAL_START_TRIES = 3
+T = TypeVar("T")
+
+
+def retry_local_start(start: Callable[[], T], clean_up: Callable[[], object] | None = None) -> T:
+    """``start()``'s result (a local Ray node started: ray.init, a test cluster's node), started
+    again after ``clean_up()`` (default: ray.shutdown) when it failed only by missing Ray's
+    registration time."""
+    for attempt in range(1, LOCAL_START_TRIES + 1):
+        try:
+            return start()
+        except Exception as err:  # noqa: BLE001 - only the start-up time-out is tried again
+            if "timed out during startup" not in str(err) or attempt == LOCAL_START_TRIES:
+                raise
+            (clean_up or ray.shutdown)()
+            print(f"shardgen: the local Ray did not start in time (try {attempt} of {LOCAL_START_TRIES}): "
+                  "starting it again", file=sys.stderr)
 
 
 def connect(address: str | None, verbose: bool = False) -> None:
-    """ray.init on ``address`` (checked by check_address; None: a local Ray), quietly unless ``verbose``."""
+    """ray.init on ``address`` (checked by check_address; None: a local Ray), quietly unless
+    ``verbose``. A local start that times out is made again; a cluster's address fails at once."""
     if not verbose:
         for name, start in _NOTICES.items():
             logging.getLogger(name).addFilter(_DropNotice(start))
-    for attempt in range(1, LOCAL_START_TRIES + 1):
-        try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=verbose,
-                     logging_level=logging.INFO if verbose else logging.WARNING)
-            break
-        except Exception as err:  # noqa: BLE001 - only a local start's time-out is tried again
-            if address not in (None, "local") or "timed out during startup" not in str(err) \
-                    or attempt == LOCAL_START_TRIES:
-                raise
-            ray.shutdown()
-            print(f"shardgen: the local Ray did not start in time (try {attempt} of {LOCAL_START_TRIES}): "
-                  "starting it again", file=sys.stderr)
+
+    def init():
+        ray.init(address=address, include_dashboard=False, log_to_driver=verbose,
+                 logging_level=logging.INFO if verbose else logging.WARNING)
+
+    if address in (None, "local"):
+        retry_local_start(init)
+    else:
+        init()
     from ray.data import DataContext
 
     context = DataContext.get_current()

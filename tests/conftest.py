@@ -29,8 +29,9 @@ import boto3
 import pytest
 import ray
 
+from pipeline.cluster import retry_local_start
 from pipeline.spec import parse_spec
-from tests.helpers import free_port, start_ray
+from tests.helpers import free_port
 
 RAY_DATA_NO_PROGRESS_S = 600
 
@@ -90,7 +91,7 @@ def listed(item, names: set[str]) -> bool:
 # What in a test's code (or in a helper of its module it calls, or a fixture of its module it uses)
 # starts a process or a Ray: such a test is integration with no list entry.
 STARTS = re.compile(r"\bsubprocess\.(?:run|Popen|call|check_call|check_output)\b|\brun_shardgen\(|\bray\.init\(|"
-                    r"\bstart_ray\(|\brun_job\(")
+                    r"\bretry_local_start\(|\brun_job\(")
 
 
 def _source(fn) -> str:
@@ -196,7 +197,7 @@ def environment(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ray_local(environment, s3_endpoint):
     # The S3 server first: Ray's workers inherit AWS_ENDPOINT_URL from this process when Ray starts.
-    start_ray(lambda: ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False))
+    retry_local_start(lambda: ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False))
     yield
     ray.shutdown()
 

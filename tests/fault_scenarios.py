@@ -26,9 +26,10 @@ import ray
 
 import psutil  # isort: skip - the copy Ray ships (ray/thirdparty_files), importable once ray is
 
+from pipeline.cluster import retry_local_start
 from pipeline.job import run_job
 from pipeline.spec import parse_spec
-from tests.helpers import run_in_process, start_ray
+from tests.helpers import run_in_process
 
 STAGE_ACTOR = "MapWorker(MapBatches(TextToImageStage))"
 DEADLINE_S = 240  # generous: a condition that is not met by then is a failure, not a wait
@@ -111,7 +112,7 @@ def worker_sigkill(manifest: str, output: str) -> dict:
     """SIGKILL one worker of each kind, in the order they come up: a task of the CPU prepare
     step, the stage actor while it loads its model (its constructor), the stage actor again while
     it runs a batch once some shards exist, and a task of the CPU encode-and-write step."""
-    start_ray(lambda: ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False))
+    retry_local_start(lambda: ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False))
     try:
         job = Job(spec(manifest, output, **STAGE_OPTIONS["worker_sigkill"]))
         job.start()
@@ -148,10 +149,10 @@ def node_loss(manifest: str, output: str) -> dict:
     from ray.cluster_utils import Cluster
 
     head = {"num_cpus": 0, "include_dashboard": False}
-    cluster = start_ray(lambda: Cluster(initialize_head=True, head_node_args=head))
+    cluster = retry_local_start(lambda: Cluster(initialize_head=True, head_node_args=head))
     head_address = cluster.gcs_address
     try:
-        worker = start_ray(lambda: cluster.add_node(num_cpus=NODE_CPUS), clean_up=lambda: None)
+        worker = retry_local_start(lambda: cluster.add_node(num_cpus=NODE_CPUS), clean_up=lambda: None)
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
         raylets = {raylet_pid(cluster.head_node): "head", raylet_pid(worker): "worker"}
@@ -176,7 +177,7 @@ def node_loss(manifest: str, output: str) -> dict:
         time.sleep(REPLACEMENT_DELAY_S)
         waited = {"seconds": REPLACEMENT_DELAY_S, "job_alive": job.is_alive(), "shards_before": shards_before,
                   "shards_after": len(shards(output)), "stage_actors": len(stage_actors("submit"))}
-        replacement = start_ray(lambda: cluster.add_node(num_cpus=NODE_CPUS), clean_up=lambda: None)
+        replacement = retry_local_start(lambda: cluster.add_node(num_cpus=NODE_CPUS), clean_up=lambda: None)
         raylets[raylet_pid(replacement)] = "replacement"
         restarted = wait_for("the stage actor restarted", lambda: stage_actors("submit"), job)[0]
         job.join()

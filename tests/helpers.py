@@ -27,27 +27,12 @@ from pipeline import layout, storage
 from pipeline.spec import JobSpec, parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
-RAY_START_TRIES = 3
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def start_ray(start, clean_up=ray.shutdown):
-    """``start()``'s result. On a busy machine a raylet whose agents are slow to report their ports
-    aborts at start ("The current node timed out during startup"): clean up and start again
-    rather than fail the test."""
-    for attempt in range(1, RAY_START_TRIES + 1):
-        try:
-            return start()
-        except Exception as err:  # noqa: BLE001 - only the start-up time-out is retried
-            clean_up()
-            if "timed out during startup" not in str(err) or attempt == RAY_START_TRIES:
-                raise
-            print(f"Ray did not start (try {attempt} of {RAY_START_TRIES}): {err}")
 
 
 # --- manifests and outputs ---------------------------------------------------------------------
@@ -200,7 +185,6 @@ def assert_finished_exactly_once(output: str, manifest: str) -> None:
 def as_a_fresh_process(monkeypatch) -> None:
     """Run the CLI in this process as a new command would: joined to no Ray (an earlier test of this
     xdist worker may have started the session's), and never starting one (ray.init fails the test)."""
-    import ray
 
     def refused(*args, **kwargs):
         raise AssertionError("ray.init was called: the dead address was not caught first")

@@ -282,25 +282,19 @@ def write_doc(doc: Path, text: str) -> None:
     doc.write_text(new)
 
 
-def start_ray(tries: int = 5) -> None:
-    """The Ray in RAY_ADDRESS, else a local Ray of 2 CPUs. On a loaded machine a local raylet can
-    miss Ray's fixed start-up windows; say so and try again."""
+def start_ray() -> None:
+    """The Ray in RAY_ADDRESS, else a local Ray of 2 CPUs (started again where a loaded machine's
+    raylet misses Ray's start-up window: cluster.retry_local_start)."""
     import ray
+
+    from pipeline.cluster import retry_local_start
 
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(include_dashboard=False, log_to_driver=False)
         return
-    for attempt in range(1, tries + 1):
-        try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-            return
-        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this
-            if attempt == tries or "timed out during startup" not in str(err):
-                raise
-            print(f"synth-eval: Ray did not start ({err}); try {attempt + 1} of {tries}", flush=True)
-            ray.shutdown()
+    retry_local_start(lambda: ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False))
 
 
 def main(argv: list[str] | None = None) -> None:
