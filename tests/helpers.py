@@ -74,8 +74,9 @@ def small_spec(manifest: str, output: str, **stage) -> JobSpec:
 
 
 def run_in_process(spec: JobSpec) -> pa.Table:
-    """The rows a one-flow job of ``spec`` writes, made in this process without Ray: the job's own
-    steps (prepare, each stage, encode, the output's columns) over the whole manifest as one batch. A stage contract
+    """The rows a one-flow job of ``spec`` writes, made in this process without Ray: the driver's
+    manifest check, then the job's own steps (prepare, each stage, encode, the output's columns)
+    over the whole manifest as one batch. A stage contract
     check that needs no job: this process has diffusers imported already, a stage actor would
     import it again."""
     import torch
@@ -87,6 +88,7 @@ def run_in_process(spec: JobSpec) -> pa.Table:
     from pipeline.prepare import prepare_batch
     from pipeline.stages import stage_class
 
+    manifest.check(spec)
     threads = torch.get_num_threads()
     try:
         table = prepare_batch(manifest.read(spec), spec.stages, spec.storage, for_job(spec), spec.limits)
