@@ -20,17 +20,22 @@ import hashlib
 import io
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import pyarrow.dataset as pads
 from PIL import Image
 
-from pipeline import layout, storage
+from pipeline import id_checks, layout, storage
 from pipeline.errors import EXIT_FAILED, EXIT_OK
 from pipeline.inspect.output import ROW, SHARD, Output, has_image_feature, sql_list
 from pipeline.spec import StorageSpec
 
 EXAMPLES = 10  # ids or shards named per failed check
+# Shards per DuckDB query: a query holds about 14 KB of every shard it reads until it ends, so the
+# checks over every row read the shards in groups of this many (about 14 MB a group).
+GROUP_SHARDS = 1000
+TOTAL = "_found"  # the column of a query's row count (first_rows)
 DEEP_COLUMNS = ["id", "status", "image", "image_sha256", "width", "height"]
 IMAGE_BYTES = "image, bytes"  # the leaf column's path as parquet_metadata names it
 
@@ -121,13 +126,47 @@ def check_counts(out: Output, report: Report) -> None:
     report.checked.append("counts")
 
 
-def check_ids(out: Output, report: Report) -> None:
-    found = out.query("SELECT count(*) FILTER (WHERE id IS NULL) AS nulls FROM rows")[0]
-    if found["nulls"]:
-        report.fail("ids", f"{found['nulls']} row(s) with a null id")
-    dup = out.query("SELECT id, count(*) AS n FROM rows WHERE id IS NOT NULL GROUP BY id HAVING n > 1 ORDER BY id")
-    if dup:
-        report.fail("ids", f"{len(dup)} id(s) in more than one row", [f"{d['id']} x{d['n']}" for d in dup])
+def groups(names: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(names), size):
+        yield names[start:start + size]
+
+
+def first_rows(con, sql: str, order: str) -> tuple[int, list[dict]]:
+    """How many rows a query gives and the first EXAMPLES of them by ``order``, as dicts."""
+    cursor = con.execute(f"SELECT *, count(*) OVER () AS {TOTAL} FROM ({sql}) ORDER BY {order} LIMIT {EXAMPLES}")
+    names = [d[0] for d in cursor.description]
+    rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+    return (rows[0][TOTAL] if rows else 0), rows
+
+
+@dataclass
+class Found:
+    """What a check found over every group of shards: how many, and the first few examples."""
+
+    count: int = 0
+    examples: list = field(default_factory=list)
+
+    def add(self, count: int, examples: list) -> None:
+        self.count += count
+        self.examples += examples[:EXAMPLES - len(self.examples)]
+
+
+def collect_ids(part: Output, ids) -> None:
+    """Stream the ids of the shards of ``part`` into the table ``output_ids`` of the connection ``ids``."""
+    ids.register("part_ids", part.batches("SELECT id FROM rows"))
+    ids.execute("INSERT INTO output_ids SELECT id FROM part_ids")
+    ids.unregister("part_ids")
+
+
+def check_ids(ids, report: Report) -> None:
+    """Ids unique and not null, over ``output_ids`` (every shard's ids)."""
+    nulls = ids.execute("SELECT count(*) FILTER (WHERE id IS NULL) FROM output_ids").fetchone()[0]
+    if nulls:
+        report.fail("ids", f"{nulls} row(s) with a null id")
+    count, dup = first_rows(ids, "SELECT id, count(*) AS n FROM output_ids WHERE id IS NOT NULL GROUP BY id "
+                                 "HAVING n > 1", "id")
+    if count:
+        report.fail("ids", f"{count} id(s) in more than one row", [f"{d['id']} x{d['n']}" for d in dup])
     report.checked.append("ids")
 
 
@@ -139,33 +178,31 @@ def manifest_files(manifest: str, storage_spec: StorageSpec) -> list[str]:
     return [f if not storage.is_remote(manifest) else f"{storage.scheme(manifest)}://{f}" for f in files]
 
 
-def check_manifest(out: Output, manifest: str, report: Report) -> None:
-    """Every manifest id in the output exactly once (duplicates are check_ids'), and no other id."""
-    if storage.is_remote(manifest) and storage.scheme(manifest) != storage.scheme(out.uri):
-        out.con.register_filesystem(storage.filesystem(manifest, out.storage)[0])
-    files = sql_list(manifest_files(manifest, out.storage))
-    out.con.execute(f"CREATE VIEW manifest AS SELECT id FROM read_parquet({files}, union_by_name = true)")
-    rows = out.query("SELECT count(*) AS n FROM manifest")[0]["n"]
+def check_manifest(ids, manifest: str, storage_spec: StorageSpec, report: Report) -> None:
+    """Every manifest id in ``output_ids`` exactly once (duplicates are check_ids'), and no other id."""
+    if storage.is_remote(manifest):
+        ids.register_filesystem(storage.filesystem(manifest, storage_spec)[0])
+    files = sql_list(manifest_files(manifest, storage_spec))
+    ids.execute(f"CREATE VIEW manifest AS SELECT id FROM read_parquet({files}, union_by_name = true)")
+    rows = ids.execute("SELECT count(*) FROM manifest").fetchone()[0]
     if rows != report.rows:
         report.fail("manifest", f"the manifest has {rows} rows, the output {report.rows}")
-    missing = out.query("SELECT id FROM manifest ANTI JOIN (SELECT id FROM rows) USING (id) ORDER BY id")
-    if missing:
-        report.fail("manifest", f"{len(missing)} manifest id(s) not in the output", [m["id"] for m in missing])
-    extra = out.query("SELECT id FROM rows ANTI JOIN manifest USING (id) ORDER BY id")
-    if extra:
-        report.fail("manifest", f"{len(extra)} output id(s) not in the manifest", [m["id"] for m in extra])
+    count, missing = first_rows(ids, "SELECT id FROM manifest ANTI JOIN output_ids USING (id)", "id")
+    if count:
+        report.fail("manifest", f"{count} manifest id(s) not in the output", [m["id"] for m in missing])
+    count, extra = first_rows(ids, "SELECT id FROM output_ids ANTI JOIN manifest USING (id)", "id")
+    if count:
+        report.fail("manifest", f"{count} output id(s) not in the manifest", [m["id"] for m in extra])
     report.checked.append("manifest")
 
 
-def check_status(out: Output, report: Report) -> None:
-    """status = ok exactly where an image is: per row by image_sha256, per row group by the
-    footer's null count of image.bytes (the bytes themselves are read by --deep only)."""
-    rows = out.query("SELECT id, status FROM rows WHERE (status = 'ok') IS DISTINCT FROM (image_sha256 IS NOT NULL) "
-                     "ORDER BY id")
-    if rows:
-        report.fail("status", f"{len(rows)} row(s) whose status disagrees with image_sha256 (ok exactly where "
-                    "an image is)", [f"{r['id']}: status {r['status']}" for r in rows])
-    groups = out.query(f"""
+def check_status(out: Output, rows: Found, row_groups: Found) -> None:
+    """status = ok exactly where an image is, in the shards of ``out``: per row by image_sha256, per
+    row group by the footer's null count of image.bytes (the bytes themselves are read by --deep only)."""
+    count, found = first_rows(out.con, "SELECT id, status FROM rows WHERE (status = 'ok') IS DISTINCT FROM "
+                                       "(image_sha256 IS NOT NULL)", "id")
+    rows.add(count, [f"{r['id']}: status {r['status']}" for r in found])
+    count, found = first_rows(out.con, f"""
         WITH g AS (
             SELECT file_name, row_group_id, row_group_num_rows AS n, stats_null_count AS nulls,
                    sum(row_group_num_rows) OVER (PARTITION BY file_name ORDER BY row_group_id) - row_group_num_rows
@@ -176,14 +213,40 @@ def check_status(out: Output, report: Report) -> None:
         FROM g LEFT JOIN not_ok ON not_ok.{SHARD} = g.file_name AND not_ok.{ROW} >= g.first
                                 AND not_ok.{ROW} < g.first + g.n
         GROUP BY g.file_name, g.row_group_id
-        HAVING any_value(g.nulls) IS DISTINCT FROM count(not_ok.{ROW})
-        ORDER BY g.file_name, g.row_group_id""")
-    if groups:
-        report.fail("status", f"{len(groups)} row group(s) whose rows without an image (image.bytes null) are not "
-                    "those whose status is not ok", [f"{out.name_of(g['file_name'])} row group {g['row_group_id']}: "
-                                                     f"{g['nulls']} null image(s), {g['not_ok']} row(s) not ok"
-                                                     for g in groups])
+        HAVING any_value(g.nulls) IS DISTINCT FROM count(not_ok.{ROW})""", "file_name, row_group_id")
+    row_groups.add(count, [f"{out.name_of(g['file_name'])} row group {g['row_group_id']}: {g['nulls']} null "
+                           f"image(s), {g['not_ok']} row(s) not ok" for g in found])
+
+
+def report_status(rows: Found, row_groups: Found, report: Report) -> None:
+    if rows.count:
+        report.fail("status", f"{rows.count} row(s) whose status disagrees with image_sha256 (ok exactly where "
+                    "an image is)", rows.examples)
+    if row_groups.count:
+        report.fail("status", f"{row_groups.count} row group(s) whose rows without an image (image.bytes null) are "
+                    "not those whose status is not ok", row_groups.examples)
     report.checked.append("status")
+
+
+def check_rows(output: str, names: list[str], manifest: str | None, storage_spec: StorageSpec | None,
+               report: Report) -> None:
+    """The checks over every row (ids, manifest, status), reading the shards ``names`` GROUP_SHARDS
+    at a time: each group's DuckDB connection is closed before the next opens, and the ids go to one
+    table of their own (pipeline/id_checks.py: bounded memory, spilled to disk beyond it)."""
+    rows, row_groups = Found(), Found()
+    with id_checks.connection() as ids:
+        ids.execute("CREATE TABLE output_ids (id VARCHAR)")
+        for group in groups(names, GROUP_SHARDS):
+            part = Output(output, storage_spec=storage_spec, names=group)
+            try:
+                collect_ids(part, ids)
+                check_status(part, rows, row_groups)
+            finally:
+                part.con.close()
+        check_ids(ids, report)
+        if manifest:
+            check_manifest(ids, manifest, storage_spec or StorageSpec(), report)
+    report_status(rows, row_groups, report)
 
 
 def image_problem(row: dict) -> str | None:
@@ -248,10 +311,7 @@ def verify(output: str, manifest: str | None = None, deep: bool = False, sample:
     check_counts(out, report)
     if not readable:
         return report
-    check_ids(out, report)
-    if manifest:
-        check_manifest(out, manifest, report)
-    check_status(out, report)
+    check_rows(output, readable, manifest, storage_spec, report)
     if deep:
         check_images(out, report, sample, seed, log)
     return report

@@ -146,3 +146,35 @@ def test_inspect_reads_shards_of_one_schema_without_a_union_and_of_two_with_one(
     assert out.schemas() == 2
     assert out.query("SELECT id, lora FROM rows ORDER BY id") == [
         {"id": "a", "lora": None}, {"id": "b", "lora": None}, {"id": "c", "lora": "x"}]
+
+
+def test_verify_reads_the_shards_in_groups_and_finds_what_crosses_them(synthetic_output, tmp_path, monkeypatch):
+    """verify with one shard a group: a whole output passes; an id repeated in two shards, the
+    manifest id it replaced, and bad statuses in two shards are each found once over the groups."""
+    from pipeline import verify
+
+    monkeypatch.setattr(verify, "GROUP_SHARDS", 1)
+    out = tmp_path / "out"
+    shutil.copytree(synthetic_output.output, out)
+    assert not verify.verify(str(out), manifest=synthetic_output.manifest, log=lambda _: None).failures
+    first, second, third = sorted((out / layout.DATA).glob("*.parquet"))[:3]
+    twin = pq.read_table(first).column("id")[0].as_py()
+    replaced = pq.read_table(second).column("id")[0].as_py()
+    bad = []
+    for shard, row, change in [(second, 0, {"id": twin}), (first, 1, {"status": "error"}),
+                               (third, 1, {"status": "error"})]:
+        table = pq.read_table(shard)
+        for column, value in change.items():
+            values = table.column(column).to_pylist()
+            values[row] = value
+            table = table.set_column(table.column_names.index(column), column,
+                                     pa.array(values, table.schema.field(column).type))
+        if "status" in change:
+            bad.append(f"{table.column('id')[row].as_py()}: status error")
+        pq.write_table(table, shard, row_group_size=100)
+    failures = verify.verify(str(out), manifest=synthetic_output.manifest, log=lambda _: None).failures
+    found = {(f.check, f.message): f.examples for f in failures}
+    assert found[("ids", "1 id(s) in more than one row")] == [f"{twin} x2"]
+    assert found[("manifest", "1 manifest id(s) not in the output")] == [replaced]
+    assert found[("status", "2 row(s) whose status disagrees with image_sha256 (ok exactly where an image is)")] == bad
+    assert len(failures) == 4 and failures[3].message.startswith("2 row group(s) whose rows without an image")

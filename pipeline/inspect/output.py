@@ -155,6 +155,12 @@ class Output:
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row)) for row in cursor.fetchall()]
 
+    def batches(self, sql: str) -> pa.RecordBatchReader:
+        """The rows of a query as a stream of Arrow batches (results too large to hold)."""
+        if not self._views:
+            self._make_views()
+        return self.con.sql(sql).to_arrow_reader()
+
     def shards(self) -> list[Shard]:
         """Every shard's rows, row groups and bytes (from its footer) and its Hugging Face metadata."""
         if self._shards is None:
