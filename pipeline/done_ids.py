@@ -29,7 +29,7 @@ import ray
 
 # From this many done ids a resume uses the partitioned anti-join (measured: docs/performance.md,
 # "Skipping done ids"): below it the per-block hash costs less than the actors' calls.
-PARTITIONED_FROM = 200_000
+PARTITIONED_FROM = 100_000
 # Done ids per DonePartition actor: about 100 bytes each as a Python set (400 MB an actor).
 IDS_PER_PARTITION = 4_000_000
 

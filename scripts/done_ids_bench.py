@@ -21,6 +21,7 @@ import pyarrow as pa
 import ray
 
 from pipeline import done_ids
+from pipeline.cluster import connect
 
 
 def per_block_s(call, blocks: list[pa.Table]) -> float:
@@ -38,7 +39,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1024, help="rows per read block")
     parser.add_argument("--blocks", type=int, default=7)
     args = parser.parse_args()
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    connect("local")  # the project's local start, tried again when a busy machine makes it miss Ray's time-out
     print("| done ids | per block: is_in | partitioned: per block | partitioned: actors' build |\n|---|---|---|---|")
     for count in args.done:
         done = pa.array([f"row-{i:09d}" for i in range(0, 2 * count, 2)])

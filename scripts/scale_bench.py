@@ -35,10 +35,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 STEP = """
-import json, resource, sys, time
+import json, sys, time
 from pipeline import manifest, resume
 from pipeline.spec import parse_spec
 spec = parse_spec({"manifest": sys.argv[2], "output": sys.argv[3]})
+def peak_mib():
+    # This process's own peak (VmHWM): getrusage's ru_maxrss also counts the parent's resident
+    # memory when it started this one (Linux keeps the larger of the two across exec).
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
 started, cpu = time.perf_counter(), time.process_time()
 if sys.argv[1] == "manifest":
     manifest.check(spec)
@@ -52,7 +56,7 @@ else:
     resume.check_ids(written, spec)
     written.done()
 print(json.dumps({"s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu,
-                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_mib": peak_mib()}))
 """
 
 
