@@ -69,7 +69,19 @@ def pipeline_run(spec: JobSpec, name: str) -> Result:
     return Result(name, table.num_rows, len(later) / (times[-1] - first), wall)
 
 
-def run(rows: int, folder: Path, steps: int = 20) -> list[Result]:
+# Each shardgen variant, the plain loop it is compared with, and the ratio's label.
+PAIRS = [
+    ("shardgen, 1 actor x 1 CPU, one row per call (batch-invariant, the CPU default)", {},
+     {"threads": 1, "per_row": True}, "shardgen / plain loop, one row per call, 1 thread"),
+    ("shardgen, 1 actor x 1 CPU, batched", {"batch_invariant": False},
+     {"threads": 1, "per_row": False}, "shardgen / plain loop, batched, 1 thread"),
+    ("shardgen, 2 actors x 0.75 CPU, one row per call", {"actors": 2, "cpus_per_actor": 0.75},
+     {"threads": 2, "per_row": False}, "shardgen 2 actors / plain loop batched 2 threads"),
+]
+
+
+def run(rows: int, folder: Path, steps: int = 20, pairs: int = len(PAIRS)) -> list[tuple[Result, Result]]:
+    """(plain loop, shardgen) for each of the first ``pairs`` of PAIRS."""
     from pipeline.plan import ensure_ray
 
     prompts = sample_prompts(rows)
@@ -82,32 +94,29 @@ def run(rows: int, folder: Path, steps: int = 20) -> list[Result]:
     })
     stage = base.stages[0]
     ensure_ray()
-    variants = {
-        "shardgen, 1 actor x 1 CPU, one row per call (batch-invariant, the CPU default)": {},
-        "shardgen, 1 actor x 1 CPU, batched": {"batch_invariant": False},
-        "shardgen, 2 actors x 0.75 CPU, one row per call": {"actors": 2, "cpus_per_actor": 0.75},
-    }
-    loops = [{"threads": 1, "per_row": True}, {"threads": 1, "per_row": False}, {"threads": 2, "per_row": False}]
-    plain, shardgen = [], []
+    results = []
     # Each ratio's two sides run back to back: a machine whose load changes during the bench gives
     # both the same share of it.
-    for loop, (name, extra) in zip(loops, variants.items()):
-        plain.append(plain_loop(base, prompts, ids, **loop))
+    for name, extra, loop, _ in PAIRS[:pairs]:
+        plain = plain_loop(base, prompts, ids, **loop)
         spec = base.model_copy(update={"stages": [StageSpec(**{**stage.model_dump(), **extra})]})
-        shardgen.append(pipeline_run(spec, name))
-    return plain + shardgen
+        results.append((plain, pipeline_run(spec, name)))
+    return results
 
 
-def main(rows: int, out: str | None, steps: int = 20) -> None:
+def main(rows: int, out: str | None, steps: int = 20, quick: bool = False) -> None:
+    """``quick``: the first pair only (the CPU default against its plain loop)."""
     with tempfile.TemporaryDirectory() as tmp:
-        results = run(rows, Path(tmp), steps)
+        pairs = run(rows, Path(tmp), steps, pairs=1 if quick else len(PAIRS))
+    results = [plain for plain, _ in pairs] + [mine for _, mine in pairs]
     width = max(len(r.name) for r in results)
     print(f"\n{'what':<{width}}  rows  steady img/s  wall s")
     for r in results:
         print(f"{r.name:<{width}}  {r.rows:4d}  {r.steady_images_per_s:12.2f}  {r.wall_s:6.1f}")
-    ratio = lambda a, b: results[a].steady_images_per_s / results[b].steady_images_per_s  # noqa: E731
-    print(f"\nratio shardgen / plain loop, one row per call, 1 thread: {ratio(3, 0):.2f}")
-    print(f"ratio shardgen / plain loop, batched, 1 thread:         {ratio(4, 1):.2f}")
-    print(f"ratio shardgen 2 actors / plain loop batched 2 threads: {ratio(5, 2):.2f}")
+    labels = [label + ":" for *_, label in PAIRS]
+    print()
+    for (plain, mine), label in zip(pairs, labels):
+        ratio = mine.steady_images_per_s / plain.steady_images_per_s
+        print(f"ratio {label:<{max(map(len, labels))}} {ratio:.2f}")
     if out:
         Path(out).write_text(json.dumps([r.__dict__ for r in results], indent=2) + "\n")

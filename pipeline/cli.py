@@ -127,7 +127,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     from pipeline import bench
 
-    bench.main(args.rows, args.json, args.steps)
+    bench.main(args.rows, args.json, args.steps, quick=args.quick)
     return 0
 
 
@@ -265,7 +265,8 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="also write the figures to this file")
     bench.add_argument("--gpu", action="store_true",
                        help="SD 1.5 and SDXL architectures (random weights): plain loop, compiled loop, shardgen")
-    bench.add_argument("--quick", action="store_true", help="with --gpu: tiny models of the same architectures")
+    bench.add_argument("--quick", action="store_true", help="with --gpu: tiny models of the same architectures; "
+                       "without: only the first pair (the CPU default against its plain loop)")
     bench.set_defaults(fn=_bench)
 
     # Listed for --help only: main() hands `train …` whole to the training entry point.

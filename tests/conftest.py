@@ -30,16 +30,7 @@ import pytest
 import ray
 
 from pipeline.spec import parse_spec
-
-# Re-exported: test modules import these from here as well as from tests.helpers.
-from tests.helpers import (  # noqa: F401
-    free_port,
-    prompts_manifest,
-    read_output,
-    small_spec,
-    start_ray,
-    write_manifest,
-)
+from tests.helpers import free_port, start_ray
 
 RAY_DATA_NO_PROGRESS_S = 600
 
@@ -57,6 +48,7 @@ INTEGRATION_TESTS = {
 # the `slow` tier, as modules or module::test.
 SLOW_TESTS = {
     "test_gpubench.py", "test_synth.py::test_small_experiment",
+    "test_demo.py::test_bench_quick_runs_its_first_pair_and_reports_it",
     "test_training.py::test_ray_train_ddpm_loss_falls_and_saves_a_loadable_pipeline",
     "test_training.py::test_a_wall_clock_budget_ends_the_run_on_every_worker",
     "test_training.py::test_ddpm_trains_in_process_and_saves_a_ddpm_pipeline",

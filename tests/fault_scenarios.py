@@ -28,7 +28,7 @@ import psutil  # isort: skip - the copy Ray ships (ray/thirdparty_files), import
 
 from pipeline.job import run_job
 from pipeline.spec import parse_spec
-from tests.helpers import start_ray
+from tests.helpers import run_in_process, start_ray
 
 STAGE_ACTOR = "MapWorker(MapBatches(TextToImageStage))"
 DEADLINE_S = 240  # generous: a condition that is not met by then is a failure, not a wait
@@ -49,23 +49,8 @@ def spec(manifest: str, output: str, **stage):
 
 def reference(manifest: str, output: str, **stage) -> dict[str, str]:
     """{id: image_sha256} of the rows of ``spec(manifest, output, **stage)`` made without Ray and
-    without faults: the same steps (prepare, the stage, encode) called in this process."""
-    import pyarrow.parquet as pq
-    import torch
-
-    from pipeline.access import for_job
-    from pipeline.encode import encode_batch
-    from pipeline.prepare import prepare_batch
-    from pipeline.stages import stage_class
-
-    job = spec(manifest, output, **stage)
-    (first,) = job.stages
-    threads = torch.get_num_threads()
-    try:
-        table = prepare_batch(pq.read_table(manifest), job.stages, job.storage, for_job(job), job.limits)
-        table = encode_batch(stage_class(first.kind)(first, job.storage)(table), job.format)
-    finally:
-        torch.set_num_threads(threads)  # the stage sets its actor's thread count
+    without faults: the same steps called in this process."""
+    table = run_in_process(spec(manifest, output, **stage))
     return dict(zip(table.column("id").to_pylist(), table.column("image_sha256").to_pylist()))
 
 

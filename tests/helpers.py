@@ -88,6 +88,31 @@ def small_spec(manifest: str, output: str, **stage) -> JobSpec:
     })
 
 
+def run_in_process(spec: JobSpec) -> pa.Table:
+    """The rows a one-flow job of ``spec`` writes, made in this process without Ray: the job's own
+    steps (prepare, each stage, encode, the output's columns) over the whole manifest as one batch. A stage contract
+    check that needs no job: this process has diffusers imported already, a stage actor would
+    import it again."""
+    import torch
+
+    from pipeline import manifest
+    from pipeline.access import for_job
+    from pipeline.encode import encode_batch
+    from pipeline.output_schema import to_output_table
+    from pipeline.prepare import prepare_batch
+    from pipeline.stages import stage_class
+
+    threads = torch.get_num_threads()
+    try:
+        table = prepare_batch(manifest.read(spec), spec.stages, spec.storage, for_job(spec), spec.limits)
+        for position, stage in enumerate(spec.stages):
+            table = stage_class(stage.kind)(stage, spec.storage, position,
+                                            keep_text_embeds=position < len(spec.stages) - 1)(table)
+        return to_output_table(encode_batch(table, spec.format))
+    finally:
+        torch.set_num_threads(threads)  # a stage sets its actor's thread count
+
+
 def png(size: int | tuple[int, int], seed: int = 0, mode: str = "RGB") -> bytes:
     """A PNG of random pixels; ``size`` is a side or (width, height); mode RGB or L."""
     width, height = (size, size) if isinstance(size, int) else size

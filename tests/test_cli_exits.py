@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.cli import main
-from tests.conftest import prompts_manifest, write_manifest
+from tests.helpers import prompts_manifest, write_manifest
 from tests.synthetic_output import build
 
 REPO = Path(__file__).resolve().parents[1]

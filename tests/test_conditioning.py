@@ -29,7 +29,7 @@ from pipeline.prepare import prepare_batch
 from pipeline.spec import ControlSpec, LimitsSpec, StageSpec, StorageSpec, parse_spec
 from pipeline.stages import stage_class
 from pipeline.tables import values
-from tests.conftest import write_manifest
+from tests.helpers import write_manifest
 from tests.hub_server import HubServer, Repo
 from tests.tiny_conditioning import controlnet_for, ip_adapter_for, lora_for, misfit_lora, t2i_adapter_for
 from tests.tiny_pipelines import sdxl
@@ -384,7 +384,7 @@ def test_segmentation_recipe_from_label_maps_to_webdataset_pairs(models, tmp_pat
     from pipeline.export import export_webdataset
     from pipeline.job import run_job
     from pipeline.synth.control_maps import palette
-    from tests.conftest import read_output
+    from tests.helpers import read_output
 
     maps = tmp_path / "maps"
     maps.mkdir()

@@ -4,7 +4,7 @@ import datasets
 from PIL import Image
 
 from pipeline.job import run_job
-from tests.conftest import prompts_manifest, small_spec, write_manifest
+from tests.helpers import prompts_manifest, small_spec, write_manifest
 
 
 def test_load_dataset_decodes_images(tmp_path, ray_local):

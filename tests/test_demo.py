@@ -21,13 +21,14 @@ import pytest
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from pipeline import bench
 from pipeline.cli import main
 from pipeline.demo import caption, inpaint_request
 from pipeline.models.resolve import COMPLETE_MARKER, TRAINED_DIR, builtin_names
 from pipeline.training import data, measure
 from pipeline.training.classifier import NAME as CLASSIFIER_NAME
 from pipeline.training.classifier import ShapeClassifier
-from tests.conftest import read_output
+from tests.helpers import read_output
 
 ROWS = 12  # the demo's flows: three rows in four through the cascade, one in four inpainted
 COLOUR_TARGET, SHAPE_TARGET = 0.9, 0.8
@@ -167,17 +168,24 @@ def test_models_build_refuses_an_unknown_name(tmp_path, monkeypatch, capsys):
     assert "model: unknown built-in builtin:no-such-model" in capsys.readouterr().err
 
 
-def test_bench_runs_and_reports_every_variant(tmp_path, ray_local, capsys):
-    """The figures are not asserted (speed is no test's business); the run and its shape are."""
+def test_bench_quick_runs_its_first_pair_and_reports_it(tmp_path, ray_local, capsys):
+    """`shardgen bench --quick`: the CPU default against its plain loop, the figures in the shape
+    the full bench prints (the figures are not asserted: speed is no test's business)."""
     figures = tmp_path / "bench.json"
-    assert main(["bench", "--rows", "10", "--steps", "2", "--json", str(figures)]) == 0
+    assert main(["bench", "--quick", "--rows", "10", "--steps", "2", "--json", str(figures)]) == 0
     printed = capsys.readouterr().out
     results = json.loads(figures.read_text())
-    assert len(results) == 6
+    assert [r["name"] for r in results] == ["plain diffusers loop, 1 thread(s), one row per call", bench.PAIRS[0][0]]
     for result in results:
         assert set(result) == {"name", "rows", "steady_images_per_s", "wall_s"}
         assert result["rows"] == 10 and result["steady_images_per_s"] > 0 and result["wall_s"] > 0
         assert result["name"] in printed
-    assert sum(r["name"].startswith("plain diffusers loop") for r in results) == 3
-    assert sum(r["name"].startswith("shardgen") for r in results) == 3
-    assert len(re.findall(r"^ratio .*:\s+\d+\.\d\d$", printed, re.MULTILINE)) == 3
+    assert re.findall(r"^ratio (.*):\s+\d+\.\d\d$", printed, re.MULTILINE) == [bench.PAIRS[0][3]]
+
+
+def test_bench_compares_the_three_modes_docs_performance_names():
+    """docs/performance.md: one row per call, batched, and two actors against two threads."""
+    assert [(extra, loop) for _, extra, loop, _ in bench.PAIRS] == [
+        ({}, {"threads": 1, "per_row": True}),
+        ({"batch_invariant": False}, {"threads": 1, "per_row": False}),
+        ({"actors": 2, "cpus_per_actor": 0.75}, {"threads": 2, "per_row": False})]

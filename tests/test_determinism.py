@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 
 from pipeline.job import run_job
-from tests.conftest import prompts_manifest, read_output, small_spec, write_manifest
+from tests.helpers import prompts_manifest, read_output, run_in_process, small_spec, write_manifest
 
 ROWS = 6
+REFERENCE = "one row a call, in this process"
 
 
 def images_by_id(output: str) -> dict[str, bytes]:
@@ -40,22 +41,27 @@ def manifest(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(manifest, tmp_path_factory, ray_local):
-    """run(name, manifest=..., **stage) -> {id: image bytes}, each job once per module."""
+    """run(name, manifest=..., **stage) -> {id: image bytes}, each job once per module; the
+    reference (one row a call) is made by the job's own steps in this process, the rest by Ray
+    jobs."""
     folder, done = tmp_path_factory.mktemp("det-out"), {}
 
     def _run(name: str, source: str = manifest, **stage) -> dict[str, bytes]:
         if name not in done:
             # Half a CPU per actor lets two actors and the CPU steps share this 2-CPU test cluster.
-            run_job(small_spec(source, str(folder / name), model="builtin:tiny-sd", cpus_per_actor=0.5,
-                                       **stage), log=lambda _: None)
-            done[name] = images_by_id(str(folder / name))
+            spec = small_spec(source, str(folder / name), model="builtin:tiny-sd", cpus_per_actor=0.5, **stage)
+            if name == REFERENCE:
+                done[name] = {r["id"]: r["image"]["bytes"] for r in run_in_process(spec).to_pylist()}
+            else:
+                run_job(spec, log=lambda _: None)
+                done[name] = images_by_id(str(folder / name))
         return done[name]
 
     return _run
 
 
 def test_same_images_across_batch_sizes_and_actor_counts(run):
-    reference = run("b1-a1", batch_size=1, actors=1)
+    reference = run(REFERENCE, batch_size=1)
     assert len(reference) == ROWS and all(reference.values())
     assert len(set(reference.values())) == ROWS  # different rows, different images
     # Batch size 4 with one actor runs in another row order below.
@@ -67,7 +73,7 @@ def test_same_images_in_another_row_order(run, tmp_path_factory):
     order = random.Random(3).sample(range(ROWS), ROWS)
     assert order != list(range(ROWS))
     shuffled = write_folder(tmp_path_factory.mktemp("det-shuffled"), [rows[i] for i in order], 2)
-    assert run("shuffled", shuffled, batch_size=4, actors=1) == run("b1-a1", batch_size=1, actors=1)
+    assert run("shuffled", shuffled, batch_size=4, actors=1) == run(REFERENCE, batch_size=1)
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -81,7 +87,7 @@ def test_batched_rows_repeat_for_a_batch_size(run):
     first = run("batched-1", batch_size=3, batch_invariant=False)
     again = run("batched-2", batch_size=3, batch_invariant=False)
     assert first == again
-    reference = run("b1-a1", batch_size=1, actors=1)
+    reference = run(REFERENCE, batch_size=1)
     assert sorted(first) == sorted(reference)
     for row_id, data in first.items():
         diff = np.abs(pixels(data) - pixels(reference[row_id]))

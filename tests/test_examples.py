@@ -22,7 +22,7 @@ from pipeline.job import load_spec, run_job
 from pipeline.manifest_from import manifest_from
 from pipeline.models.resolve import check_sources
 from pipeline.spec import parse_spec
-from tests.conftest import read_output
+from tests.helpers import read_output
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SPECS = sorted(EXAMPLES.glob("*.yaml"))

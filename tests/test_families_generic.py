@@ -26,7 +26,7 @@ from pipeline.models.resolve import check_sources
 from pipeline.spec import StageSpec, StorageSpec, parse_spec
 from pipeline.stages import stage_class
 from pipeline.tables import raw_images, values
-from tests.conftest import read_output, write_manifest
+from tests.helpers import read_output, write_manifest
 from tests.test_families import manifest_rows, pixels, prepared
 from tests.test_stages import half_mask, png
 from tests.tiny_families import FAMILY_BUILDERS

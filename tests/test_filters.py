@@ -14,7 +14,7 @@ from pipeline.errors import SpecError
 from pipeline.job import run_job
 from pipeline.spec import FiltersSpec, parse_spec
 from pipeline.synth import filters
-from tests.conftest import read_output, write_manifest
+from tests.helpers import read_output, write_manifest
 
 STAGE = {"kind": "text_to_image", "model": "builtin:shapes-t2i", "steps": 4, "width": 32, "height": 32, "batch_size": 4}
 

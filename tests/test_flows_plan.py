@@ -11,7 +11,7 @@ from pipeline import plan
 from pipeline.job import run_job, summary_line
 from pipeline.spec import parse_spec
 from pipeline.tracker import JobTracker
-from tests.conftest import read_output, write_manifest
+from tests.helpers import read_output, write_manifest
 
 
 def test_each_flow_streams_its_own_read(tmp_path, ray_local, capsys):

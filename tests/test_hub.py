@@ -3,9 +3,10 @@ reached through HF_ENDPOINT; no other network).
 
 The repository ``shardgen-test/tiny-sd`` is gated and holds builtin:tiny-sd as diffusers saves it,
 plus what a real repository often holds beside it and shardgen must not download: fp16 variant
-weights, a pickled copy of the unet, a single-file checkpoint at the root and a README. Two jobs run
-through a real Ray of their own (in a subprocess, which reads HF_* from its environment as a
-cluster's nodes do): one that downloads (its token set), then one offline from the cache it left.
+weights, a pickled copy of the unet, a single-file checkpoint at the root and a README. A job runs
+through a real Ray of its own (in a subprocess, which reads HF_* from its environment as a
+cluster's nodes do) and downloads (its token set); the job's steps then run offline, in this
+process, from the cache it left.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from pipeline.cli import main
 from pipeline.errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK
 from pipeline.models.hub import select
 from pipeline.models.resolve import COMPLETE_MARKER, build_builtin, resolve
-from tests.conftest import prompts_manifest, read_output, write_manifest
+from pipeline.spec import load_spec_file
+from tests.helpers import prompts_manifest, read_output, run_in_process, write_manifest
 from tests.hub_server import HubServer, Repo
 from tests.test_security import REPO, RUNNER
 
@@ -132,7 +134,7 @@ def test_unknown_revision_is_refused(hub_env, tmp_path, capsys, monkeypatch):
 
 
 def test_unreachable_hub_is_exit_1(hub_env, tmp_path, capsys, monkeypatch):
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -277,10 +279,14 @@ def test_token_is_written_nowhere(downloaded):
     assert [where for where, text in haystacks.items() if TOKEN.encode() in text] == []
 
 
-def test_cached_hub_id_runs_offline(downloaded, hub, tmp_path):
+def test_cached_hub_id_runs_offline(downloaded, hub, tmp_path, monkeypatch):
+    """The cache that the job's actors left serves the model offline: the job's steps, run here on
+    main as the job resolved it, with HF_HUB_OFFLINE, ask the Hub nothing."""
     _, _, cache, _, _ = downloaded
+    for name, value in {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "1", "SHARDGEN_CACHE": str(cache)}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
     hub.requests.clear()
-    stages = [{"kind": "text_to_image", "model": MODEL}]  # main, as the first job resolved it
-    _run_job(tmp_path, stages, {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "1", "SHARDGEN_CACHE": str(cache)})
-    assert [r["status"] for r in read_output(str(tmp_path / "out")).to_pylist()] == ["ok"] * 3
+    spec = load_spec_file(_spec(tmp_path, [{"kind": "text_to_image", "model": MODEL}], rows=3))
+    assert [r["status"] for r in run_in_process(spec).to_pylist()] == ["ok"] * 3
     assert not hub.requests

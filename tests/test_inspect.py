@@ -19,7 +19,7 @@ from pipeline import cli, nightly, storage
 from pipeline.row_groups import MAX_BYTES, MAX_ROWS, row_group_size
 from pipeline.spec import parse_spec
 from pipeline.stats import Stats
-from tests.conftest import small_spec, write_manifest
+from tests.helpers import small_spec, write_manifest
 from tests.synthetic_output import ERRORS, build
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from pipeline.errors import ModelError
 from pipeline.job import run_job
 from pipeline.models.resolve import COMPLETE_MARKER, build_builtin, cache_root, resolve
 from pipeline.spec import StorageSpec, parse_spec
-from tests.conftest import prompts_manifest, read_output, write_manifest
+from tests.helpers import prompts_manifest, read_output, write_manifest
 from tests.s3_fault_proxy import FaultProxy
 
 

@@ -17,7 +17,7 @@ from pipeline.cli import main
 from pipeline.errors import ManifestError
 from pipeline.prepare import prepare_batch
 from pipeline.spec import parse_spec
-from tests.conftest import write_manifest
+from tests.helpers import write_manifest
 
 LAION_COLUMNS = {"id": "key", "prompt": "caption"}
 

@@ -16,7 +16,7 @@ from pipeline import layout, progress
 from pipeline.job import run_job
 from pipeline.spec import parse_spec
 from pipeline.stats import Stats
-from tests.conftest import prompts_manifest, write_manifest
+from tests.helpers import prompts_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 TOTALS = {"text_to_image": 36, "super_resolution": 36, "inpainting": 12}

@@ -134,6 +134,16 @@ def test_rerun_skips_written_ids_and_cleans_leftovers(tmp_path, ray_local, capsy
     late = output / "data" / "part-99991231T000000-ffffff-00000-0000.parquet"
     shutil.copy(shards[1], late)
     capsys.readouterr()
+    # The unfinished output resumes only the job that wrote it: a changed spec and another manifest
+    # (at the same path) are each refused, exit 2, before any model loads.
+    assert main(["run", "--spec", str(write_spec(tmp_path, rows, str(output), batch_size=3, steps=5))]) == 2
+    assert "changed: stages" in capsys.readouterr().err
+    spec = write_spec(tmp_path, rows, str(output), batch_size=3)  # the job's spec again
+    write_manifest(str(tmp_path / "manifest.parquet"), [{"id": "other", "prompt": "a red square"}])
+    assert main(["run", "--spec", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "'row-" in err and "another manifest" in err
+    spec = write_spec(tmp_path, rows, str(output), batch_size=3)  # and its manifest
 
     assert main(["run", "--spec", str(spec)]) == 0
 
@@ -145,22 +155,3 @@ def test_rerun_skips_written_ids_and_cleans_leftovers(tmp_path, ray_local, capsy
     assert not late.exists() and not (output / "data" / ".part-x.parquet.tmp-99").exists()
     stats = Stats.from_json((output / "_stats.json").read_text())
     assert stats.rows_this_run == len(lost) and len(stats.runs) == 2
-
-
-def test_resume_refuses_another_job(tmp_path, ray_local, capsys):
-    """An unfinished output resumes only the job that wrote it: a changed spec and another manifest
-    are each refused (exit 2, before any model loads), and --overwrite starts again."""
-    output = tmp_path / "out"
-    spec = write_spec(tmp_path, 4, str(output))
-    assert main(["run", "--spec", str(spec)]) == 0
-    (output / "_SUCCESS").unlink()
-    capsys.readouterr()
-    assert main(["run", "--spec", str(write_spec(tmp_path, 4, str(output), steps=5))]) == 2
-    assert "changed: stages" in capsys.readouterr().err
-    spec = write_spec(tmp_path, 4, str(output))  # the first job's spec again, and another manifest
-    write_manifest(str(tmp_path / "manifest.parquet"), [{"id": "other", "prompt": "a red square"}])
-    assert main(["run", "--spec", str(spec)]) == 2
-    err = capsys.readouterr().err
-    assert "'row-000'" in err and "another manifest" in err
-    assert main(["run", "--spec", str(spec), "--overwrite"]) == 0
-    assert_finished_exactly_once(str(output), str(tmp_path / "manifest.parquet"))

@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.job import run_job
-from tests.conftest import prompts_manifest, read_output, small_spec, write_manifest
+from tests.helpers import prompts_manifest, read_output, small_spec, write_manifest
 from tests.test_readme_contracts import README_COLUMNS
 
 

@@ -19,7 +19,7 @@ from pipeline.job import summary_line
 from pipeline.spec import StorageSpec, parse_spec
 from pipeline.stats import Stats
 from pipeline.writers.shards import ShardWriter, output_rows
-from tests.conftest import write_manifest
+from tests.helpers import write_manifest
 from tests.synthetic_output import _task_table
 
 

@@ -25,7 +25,7 @@ from pipeline.errors import EXIT_INVALID, EXIT_ROWS_FAILED, SpecError
 from pipeline.job import run_job
 from pipeline.models.resolve import resolve
 from pipeline.spec import FormatSpec, parse_spec
-from tests.conftest import prompts_manifest, read_output, small_spec, write_manifest
+from tests.helpers import prompts_manifest, read_output, small_spec, write_manifest
 from tests.s3_fault_proxy import ECHO, FaultProxy
 from tests.test_stages import FAST, png
 

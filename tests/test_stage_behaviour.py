@@ -24,7 +24,7 @@ from pipeline.cli import main
 from pipeline.spec import StageSpec, StorageSpec
 from pipeline.stages import stage_class
 from pipeline.tables import raw_images, values
-from tests.conftest import read_output, write_manifest
+from tests.helpers import read_output, write_manifest
 from tests.test_families import prepared
 from tests.test_stages import png
 

@@ -5,7 +5,7 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.job import run_job
-from tests.conftest import prompts_manifest, read_output, small_spec, write_manifest
+from tests.helpers import prompts_manifest, read_output, small_spec, write_manifest
 
 
 def run_cli(tmp_path, rows, capsys):

@@ -13,7 +13,7 @@ from pipeline import demo, vocabulary
 from pipeline.cli import main
 from pipeline.spec import parse_spec
 from pipeline.training.captions import phrase
-from tests.conftest import write_manifest
+from tests.helpers import write_manifest
 
 PROMPTS = ["a pink circle on a blue background", "a red circle on a blue background", "a cat on a sofa",
            "green circles on red", ""]

@@ -15,7 +15,8 @@ from pipeline.card import webdataset_card
 from pipeline.cli import main as cli_main
 from pipeline.export import export_webdataset
 from pipeline.writers.webdataset import WebDatasetWriter, sample_key, sample_schema
-from tests.conftest import SYNTH_CLASSES, read_output
+from tests.conftest import SYNTH_CLASSES
+from tests.helpers import read_output
 
 
 @pytest.fixture(scope="module")
