@@ -17,6 +17,7 @@ Exit 0 when every check holds; 1, with a JSON list of what failed, when one does
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
 import json
 import sys
@@ -28,7 +29,7 @@ from PIL import Image
 
 from pipeline import id_checks, layout, storage
 from pipeline.errors import EXIT_FAILED, EXIT_OK
-from pipeline.inspect.output import ROW, SHARD, Output, has_image_feature, sql_list
+from pipeline.inspect.output import ROW, SAMPLE_KEY, SHARD, Output, has_image_feature, sql_list
 from pipeline.spec import StorageSpec
 
 EXAMPLES = 10  # ids or shards named per failed check
@@ -228,24 +229,30 @@ def report_status(rows: Found, row_groups: Found, report: Report) -> None:
     report.checked.append("status")
 
 
-def check_rows(output: str, names: list[str], manifest: str | None, storage_spec: StorageSpec | None,
-               report: Report) -> None:
-    """The checks over every row (ids, manifest, status), reading the shards ``names`` GROUP_SHARDS
-    at a time: each group's DuckDB connection is closed before the next opens, and the ids go to one
-    table of their own (pipeline/id_checks.py: bounded memory, spilled to disk beyond it)."""
+def parts(out: Output) -> Iterator[Output]:
+    """The shards of ``out`` as Outputs of GROUP_SHARDS shards each, one open at a time: a DuckDB
+    query holds about 14 KB of every shard it reads until it ends."""
+    for group in groups(out.names, GROUP_SHARDS):
+        part = Output(out.uri, storage_spec=out.storage, names=group)
+        try:
+            yield part
+        finally:
+            part.con.close()
+
+
+def check_rows(out: Output, manifest: str | None, report: Report) -> None:
+    """The checks over every row (ids, manifest, status), a group of shards at a time (``parts``);
+    the ids go to one table of their own (pipeline/id_checks.py: bounded memory, spilled to disk
+    beyond it)."""
     rows, row_groups = Found(), Found()
     with id_checks.connection() as ids:
         ids.execute("CREATE TABLE output_ids (id VARCHAR)")
-        for group in groups(names, GROUP_SHARDS):
-            part = Output(output, storage_spec=storage_spec, names=group)
-            try:
-                collect_ids(part, ids)
-                check_status(part, rows, row_groups)
-            finally:
-                part.con.close()
+        for part in parts(out):
+            collect_ids(part, ids)
+            check_status(part, rows, row_groups)
         check_ids(ids, report)
         if manifest:
-            check_manifest(ids, manifest, storage_spec or StorageSpec(), report)
+            check_manifest(ids, manifest, out.storage, report)
     report_status(rows, row_groups, report)
 
 
@@ -272,11 +279,7 @@ def image_problem(row: dict) -> str | None:
 def check_images(out: Output, report: Report, sample: int | None, seed: int, log) -> None:
     """Read images one row group at a time: every one, or ``sample`` rows with an image (Output.sample)."""
     bad = []
-    if sample is not None:
-        rows = out.read_rows(out.sample(sample, seed, view="rows"), DEEP_COLUMNS)
-    else:
-        rows = _every_row(out, log)
-    for row in rows:
+    for row in _sampled_rows(out, sample, seed) if sample is not None else _every_row(out, log):
         report.images_checked += (row["image"] or {}).get("bytes") is not None
         if problem := image_problem(row):
             bad.append(f"{row['id']}: {problem}")
@@ -286,12 +289,28 @@ def check_images(out: Output, report: Report, sample: int | None, seed: int, log
     report.checked.append("deep" if sample is None else f"deep (sample of {sample}, seed {seed})")
 
 
+def _sampled_rows(out: Output, sample: int, seed: int) -> Iterator[dict]:
+    """The rows Output.sample would draw over all the shards, drawn group by group and merged."""
+    drawn: list[dict] = []
+    for part in parts(out):
+        drawn = heapq.nsmallest(sample, drawn + part.sample_keys(sample, seed, view="rows"),
+                                key=lambda r: (r[SAMPLE_KEY], r["id"]))
+    wanted = {(r[SHARD], r[ROW]) for r in drawn}
+    for part in parts(out):
+        places = [place for place in wanted if place[0] in part.paths]
+        if places:
+            yield from part.read_rows(places, DEEP_COLUMNS)
+
+
 def _every_row(out: Output, log):
-    groups = out.row_groups()
-    for i, loc in enumerate(out.locations, 1):
-        log(f"shardgen verify: reading images of shard {i}/{len(out.locations)}: {out.name_of(loc)}")
-        for g in range(len(groups[loc])):
-            yield from out.read_row_group(loc, g, DEEP_COLUMNS).to_pylist()
+    done = 0
+    for part in parts(out):
+        groups = part.row_groups()
+        for loc in part.locations:
+            done += 1
+            log(f"shardgen verify: reading images of shard {done}/{len(out.locations)}: {part.name_of(loc)}")
+            for g in range(len(groups[loc])):
+                yield from part.read_row_group(loc, g, DEEP_COLUMNS).to_pylist()
 
 
 def verify(output: str, manifest: str | None = None, deep: bool = False, sample: int | None = None, seed: int = 0,
@@ -311,7 +330,7 @@ def verify(output: str, manifest: str | None = None, deep: bool = False, sample:
     check_counts(out, report)
     if not readable:
         return report
-    check_rows(output, readable, manifest, storage_spec, report)
+    check_rows(out, manifest, report)
     if deep:
         check_images(out, report, sample, seed, log)
     return report

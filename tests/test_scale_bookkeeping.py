@@ -149,14 +149,20 @@ def test_inspect_reads_shards_of_one_schema_without_a_union_and_of_two_with_one(
 
 
 def test_verify_reads_the_shards_in_groups_and_finds_what_crosses_them(synthetic_output, tmp_path, monkeypatch):
-    """verify with one shard a group: a whole output passes; an id repeated in two shards, the
-    manifest id it replaced, and bad statuses in two shards are each found once over the groups."""
+    """verify with one shard a group: a whole output passes, --deep reads every image and --sample
+    draws the rows one query over all shards draws; an id repeated in two shards, the manifest id
+    it replaced, and bad statuses in two shards are each found once over the groups."""
     from pipeline import verify
+    from pipeline.inspect.output import Output
 
     monkeypatch.setattr(verify, "GROUP_SHARDS", 1)
     out = tmp_path / "out"
     shutil.copytree(synthetic_output.output, out)
     assert not verify.verify(str(out), manifest=synthetic_output.manifest, log=lambda _: None).failures
+    assert verify.verify(str(out), deep=True, log=lambda _: None).images_checked == synthetic_output.ok
+    whole = Output(str(out))
+    drawn = whole.read_rows(whole.sample(20, 3, view="rows"), ["id"])
+    assert sorted(r["id"] for r in verify._sampled_rows(whole, 20, 3)) == sorted(r["id"] for r in drawn)
     first, second, third = sorted((out / layout.DATA).glob("*.parquet"))[:3]
     twin = pq.read_table(first).column("id")[0].as_py()
     replaced = pq.read_table(second).column("id")[0].as_py()
