@@ -100,8 +100,10 @@ class DoneIds:
             self.filter, self.kwargs = drop_done, {"done": done}
         else:
             parts, bounds = ranges(done, IDS_PER_PARTITION)
-            # Spread over the nodes: together the sets hold about 100 bytes a done id.
-            self.actors = [DonePartition.options(scheduling_strategy="SPREAD").remote(p) for p in parts]
+            # Spread over the nodes (together the sets hold about 100 bytes a done id); one on a
+            # node the job loses starts again elsewhere from its ids, and the calls to it are retried.
+            self.actors = [DonePartition.options(scheduling_strategy="SPREAD", max_restarts=-1,
+                                                 max_task_retries=-1).remote(p) for p in parts]
             self.filter, self.kwargs = drop_done_partitioned, {"bounds": bounds, "partitions": self.actors}
         held = f" in {len(self.actors)} partition actor(s)" if self.actors else ""
         log(f"shardgen: skipping {self.count} done id(s) {self.how}{held} (partitioned from {PARTITIONED_FROM} "

@@ -1,7 +1,8 @@
 """The driver's bookkeeping at scale, in process: the manifest's nulls and duplicates counted out of
 core, foreign ids found by an anti-join, repeated shards found without a set of every id, a finished
-output answered without its manifest, the shard index a resume reads instead of the shards, and the
-summary of a resumed run."""
+output answered without its manifest, the shard index a resume reads instead of the shards, the
+summary of a resumed run, verify's checks over groups of shards, and done ids skipped by the
+partitioned anti-join (the one Ray job here)."""
 
 from __future__ import annotations
 
