@@ -13,7 +13,8 @@ import pytest
 
 from pipeline import storage
 from pipeline.manifest_from import row_id
-from tests.helpers import cli, read_output, run_cli, write_manifest
+from pipeline.spec import parse_spec
+from tests.helpers import cli, run_cli, run_in_process, write_manifest
 
 PROMPTS = "a red circle on a blue background\n\na green square on a white background\n" \
           "a red circle on a blue background\n"
@@ -73,15 +74,16 @@ def test_missing_or_empty_file_is_refused(tmp_path):
     assert code == 2 and "has no rows" in err
 
 
-def test_run_on_a_manifest_made_from_prompts(tmp_path, ray_local):
+def test_run_on_a_manifest_made_from_prompts(tmp_path):
+    """The job's steps, in this process, on what `shardgen manifest from` made (test_examples.py
+    runs the same through Ray for every example)."""
     (tmp_path / "prompts.txt").write_text(PROMPTS)
     cli("manifest", "from", str(tmp_path / "prompts.txt"))
-    code, out, err = run_cli(tmp_path, {"manifest": str(tmp_path / "prompts.parquet"), "output": str(tmp_path / "out"),
-                                         "stages": [{"kind": "text_to_image", **FAST}]})
-    assert code == 0, err
-    assert "3 rows (3 ok, 0 error)" in out
-    assert sorted(read_output(str(tmp_path / "out")).column("id").to_pylist()) == \
-        sorted(read(str(tmp_path / "prompts.parquet")).column("id").to_pylist())
+    spec = parse_spec({"manifest": str(tmp_path / "prompts.parquet"), "output": str(tmp_path / "out"),
+                       "stages": [{"kind": "text_to_image", **FAST}]})
+    rows = run_in_process(spec).to_pylist()
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert sorted(r["id"] for r in rows) == sorted(read(str(tmp_path / "prompts.parquet")).column("id").to_pylist())
 
 
 def diffusiondb(n: int) -> pa.Table:
@@ -102,21 +104,22 @@ def diffusiondb(n: int) -> pa.Table:
     })
 
 
-def test_diffusiondb_shaped_manifest_runs_with_a_columns_mapping(tmp_path, ray_local):
+def test_diffusiondb_shaped_manifest_runs_with_a_columns_mapping(tmp_path):
+    """The job's steps, in this process: the mapping renames, the overrides take the rows' sizes,
+    and the pass-through columns keep the manifest's names."""
     manifest = write_manifest(str(tmp_path / "metadata.parquet"), diffusiondb(2))
-    spec = {"manifest": manifest, "output": str(tmp_path / "out"),
-            "columns": {"id": "image_name", "steps": "step", "guidance_scale": "cfg"},
-            "overrides": ["width", "height"],  # DiffusionDB's sizes are the sizes its images were made at
-            "stages": [{"kind": "text_to_image", **FAST}]}
-    code, out, err = run_cli(tmp_path, spec)
-    assert code == 0, err
-    rows = {r["id"]: r for r in read_output(str(tmp_path / "out")).to_pylist()}
+    spec = parse_spec({"manifest": manifest, "output": str(tmp_path / "out"),
+                       "columns": {"id": "image_name", "steps": "step", "guidance_scale": "cfg"},
+                       "overrides": ["width", "height"],  # DiffusionDB's sizes are the sizes its images were made at
+                       "stages": [{"kind": "text_to_image", **FAST}]})
+    table = run_in_process(spec)
+    rows = {r["id"]: r for r in table.to_pylist()}
     first = rows["00000000-aef7-4225-a9e9-f516527408ac.png"]
     assert (first["status"], first["seed"], first["steps"], first["guidance_scale"]) == ("ok", 3312523387, 2, 4.0)
     second = rows["00000001-aef7-4225-a9e9-f516527408ac.png"]
     assert (second["steps"], second["guidance_scale"], second["width"], second["height"]) == (3, 5.0, 32, 40)
     # Pass-through columns keep the manifest's names; the mapped ones are named as shardgen does.
-    names = read_output(str(tmp_path / "out")).column_names
+    names = table.column_names
     assert {"sampler", "user_name", "timestamp", "part_id", "image_nsfw"} <= set(names)
     assert not {"image_name", "step", "cfg"} & set(names)
     assert first["user_name"] == "c0f0e3d0"

@@ -1,9 +1,9 @@
-"""`shardgen manifest synth`: balanced, split, shuffled, labelled, deterministic; the labels reach
-the dataset card as a ClassLabel; the experiment runs end to end at a tiny size."""
+"""`shardgen manifest synth`: balanced, split, shuffled, labelled, deterministic; the experiment
+runs end to end at a tiny size. (The card of a synthetic output: tests/test_webdataset.py, which
+shares its output.)"""
 
 from collections import Counter
 
-import datasets
 import pyarrow.parquet as pq
 import pytest
 
@@ -11,7 +11,6 @@ from pipeline.cli import main as cli_main
 from pipeline.errors import SpecError
 from pipeline.synth import evaluate
 from pipeline.synth import manifest as sm
-from tests.conftest import SYNTH_CLASSES
 
 SHAPES = ["circle", "square", "triangle", "diamond", "cross"]
 TEMPLATES = sm.TemplateSet(
@@ -93,22 +92,6 @@ def test_cli_from_csv(tmp_path):
     assert {r["class_text"] for r in table.to_pylist() if r["label"] == 0} <= {"circle", "disc", "ring"}
     assert cli_main(["manifest", "synth", "--classes", str(tmp_path / "c.csv"), "--templates", str(tmp_path / "t.txt"),
                      "--per-class", "6", "--splits", "train=2", "--output", str(out)]) == 2
-
-
-def test_card_declares_class_label_and_splits(synth_output, tmp_path):
-    output, manifest, _ = synth_output
-    card = (output / "README.md").read_text()
-    assert "class_label" in card and "machine-generated" in card and "builtin:shapes-t2i" in card
-    ds = datasets.load_dataset(str(output), cache_dir=str(tmp_path / "hf"))
-    assert set(ds) == {"train", "validation", "test"}
-    # The default config is the ok rows; "all" adds the filtered ones (every row of each split).
-    assert {split: len(ds[split]) for split in ds} == {"train": 4, "validation": 3, "test": 2}
-    every = datasets.load_dataset(str(output), "all", cache_dir=str(tmp_path / "hf"))
-    assert {split: len(every[split]) for split in every} == {"train": 6, "validation": 3, "test": 3}
-    feature = ds["train"].features["label"]
-    assert isinstance(feature, datasets.ClassLabel) and feature.names == SYNTH_CLASSES
-    row = ds["test"][0]
-    assert feature.int2str(row["label"]) == row["label_name"] and row["split"] == "test"
 
 
 def test_small_experiment(tmp_path, ray_local):

@@ -1,5 +1,7 @@
-"""`shardgen export webdataset`: tar shards {split}-%06d.tar with key.png / key.cls / key.json,
-read back by the `webdataset` package and by `datasets`; published whole, resumable."""
+"""A synthetic-data output (the session's `synth_output`, made once for this module): its card
+declares the labels a ClassLabel and the splits; `shardgen export webdataset` makes tar shards
+{split}-%06d.tar with key.png / key.cls / key.json, read back by the `webdataset` package and by
+`datasets`; published whole, resumable."""
 
 import io
 import json
@@ -25,6 +27,22 @@ def exported(synth_output, tmp_path_factory):
     dest = tmp_path_factory.mktemp("wds")
     summary = export_webdataset(str(output), str(dest), rows_per_shard=2, include_filtered=True, log=lambda *_: None)
     return output, dest, summary
+
+
+def test_card_declares_class_label_and_splits(synth_output, tmp_path):
+    output, manifest, _ = synth_output
+    card = (output / "README.md").read_text()
+    assert "class_label" in card and "machine-generated" in card and "builtin:shapes-t2i" in card
+    ds = datasets.load_dataset(str(output), cache_dir=str(tmp_path / "hf"))
+    assert set(ds) == {"train", "validation", "test"}
+    # The default config is the ok rows; "all" adds the filtered ones (every row of each split).
+    assert {split: len(ds[split]) for split in ds} == {"train": 4, "validation": 3, "test": 2}
+    every = datasets.load_dataset(str(output), "all", cache_dir=str(tmp_path / "hf"))
+    assert {split: len(every[split]) for split in every} == {"train": 6, "validation": 3, "test": 3}
+    feature = ds["train"].features["label"]
+    assert isinstance(feature, datasets.ClassLabel) and feature.names == SYNTH_CLASSES
+    row = ds["test"][0]
+    assert feature.int2str(row["label"]) == row["label_name"] and row["split"] == "test"
 
 
 def test_shards_per_split(exported):
