@@ -5,7 +5,7 @@ Two ways, chosen by one rule (``how``) from the number of done ids, and said in 
 - **per block** (fewer than PARTITIONED_FROM done ids): the done ids travel to every read task as
   one Arrow array (put in the object store once, fetched once per node) and each block checks its
   ids against them (``drop_done``: pc.is_in, which builds a hash of all of them for every block);
-- **partitioned** (from PARTITIONED_FROM): a hash anti-join whose build side stays put. The done
+- **partitioned** (from PARTITIONED_FROM): a range-partitioned anti-join whose build side stays put. The done
   ids are sorted and cut into ranges of at most IDS_PER_PARTITION, each held as a set by one
   DonePartition actor, built once; a block sends each of its ids to the actor whose range holds
   it and keeps the rows that no actor knows. A block's cost is its own rows and one call per
@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import ray
 
 # From this many done ids a resume uses the partitioned anti-join (measured: docs/performance.md,
-# "Skipping done ids"): below it the per-block hash costs less than the actors' calls.
+# "Skipping done ids at resume"): below it the per-block hash costs about what the actors' calls do.
 PARTITIONED_FROM = 100_000
 # Done ids per DonePartition actor: about 100 bytes each as a Python set (400 MB an actor).
 IDS_PER_PARTITION = 4_000_000
