@@ -23,12 +23,12 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import access, manifest, progress, route, storage
 from pipeline.cluster import check_address, connect, ensure_ray
+from pipeline.done_ids import DoneIds
 from pipeline.encode import encode_batch, seconds_per_image
 from pipeline.errors import ShardgenError, SpecError
 from pipeline.kinds import KINDS
 from pipeline.output_schema import FILTERED, status_counts
 from pipeline.prepare import prepare_batch
-from pipeline.resume import drop_done
 from pipeline.shard_publisher import ShardPublisher
 from pipeline.spec import AUTO_MAX_BATCH, AUTO_START_BATCH, JobSpec, StageSpec
 from pipeline.stages import stage_class
@@ -268,7 +268,7 @@ def _stages(ds: ray.data.Dataset, flow: list[StageSpec], spec: JobSpec, counter)
     return ds
 
 
-def _read(spec: JobSpec, rows: int, done: pa.Array) -> ray.data.Dataset:
+def _read(spec: JobSpec, rows: int, done: DoneIds) -> ray.data.Dataset:
     """The manifest's rows, streamed, with the job's column names and without the ids in ``done``."""
     # Ray's newer Parquet reader lists files in a step that asks for a whole CPU and takes no
     # resource arguments: behind actor pools that hold most CPUs of a small node it can wait
@@ -284,12 +284,12 @@ def _read(spec: JobSpec, rows: int, done: pa.Array) -> ray.data.Dataset:
     renamed = {column: name for column, name in names.items() if column != name}
     if renamed:
         ds = ds.rename_columns(renamed, num_cpus=CPU_STEP_CPUS)
-    if len(done):
-        ds = ds.map_batches(drop_done, fn_kwargs={"done": done}, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
+    if done.filter:
+        ds = ds.map_batches(done.filter, fn_kwargs=done.kwargs, batch_format="pyarrow", num_cpus=CPU_STEP_CPUS)
     return ds
 
 
-def build(spec: JobSpec, rows: int, done: pa.Array, counter) -> ray.data.Dataset:
+def build(spec: JobSpec, rows: int, done: DoneIds, counter) -> ray.data.Dataset:
     """The whole job as one dataset; ``rows`` are to be generated, the ids in ``done`` skipped.
     ``spec`` has its resources fitted (fit_resources); ``counter`` is the job's JobTracker."""
     if spec.flows is None:
@@ -333,6 +333,7 @@ def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array, totals: dict[
     have_cpu, have_gpu, node_cpu = cluster_resources()
     spec = fit_resources(spec, have_cpu, have_gpu, node_cpu)
     check_fits(spec, have_cpu, have_gpu, log)
+    skip = DoneIds(done, log)
     # On the driver's node: stage actors join it as they start, so it must outlive any worker
     # node a job can lose (a job that loses the driver's node is lost anyway).
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -343,7 +344,7 @@ def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array, totals: dict[
     sink = ShardDatasink(publisher, encode_bundle_rows(spec))
     try:
         with progress.Progress(rows, totals, lambda: ray.get(counter.get.remote(), timeout=READ_COUNTS_S), log):
-            build(spec, rows, done, counter).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})
+            build(spec, rows, skip, counter).write_datasink(sink, ray_remote_args={"num_cpus": CPU_STEP_CPUS})
         report = ray.get(publisher.finish.remote())
         actors = [ActorMetrics(**m) for m in ray.get(counter.actor_figures.remote())]
     except KeyboardInterrupt:
@@ -361,4 +362,5 @@ def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array, totals: dict[
             ray.kill(actor)
         ray.kill(counter)
         ray.kill(publisher)
+        skip.close()
     return Executed([report], actors)

@@ -187,11 +187,6 @@ def check_ids(written: Written, spec: JobSpec) -> None:
                         "it was written from another manifest: pass --overwrite to start again")
 
 
-def drop_done(table: pa.Table, done: pa.Array) -> pa.Table:
-    """The rows of ``table`` whose id is not in ``done``."""
-    return table.filter(pc.invert(pc.is_in(table.column("id"), value_set=done)))
-
-
 def settle(spec: JobSpec, written: Written, new_files: list[str], manifest_rows: int,
            log=print) -> tuple[list[str], pa.Table]:
     """Keep the listed shards and this run's, remove any other (a late write of a dead run), and

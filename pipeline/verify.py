@@ -17,20 +17,26 @@ Exit 0 when every check holds; 1, with a JSON list of what failed, when one does
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import pyarrow.dataset as pads
 from PIL import Image
 
-from pipeline import layout, storage
+from pipeline import id_checks, layout, storage
 from pipeline.errors import EXIT_FAILED, EXIT_OK
-from pipeline.inspect.output import ROW, SHARD, Output, has_image_feature, sql_list
+from pipeline.inspect.output import ROW, SAMPLE_KEY, SHARD, Output, has_image_feature, sql_list
 from pipeline.spec import StorageSpec
 
 EXAMPLES = 10  # ids or shards named per failed check
+# Shards per DuckDB query: a query holds about 14 KB of every shard it reads until it ends, so the
+# checks over every row read the shards in groups of this many (about 14 MB a group).
+GROUP_SHARDS = 1000
+TOTAL = "_found"  # the column of a query's row count (first_rows)
 DEEP_COLUMNS = ["id", "status", "image", "image_sha256", "width", "height"]
 IMAGE_BYTES = "image, bytes"  # the leaf column's path as parquet_metadata names it
 
@@ -121,13 +127,47 @@ def check_counts(out: Output, report: Report) -> None:
     report.checked.append("counts")
 
 
-def check_ids(out: Output, report: Report) -> None:
-    found = out.query("SELECT count(*) FILTER (WHERE id IS NULL) AS nulls FROM rows")[0]
-    if found["nulls"]:
-        report.fail("ids", f"{found['nulls']} row(s) with a null id")
-    dup = out.query("SELECT id, count(*) AS n FROM rows WHERE id IS NOT NULL GROUP BY id HAVING n > 1 ORDER BY id")
-    if dup:
-        report.fail("ids", f"{len(dup)} id(s) in more than one row", [f"{d['id']} x{d['n']}" for d in dup])
+def groups(names: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(names), size):
+        yield names[start:start + size]
+
+
+def first_rows(con, sql: str, order: str) -> tuple[int, list[dict]]:
+    """How many rows a query gives and the first EXAMPLES of them by ``order``, as dicts."""
+    cursor = con.execute(f"SELECT *, count(*) OVER () AS {TOTAL} FROM ({sql}) ORDER BY {order} LIMIT {EXAMPLES}")
+    names = [d[0] for d in cursor.description]
+    rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+    return (rows[0][TOTAL] if rows else 0), rows
+
+
+@dataclass
+class Found:
+    """What a check found over every group of shards: how many, and the first few examples."""
+
+    count: int = 0
+    examples: list = field(default_factory=list)
+
+    def add(self, count: int, examples: list) -> None:
+        self.count += count
+        self.examples += examples[:EXAMPLES - len(self.examples)]
+
+
+def collect_ids(part: Output, ids) -> None:
+    """Stream the ids of the shards of ``part`` into the table ``output_ids`` of the connection ``ids``."""
+    ids.register("part_ids", part.batches("SELECT id FROM rows"))
+    ids.execute("INSERT INTO output_ids SELECT id FROM part_ids")
+    ids.unregister("part_ids")
+
+
+def check_ids(ids, report: Report) -> None:
+    """Ids unique and not null, over ``output_ids`` (every shard's ids)."""
+    nulls = ids.execute("SELECT count(*) FILTER (WHERE id IS NULL) FROM output_ids").fetchone()[0]
+    if nulls:
+        report.fail("ids", f"{nulls} row(s) with a null id")
+    count, dup = first_rows(ids, "SELECT id, count(*) AS n FROM output_ids WHERE id IS NOT NULL GROUP BY id "
+                                 "HAVING n > 1", "id")
+    if count:
+        report.fail("ids", f"{count} id(s) in more than one row", [f"{d['id']} x{d['n']}" for d in dup])
     report.checked.append("ids")
 
 
@@ -139,33 +179,31 @@ def manifest_files(manifest: str, storage_spec: StorageSpec) -> list[str]:
     return [f if not storage.is_remote(manifest) else f"{storage.scheme(manifest)}://{f}" for f in files]
 
 
-def check_manifest(out: Output, manifest: str, report: Report) -> None:
-    """Every manifest id in the output exactly once (duplicates are check_ids'), and no other id."""
-    if storage.is_remote(manifest) and storage.scheme(manifest) != storage.scheme(out.uri):
-        out.con.register_filesystem(storage.filesystem(manifest, out.storage)[0])
-    files = sql_list(manifest_files(manifest, out.storage))
-    out.con.execute(f"CREATE VIEW manifest AS SELECT id FROM read_parquet({files}, union_by_name = true)")
-    rows = out.query("SELECT count(*) AS n FROM manifest")[0]["n"]
+def check_manifest(ids, manifest: str, storage_spec: StorageSpec, report: Report) -> None:
+    """Every manifest id in ``output_ids`` exactly once (duplicates are check_ids'), and no other id."""
+    if storage.is_remote(manifest):
+        ids.register_filesystem(storage.filesystem(manifest, storage_spec)[0])
+    files = sql_list(manifest_files(manifest, storage_spec))
+    ids.execute(f"CREATE VIEW manifest AS SELECT id FROM read_parquet({files}, union_by_name = true)")
+    rows = ids.execute("SELECT count(*) FROM manifest").fetchone()[0]
     if rows != report.rows:
         report.fail("manifest", f"the manifest has {rows} rows, the output {report.rows}")
-    missing = out.query("SELECT id FROM manifest ANTI JOIN (SELECT id FROM rows) USING (id) ORDER BY id")
-    if missing:
-        report.fail("manifest", f"{len(missing)} manifest id(s) not in the output", [m["id"] for m in missing])
-    extra = out.query("SELECT id FROM rows ANTI JOIN manifest USING (id) ORDER BY id")
-    if extra:
-        report.fail("manifest", f"{len(extra)} output id(s) not in the manifest", [m["id"] for m in extra])
+    count, missing = first_rows(ids, "SELECT id FROM manifest ANTI JOIN output_ids USING (id)", "id")
+    if count:
+        report.fail("manifest", f"{count} manifest id(s) not in the output", [m["id"] for m in missing])
+    count, extra = first_rows(ids, "SELECT id FROM output_ids ANTI JOIN manifest USING (id)", "id")
+    if count:
+        report.fail("manifest", f"{count} output id(s) not in the manifest", [m["id"] for m in extra])
     report.checked.append("manifest")
 
 
-def check_status(out: Output, report: Report) -> None:
-    """status = ok exactly where an image is: per row by image_sha256, per row group by the
-    footer's null count of image.bytes (the bytes themselves are read by --deep only)."""
-    rows = out.query("SELECT id, status FROM rows WHERE (status = 'ok') IS DISTINCT FROM (image_sha256 IS NOT NULL) "
-                     "ORDER BY id")
-    if rows:
-        report.fail("status", f"{len(rows)} row(s) whose status disagrees with image_sha256 (ok exactly where "
-                    "an image is)", [f"{r['id']}: status {r['status']}" for r in rows])
-    groups = out.query(f"""
+def check_status(out: Output, rows: Found, row_groups: Found) -> None:
+    """status = ok exactly where an image is, in the shards of ``out``: per row by image_sha256, per
+    row group by the footer's null count of image.bytes (the bytes themselves are read by --deep only)."""
+    count, found = first_rows(out.con, "SELECT id, status FROM rows WHERE (status = 'ok') IS DISTINCT FROM "
+                                       "(image_sha256 IS NOT NULL)", "id")
+    rows.add(count, [f"{r['id']}: status {r['status']}" for r in found])
+    count, found = first_rows(out.con, f"""
         WITH g AS (
             SELECT file_name, row_group_id, row_group_num_rows AS n, stats_null_count AS nulls,
                    sum(row_group_num_rows) OVER (PARTITION BY file_name ORDER BY row_group_id) - row_group_num_rows
@@ -176,14 +214,46 @@ def check_status(out: Output, report: Report) -> None:
         FROM g LEFT JOIN not_ok ON not_ok.{SHARD} = g.file_name AND not_ok.{ROW} >= g.first
                                 AND not_ok.{ROW} < g.first + g.n
         GROUP BY g.file_name, g.row_group_id
-        HAVING any_value(g.nulls) IS DISTINCT FROM count(not_ok.{ROW})
-        ORDER BY g.file_name, g.row_group_id""")
-    if groups:
-        report.fail("status", f"{len(groups)} row group(s) whose rows without an image (image.bytes null) are not "
-                    "those whose status is not ok", [f"{out.name_of(g['file_name'])} row group {g['row_group_id']}: "
-                                                     f"{g['nulls']} null image(s), {g['not_ok']} row(s) not ok"
-                                                     for g in groups])
+        HAVING any_value(g.nulls) IS DISTINCT FROM count(not_ok.{ROW})""", "file_name, row_group_id")
+    row_groups.add(count, [f"{out.name_of(g['file_name'])} row group {g['row_group_id']}: {g['nulls']} null "
+                           f"image(s), {g['not_ok']} row(s) not ok" for g in found])
+
+
+def report_status(rows: Found, row_groups: Found, report: Report) -> None:
+    if rows.count:
+        report.fail("status", f"{rows.count} row(s) whose status disagrees with image_sha256 (ok exactly where "
+                    "an image is)", rows.examples)
+    if row_groups.count:
+        report.fail("status", f"{row_groups.count} row group(s) whose rows without an image (image.bytes null) are "
+                    "not those whose status is not ok", row_groups.examples)
     report.checked.append("status")
+
+
+def parts(out: Output) -> Iterator[Output]:
+    """The shards of ``out`` as Outputs of GROUP_SHARDS shards each, one open at a time: a DuckDB
+    query holds about 14 KB of every shard it reads until it ends."""
+    for group in groups(out.names, GROUP_SHARDS):
+        part = Output(out.uri, storage_spec=out.storage, names=group)
+        try:
+            yield part
+        finally:
+            part.con.close()
+
+
+def check_rows(out: Output, manifest: str | None, report: Report) -> None:
+    """The checks over every row (ids, manifest, status), a group of shards at a time (``parts``);
+    the ids go to one table of their own (pipeline/id_checks.py: bounded memory, spilled to disk
+    beyond it)."""
+    rows, row_groups = Found(), Found()
+    with id_checks.connection() as ids:
+        ids.execute("CREATE TABLE output_ids (id VARCHAR)")
+        for part in parts(out):
+            collect_ids(part, ids)
+            check_status(part, rows, row_groups)
+        check_ids(ids, report)
+        if manifest:
+            check_manifest(ids, manifest, out.storage, report)
+    report_status(rows, row_groups, report)
 
 
 def image_problem(row: dict) -> str | None:
@@ -209,11 +279,7 @@ def image_problem(row: dict) -> str | None:
 def check_images(out: Output, report: Report, sample: int | None, seed: int, log) -> None:
     """Read images one row group at a time: every one, or ``sample`` rows with an image (Output.sample)."""
     bad = []
-    if sample is not None:
-        rows = out.read_rows(out.sample(sample, seed, view="rows"), DEEP_COLUMNS)
-    else:
-        rows = _every_row(out, log)
-    for row in rows:
+    for row in _sampled_rows(out, sample, seed) if sample is not None else _every_row(out, log):
         report.images_checked += (row["image"] or {}).get("bytes") is not None
         if problem := image_problem(row):
             bad.append(f"{row['id']}: {problem}")
@@ -223,12 +289,28 @@ def check_images(out: Output, report: Report, sample: int | None, seed: int, log
     report.checked.append("deep" if sample is None else f"deep (sample of {sample}, seed {seed})")
 
 
+def _sampled_rows(out: Output, sample: int, seed: int) -> Iterator[dict]:
+    """The rows Output.sample would draw over all the shards, drawn group by group and merged."""
+    drawn: list[dict] = []
+    for part in parts(out):
+        drawn = heapq.nsmallest(sample, drawn + part.sample_keys(sample, seed, view="rows"),
+                                key=lambda r: (r[SAMPLE_KEY], r["id"]))
+    wanted = {(r[SHARD], r[ROW]) for r in drawn}
+    for part in parts(out):
+        places = [place for place in wanted if place[0] in part.paths]
+        if places:
+            yield from part.read_rows(places, DEEP_COLUMNS)
+
+
 def _every_row(out: Output, log):
-    groups = out.row_groups()
-    for i, loc in enumerate(out.locations, 1):
-        log(f"shardgen verify: reading images of shard {i}/{len(out.locations)}: {out.name_of(loc)}")
-        for g in range(len(groups[loc])):
-            yield from out.read_row_group(loc, g, DEEP_COLUMNS).to_pylist()
+    done = 0
+    for part in parts(out):
+        groups = part.row_groups()
+        for loc in part.locations:
+            done += 1
+            log(f"shardgen verify: reading images of shard {done}/{len(out.locations)}: {part.name_of(loc)}")
+            for g in range(len(groups[loc])):
+                yield from part.read_row_group(loc, g, DEEP_COLUMNS).to_pylist()
 
 
 def verify(output: str, manifest: str | None = None, deep: bool = False, sample: int | None = None, seed: int = 0,
@@ -248,10 +330,7 @@ def verify(output: str, manifest: str | None = None, deep: bool = False, sample:
     check_counts(out, report)
     if not readable:
         return report
-    check_ids(out, report)
-    if manifest:
-        check_manifest(out, manifest, report)
-    check_status(out, report)
+    check_rows(out, manifest, report)
     if deep:
         check_images(out, report, sample, seed, log)
     return report

@@ -1,7 +1,8 @@
 """The driver's bookkeeping at scale, in process: the manifest's nulls and duplicates counted out of
 core, foreign ids found by an anti-join, repeated shards found without a set of every id, a finished
-output answered without its manifest, the shard index a resume reads instead of the shards, and the
-summary of a resumed run."""
+output answered without its manifest, the shard index a resume reads instead of the shards, the
+summary of a resumed run, verify's checks over groups of shards, and done ids skipped by the
+partitioned anti-join (the one Ray job here)."""
 
 from __future__ import annotations
 
@@ -146,3 +147,93 @@ def test_inspect_reads_shards_of_one_schema_without_a_union_and_of_two_with_one(
     assert out.schemas() == 2
     assert out.query("SELECT id, lora FROM rows ORDER BY id") == [
         {"id": "a", "lora": None}, {"id": "b", "lora": None}, {"id": "c", "lora": "x"}]
+
+
+def test_verify_reads_the_shards_in_groups_and_finds_what_crosses_them(synthetic_output, tmp_path, monkeypatch):
+    """verify with one shard a group: a whole output passes, --deep reads every image and --sample
+    draws the rows one query over all shards draws; an id repeated in two shards, the manifest id
+    it replaced, and bad statuses in two shards are each found once over the groups."""
+    from pipeline import verify
+    from pipeline.inspect.output import Output
+
+    monkeypatch.setattr(verify, "GROUP_SHARDS", 1)
+    out = tmp_path / "out"
+    shutil.copytree(synthetic_output.output, out)
+    assert not verify.verify(str(out), manifest=synthetic_output.manifest, log=lambda _: None).failures
+    assert verify.verify(str(out), deep=True, log=lambda _: None).images_checked == synthetic_output.ok
+    whole = Output(str(out))
+    drawn = whole.read_rows(whole.sample(20, 3, view="rows"), ["id"])
+    assert sorted(r["id"] for r in verify._sampled_rows(whole, 20, 3)) == sorted(r["id"] for r in drawn)
+    first, second, third = sorted((out / layout.DATA).glob("*.parquet"))[:3]
+    twin = pq.read_table(first).column("id")[0].as_py()
+    replaced = pq.read_table(second).column("id")[0].as_py()
+    bad = []
+    for shard, row, change in [(second, 0, {"id": twin}), (first, 1, {"status": "error"}),
+                               (third, 1, {"status": "error"})]:
+        table = pq.read_table(shard)
+        for column, value in change.items():
+            values = table.column(column).to_pylist()
+            values[row] = value
+            table = table.set_column(table.column_names.index(column), column,
+                                     pa.array(values, table.schema.field(column).type))
+        if "status" in change:
+            bad.append(f"{table.column('id')[row].as_py()}: status error")
+        pq.write_table(table, shard, row_group_size=100)
+    failures = verify.verify(str(out), manifest=synthetic_output.manifest, log=lambda _: None).failures
+    found = {(f.check, f.message): f.examples for f in failures}
+    assert found[("ids", "1 id(s) in more than one row")] == [f"{twin} x2"]
+    assert found[("manifest", "1 manifest id(s) not in the output")] == [replaced]
+    assert found[("status", "2 row(s) whose status disagrees with image_sha256 (ok exactly where an image is)")] == bad
+    assert len(failures) == 4 and failures[3].message.startswith("2 row group(s) whose rows without an image")
+
+
+def test_done_ids_are_cut_into_ranges_that_name_each_ids_partition():
+    from pipeline import done_ids
+
+    done = pa.array([f"row-{i:03d}" for i in (9, 1, 7, 3, 5, 11, 0)])
+    parts, bounds = done_ids.ranges(done, 3)
+    assert [p.to_pylist() for p in parts] == [["row-000", "row-001", "row-003"], ["row-005", "row-007", "row-009"],
+                                              ["row-011"]]
+    assert bounds == ["row-005", "row-011"]
+    asked = pa.array(["row-000", "row-004", "row-005", "row-010", "row-011", "zzz", ""])
+    assert done_ids.partition_of(asked, bounds).tolist() == [0, 0, 1, 1, 2, 2, 0]
+    assert [done_ids.how(n) for n in (0, done_ids.PARTITIONED_FROM - 1, done_ids.PARTITIONED_FROM)] == [
+        done_ids.PER_BLOCK, done_ids.PER_BLOCK, done_ids.PARTITIONED]
+
+
+def test_a_resume_skipping_done_ids_by_the_partitioned_anti_join_is_exactly_once(tmp_path, ray_local, monkeypatch,
+                                                                                  capsys):
+    """The partitioned way forced at 8 done ids (3 a partition actor): the rerun generates only the
+    lost shard's rows, the same images, and the output holds every id once."""
+    import yaml
+
+    from pipeline import done_ids
+    from pipeline.cli import main
+    from tests.helpers import assert_finished_exactly_once, prompts_manifest, read_output
+
+    rows = 12
+    manifest = write_manifest(str(tmp_path / "manifest.parquet"), prompts_manifest(rows))
+    output = tmp_path / "out"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({
+        "manifest": manifest, "output": str(output), "format": {"rows_per_shard": 4},
+        "stages": [{"kind": "text_to_image", "steps": 2, "width": 32, "height": 32, "batch_size": 4}]}))
+    assert main(["run", "--spec", str(spec)]) == 0
+    first = read_output(str(output))
+    reference = dict(zip(first.column("id").to_pylist(), first.column("image_sha256").to_pylist()))
+    (output / layout.SUCCESS).unlink()
+    lost = sorted((output / layout.DATA).glob("*.parquet"))[1]
+    lost_ids = pq.read_table(lost, columns=["id"]).column("id").to_pylist()
+    lost.unlink()
+    monkeypatch.setattr(done_ids, "PARTITIONED_FROM", 1)
+    monkeypatch.setattr(done_ids, "IDS_PER_PARTITION", 3)
+    capsys.readouterr()
+
+    assert main(["run", "--spec", str(spec)]) == 0
+
+    assert "skipping 8 done id(s) partitioned in 3 partition actor(s) (partitioned from 1 done ids)" in \
+        capsys.readouterr().out
+    assert_finished_exactly_once(str(output), manifest)
+    after = read_output(str(output))
+    assert dict(zip(after.column("id").to_pylist(), after.column("image_sha256").to_pylist())) == reference
+    assert json.loads((output / layout.STATS).read_text())["rows_this_run"] == len(lost_ids) == 4

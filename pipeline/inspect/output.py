@@ -26,6 +26,7 @@ from pipeline.stats import Stats
 # Columns that DuckDB adds to every row: the shard's location and the row's place in it.
 SHARD = "_shard"
 ROW = "file_row_number"
+SAMPLE_KEY = "_sample_key"  # a row's seeded hash, by which samples are drawn
 
 
 class WhereError(ShardgenError):
@@ -155,6 +156,12 @@ class Output:
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row)) for row in cursor.fetchall()]
 
+    def batches(self, sql: str) -> pa.RecordBatchReader:
+        """The rows of a query as a stream of Arrow batches (results too large to hold)."""
+        if not self._views:
+            self._make_views()
+        return self.con.sql(sql).to_arrow_reader()
+
     def shards(self) -> list[Shard]:
         """Every shard's rows, row groups and bytes (from its footer) and its Hugging Face metadata."""
         if self._shards is None:
@@ -182,9 +189,13 @@ class Output:
     def sample(self, n: int, seed: int, view: str = "shown") -> list[tuple[str, int]]:
         """The places of ``n`` rows with an image, drawn by a seeded hash of their id: the same rows
         for the same seed however DuckDB splits the scan, spread over every shard."""
-        found = self.query(f"SELECT {SHARD}, {ROW} FROM {view} WHERE image_sha256 IS NOT NULL "
-                           "ORDER BY hash(id, ?::BIGINT), id LIMIT ?", [seed, n])
-        return [(r[SHARD], r[ROW]) for r in found]
+        return [(r[SHARD], r[ROW]) for r in self.sample_keys(n, seed, view)]
+
+    def sample_keys(self, n: int, seed: int, view: str = "shown") -> list[dict]:
+        """The rows ``sample`` draws, each with what it is drawn by (SAMPLE_KEY, then its id): the
+        samples of several groups of shards merge into that of them all by it."""
+        return self.query(f"SELECT {SHARD}, {ROW}, hash(id, ?::BIGINT) AS {SAMPLE_KEY}, id FROM {view} "
+                          f"WHERE image_sha256 IS NOT NULL ORDER BY {SAMPLE_KEY}, id LIMIT ?", [seed, n])
 
     def read_rows(self, places: list[tuple[str, int]], columns: list[str]) -> Iterator[dict]:
         """The rows at ``places`` (shard location, row number in the shard), read one row group at a
