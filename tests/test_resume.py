@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
+from pipeline import done_ids
 from pipeline.cli import main
 from pipeline.job import run_job
 from pipeline.spec import load_spec_file
@@ -116,7 +117,10 @@ def test_driver_sigkill_then_rerun_completes_exactly_once(tmp_path, ray_local):
     assert stats.rows_this_run == rows - len(before_images) and len(stats.runs) == 2
 
 
-def test_rerun_skips_written_ids_and_cleans_leftovers(tmp_path, ray_local, capsys):
+def test_rerun_skips_written_ids_and_cleans_leftovers(tmp_path, ray_local, capsys, monkeypatch):
+    """The rerun skips the done ids by the partitioned anti-join (forced here at 8 done ids, 3 a
+    partition actor; pipeline/done_ids.py), regenerates the lost shard's rows as the same images and
+    removes a crash's leavings."""
     rows = 12
     output = tmp_path / "out"
     spec = write_spec(tmp_path, rows, str(output), batch_size=3)
@@ -144,11 +148,14 @@ def test_rerun_skips_written_ids_and_cleans_leftovers(tmp_path, ray_local, capsy
     err = capsys.readouterr().err
     assert "'row-" in err and "another manifest" in err
     spec = write_spec(tmp_path, rows, str(output), batch_size=3)  # and its manifest
+    monkeypatch.setattr(done_ids, "PARTITIONED_FROM", 1)
+    monkeypatch.setattr(done_ids, "IDS_PER_PARTITION", 3)
 
     assert main(["run", "--spec", str(spec)]) == 0
 
     out = capsys.readouterr().out
     assert f"{rows - len(lost)} of {rows} ids" in out
+    assert f"skipping {rows - len(lost)} done id(s) partitioned in 3 partition actor(s)" in out
     assert_every_id_once(output, rows)
     assert_finished_exactly_once(str(output), str(tmp_path / "manifest.parquet"))
     assert images_by_id(output) == reference  # regenerated rows are the same images
