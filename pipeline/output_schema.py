@@ -58,10 +58,12 @@ HF_METADATA = {b"huggingface": json.dumps({"info": {"features": {"image": {"_typ
 def to_output_table(table: pa.Table) -> pa.Table:
     """Shape a table that the pipeline produced into the output schema (docs/contract.md)."""
     n = table.num_rows
+    data = table.column(columns.IMAGE_BYTES).combine_chunks().cast(pa.binary())
+    # A row without an image (error rows, safety-filtered ones) has a null `image`, not a struct of
+    # nulls: `datasets` decodes a struct whose bytes and path are both null as an error.
     image = pa.StructArray.from_arrays(
-        [table.column(columns.IMAGE_BYTES).combine_chunks().cast(pa.binary()),
-         table.column(columns.IMAGE_PATH).combine_chunks().cast(pa.string())],
-        fields=list(IMAGE_TYPE),
+        [data, table.column(columns.IMAGE_PATH).combine_chunks().cast(pa.string())],
+        fields=list(IMAGE_TYPE), mask=pc.is_null(data),
     )
     stages = pa.array([s.split(",") if s else [] for s in table.column(columns.STAGES).to_pylist()],
                       pa.list_(pa.string()))

@@ -134,7 +134,7 @@ def test_disallowed_uris_are_error_rows(bucket, s3_endpoint, tmp_path, ray_local
         assert out[row_id]["status"] == "ok", out[row_id]["error"]
     for row_id, uri in bad.items():
         row = out[row_id]
-        assert row["status"] == "error" and row["image"]["bytes"] is None
+        assert row["status"] == "error" and row["image"] is None
         assert row["error"].startswith(f"image: {uri}"), row["error"]
         assert f"is outside the allowed prefixes ({bucket}/, s3://shared/public/)" in row["error"]
 

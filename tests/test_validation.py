@@ -52,5 +52,5 @@ def test_empty_prompt_is_one_error_row(tmp_path):
     out = {r["id"]: r for r in run_in_process(small_spec(manifest, str(tmp_path / "out"))).to_pylist()}
     assert sorted(out) == [r["id"] for r in rows]
     bad = out["row-002"]
-    assert bad["status"] == "error" and bad["error"] == "prompt: empty" and bad["image"]["bytes"] is None
+    assert bad["status"] == "error" and bad["error"] == "prompt: empty" and bad["image"] is None
     assert all(out[i]["status"] == "ok" and out[i]["error"] is None for i in ("row-000", "row-001", "row-003"))
