@@ -72,10 +72,10 @@ def pytest_configure(config):
 # short ones after them even out the two workers' ends. `--no-loadscope-reorder` (pyproject.toml)
 # keeps this order.
 LONGEST_FIRST = (
-    "test_node_loss.py", "test_worker_sigkill.py", "test_nightly.py", "test_demo.py", "test_s3_faults.py",
-    "test_examples.py", "test_hub.py", "test_formats.py", "test_stages.py", "test_training.py",
-    "test_bad_manifests.py", "test_security.py", "test_conditioning.py", "test_families_generic.py",
-    "test_resume.py", "test_determinism.py", "test_filters.py", "test_webdataset.py",
+    "test_nightly.py", "test_training.py", "test_resume.py", "test_node_loss.py", "test_worker_sigkill.py",
+    "test_families_generic.py", "test_s3_faults.py", "test_families.py", "test_demo.py", "test_security.py",
+    "test_determinism.py", "test_stages.py", "test_resume_rules.py", "test_gpubench.py", "test_flows_plan.py",
+    "test_progress.py", "test_bad_manifests.py", "test_hub.py", "test_stage_behaviour.py", "test_synth.py",
 )
 
 
