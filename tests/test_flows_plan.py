@@ -8,6 +8,7 @@ import pyarrow as pa
 import ray
 
 from pipeline import plan
+from pipeline.done_ids import DoneIds
 from pipeline.job import run_job, summary_line
 from pipeline.spec import parse_spec
 from pipeline.tracker import JobTracker
@@ -26,7 +27,7 @@ def test_each_flow_streams_its_own_read(tmp_path, ray_local, capsys):
                                  "sr": [{"kind": "super_resolution", **stage}]}})
     job = JobTracker.remote()
     try:
-        plan.build(plan.fit_resources(spec, 2, 0, 2), 3, pa.array([], pa.string()), job).explain()
+        plan.build(plan.fit_resources(spec, 2, 0, 2), 3, DoneIds(pa.array([], pa.string())), job).explain()
     finally:
         ray.kill(job)
     physical = capsys.readouterr().out.split("-------- Physical Plan (Optimized) --------")[1]
