@@ -43,7 +43,8 @@ def _extension_of(row: dict, column: str) -> str:
     try:
         return image_extension(row[column])
     except ValueError as e:
-        raise ValueError(f"row {row['id']!r}: column {column!r}: {e}, as its first value was") from None
+        raise ValueError(f"row {row['id']!r}: column {column!r}: {e}, "
+                         "though the column's first value is an image") from None
 
 
 def _image_columns(table: pa.Table) -> dict[str, str]:
@@ -55,10 +56,11 @@ def _image_columns(table: pa.Table) -> dict[str, str]:
             continue
         values = table.column(field.name).drop_null()
         try:
-            found[field.name] = image_extension(values[0].as_py()) if len(values) else None
+            if len(values):
+                found[field.name] = image_extension(values[0].as_py())
         except ValueError:
             continue  # bytes that are no image go into the JSON
-    return {name: ext for name, ext in found.items() if ext}
+    return found
 
 
 def _json_type(t: pa.DataType) -> pa.DataType:
