@@ -1,9 +1,10 @@
 """Conditioning in process, as a Ray actor runs a stage (tiny random-weight models built offline in
 tests/tiny_conditioning.py): LoRA adapters (scale 0 is the base model byte for byte, fused equals
 switched, the `lora` column picks per row, a misfit is refused on the driver, sources from s3://
-and a stand-in Hub), ControlNets on SD 1.x and SDXL (the control image steers: two control images,
-two images; the same one, the same image; a missing or wrong-sized one is an error row naming the
-column; a saved ControlNet pipeline as the model), IP-Adapters on SD 1.x (the reference image
+and a stand-in Hub), ControlNets on SD 1.x, SDXL, SD3 and FLUX.1 for each kind diffusers has a
+pipeline of (the control image steers: two control images, two images; the same one, the same
+image; scale 0 hides it; a missing or wrong-sized one is an error row naming the column; a saved
+ControlNet pipeline as the model), IP-Adapters on SD 1.x (the reference image
 steers; scale 0 is the base model byte for byte), T2I-Adapters on SD 1.x (the shapes model), and
 Canny control images made on CPU."""
 
@@ -16,7 +17,13 @@ import shutil
 import numpy as np
 import pyarrow as pa
 import pytest
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from diffusers import (
+    ControlNetModel,
+    FluxControlNetModel,
+    SD3ControlNetModel,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+)
 from PIL import Image
 
 from pipeline import columns, storage
@@ -31,8 +38,16 @@ from pipeline.stages import stage_class
 from pipeline.tables import values
 from tests.helpers import write_manifest
 from tests.hub_server import HubServer, Repo
-from tests.tiny_conditioning import controlnet_for, ip_adapter_for, lora_for, misfit_lora, t2i_adapter_for
-from tests.tiny_pipelines import sdxl
+from tests.tiny_conditioning import (
+    controlnet_for,
+    ip_adapter_for,
+    lora_for,
+    misfit_lora,
+    sd3_for_controlnets,
+    t2i_adapter_for,
+    transformer_controlnet_for,
+)
+from tests.tiny_pipelines import BUILDERS, saved, sdxl
 
 FAST = {"steps": 2, "cpus_per_actor": 0.5, "width": 32, "height": 32}
 PROMPTS = ["a red circle on a blue background", "a green square", "a yellow star"]
@@ -255,6 +270,67 @@ def test_sdxl_controlnet_lora_and_ip_adapter(models, tmp_path):
     assert got[0] != got[1] and got[0] != got[2]
     (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
     assert record["pipeline"] == "StableDiffusionXLControlNetPipeline" and record["ip_adapter"]["scale"] == 1.0
+
+
+# The ControlNet pipelines run beyond SD 1.x text_to_image: (family, kind) -> the pipeline, and
+# whether a controlnet_scale of 0 gives the plain pipeline's image byte for byte. FLUX.1's do not:
+# they draw the control image's VAE latents from the row's generator before its noise, so the noise
+# differs from the plain pipeline's (the control image still does not show at 0).
+FAMILY_CASES = {
+    ("sd", "inpainting"): ("StableDiffusionControlNetInpaintPipeline", True),
+    ("sdxl", "image_to_image"): ("StableDiffusionXLControlNetImg2ImgPipeline", True),
+    ("sd3", "text_to_image"): ("StableDiffusion3ControlNetPipeline", True),
+    ("sd3", "inpainting"): ("StableDiffusion3ControlNetInpaintingPipeline", False),
+    ("flux", "text_to_image"): ("FluxControlNetPipeline", False),
+    ("flux", "image_to_image"): ("FluxControlNetImg2ImgPipeline", False),
+    ("flux", "inpainting"): ("FluxControlNetInpaintPipeline", False),
+}
+
+
+@pytest.fixture(scope="module")
+def dit_models(tmp_path_factory):
+    """The tiny SD3 (two blocks: see sd3_for_controlnets) and FLUX.1 pipelines and ControlNets for
+    them: SD3's for text, SD3's for inpainting (the masked image's latents and the mask: one extra
+    channel, as Alimama's), FLUX.1's."""
+    root = tmp_path_factory.mktemp("dit-controlnets")
+    sd3, flux = saved(sd3_for_controlnets)(root / "sd3"), saved(BUILDERS["flux"])(root / "flux")
+    return {"sd3": sd3, "flux": flux,
+            "sd3_text_to_image": transformer_controlnet_for(sd3, root / "sd3-cn", SD3ControlNetModel, num_layers=1),
+            "sd3_inpainting": transformer_controlnet_for(sd3, root / "sd3-inpaint-cn", SD3ControlNetModel,
+                                                         num_layers=1, extra_conditioning_channels=1),
+            "flux_controlnet": transformer_controlnet_for(flux, root / "flux-cn", FluxControlNetModel, num_layers=1,
+                                                          num_single_layers=1)}
+
+
+def picture(seed: int = 0) -> bytes:
+    """A 32x32 RGB picture (smooth noise) to change or repaint."""
+    buf = io.BytesIO()
+    small = np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    Image.fromarray(small).resize((32, 32), Image.BILINEAR).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("family,kind", sorted(FAMILY_CASES))
+def test_controlnets_of_each_family_and_kind(family, kind, models, dit_models, tmp_path):
+    """Same prompt and seed: two control images give two images, the same one the same image; at a
+    controlnet_scale of 0 the control image does not show, and the image is the plain pipeline's
+    where diffusers makes that exact."""
+    pipeline, zero_is_base = FAMILY_CASES[(family, kind)]
+    model, controlnet = {"sd": (TINY, models["controlnet"]), "sdxl": (models["sdxl"], models["sdxl_controlnet"]),
+                         "sd3": (dit_models["sd3"], dit_models.get(f"sd3_{kind}")),
+                         "flux": (dit_models["flux"], dit_models["flux_controlnet"])}[family]
+    inputs = {"image_to_image": {"image": picture()}, "inpainting": {"image": picture(), "mask": square(32, 8, 24)},
+              "text_to_image": {}}[kind]
+    a, b = square(32, 4, 12), square(32, 16, 30)
+    rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": c, "controlnet_scale": s, **inputs}
+            for i, (c, s) in enumerate(((a, 1.0), (b, 1.0), (a, 1.0), (a, 0.0), (b, 0.0)))]
+    out = run(StageSpec(kind=kind, model=str(model), controlnet=str(controlnet), **FAST), rows, tmp_path)
+    got = images(out)
+    assert got[0] != got[1] and got[0] == got[2]
+    assert got[3] == got[4]
+    assert json.loads(values(out, columns.STAGE_PARAMS)[0])[0]["pipeline"] == pipeline
+    base = images(run(StageSpec(kind=kind, model=str(model), **FAST), rows[3:4], tmp_path))
+    assert (got[3] == base[0]) is zero_is_base
 
 
 def test_controlnet_on_a_stage_kind_without_one_is_refused():

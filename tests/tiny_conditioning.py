@@ -1,14 +1,22 @@
 """Tiny random-weight conditioning models in the real diffusers formats, built offline: LoRA
 adapters (peft layers saved with diffusers' save_lora_weights), ControlNets, IP-Adapters and
 T2I-Adapters shaped for the built-in tiny SD 1.x pipeline (builtin:tiny-sd) and the tiny SDXL one
-(tests/tiny_pipelines.py)."""
+(tests/tiny_pipelines.py), and ControlNets shaped for the tiny SD3 and FLUX.1 transformers."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionPipeline, T2IAdapter, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    T2IAdapter,
+    UNet2DConditionModel,
+)
 from diffusers.models.attention_processor import IPAdapterAttnProcessor
 from diffusers.models.embeddings import ImageProjection
 from diffusers.utils import convert_state_dict_to_diffusers
@@ -16,6 +24,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from tests.tiny_pipelines import sd3
 
 # The attention projections most LoRAs train.
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -64,6 +74,31 @@ def controlnet_for(model_folder: str | Path, dest: Path, seed: int = 0, spread: 
                 param.normal_(0, spread)
     controlnet.save_pretrained(dest, safe_serialization=True)
     return dest
+
+
+def transformer_controlnet_for(model_folder: str | Path, dest: Path, controlnet_class, seed: int = 0,
+                               spread: float = 0.2, **config) -> Path:
+    """A ControlNet of ``controlnet_class`` (SD3ControlNetModel, FluxControlNetModel, ...) shaped as
+    the pipeline's transformer (its config, with ``config`` over it: fewer layers, extra
+    conditioning channels), its zero-initialised layers filled at random as in controlnet_for."""
+    torch.manual_seed(seed)
+    shape = dict(controlnet_class.load_config(Path(model_folder) / "transformer"))
+    controlnet = controlnet_class.from_config({**shape, **config})
+    with torch.no_grad():
+        for param in controlnet.parameters():
+            if not param.any():
+                param.normal_(0, spread)
+    controlnet.save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
+def sd3_for_controlnets() -> StableDiffusion3Pipeline:
+    """The tiny SD3 of tests/tiny_pipelines.py with two transformer blocks: SD3's last block updates
+    only the image tokens (context_pre_only) and takes no ControlNet residual, so with one block a
+    ControlNet would change nothing."""
+    pipe = sd3()
+    two = SD3Transformer2DModel.from_config({**pipe.transformer.config, "num_layers": 2})
+    return StableDiffusion3Pipeline(**{**pipe.components, "transformer": two})
 
 
 def ip_adapter_for(model_folder: str | Path, dest: Path, seed: int = 0) -> Path:

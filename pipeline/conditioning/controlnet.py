@@ -132,8 +132,14 @@ def load(stage: StageSpec, storage_spec: StorageSpec | None, dtype) -> dict:
     return {"controlnet": models[0] if len(models) == 1 else models}
 
 
-def call_args(takes: set[str], stage: StageSpec, controls: list[list], scale: float) -> dict:
-    """The pipeline arguments for one call: ``controls`` holds per ControlNet the rows' images."""
+# The pipelines that encode the control image with the VAE drawing from torch's global generator
+# (latent_dist.sample() without the call's generators): shardgen seeds it per call (stage.py).
+GLOBAL_RNG = {"StableDiffusion3ControlNetPipeline", "StableDiffusion3ControlNetInpaintingPipeline"}
+
+
+def call_args(takes: set[str], stage: StageSpec, controls: list[list], scale: float, masks: list | None) -> dict:
+    """The pipeline arguments for one call: ``controls`` holds per ControlNet the rows' images;
+    ``masks`` the rows' masks on an inpainting stage."""
     if stage.t2i_adapter:  # diffusers' adapter pipelines take the control image as `image`
         return {"image": controls[0], "adapter_conditioning_scale": scale}
     # The text-to-image pipelines take the control image as `image`; the others, whose `image` is
@@ -141,6 +147,11 @@ def call_args(takes: set[str], stage: StageSpec, controls: list[list], scale: fl
     name = "control_image" if "control_image" in takes else "image"
     several = len(controls) > 1
     # Several ControlNets take a list per row, with one image per ControlNet (diffusers transposes it).
-    return {name: [list(row) for row in zip(*controls)] if several else controls[0],
+    args = {name: [list(row) for row in zip(*controls)] if several else controls[0],
             "controlnet_conditioning_scale": [scale] * len(controls) if several else scale,
             "control_guidance_start": stage.control_start, "control_guidance_end": stage.control_end}
+    if "control_mask" in takes:
+        # SD3's inpainting ControlNet repaints from noise: it sees the control image with the row's
+        # mask blanked out (white: repaint), and takes no `image` or `strength`.
+        args["control_mask"] = masks
+    return args

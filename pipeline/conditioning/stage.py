@@ -6,6 +6,7 @@ each row's record says."""
 from __future__ import annotations
 
 import pyarrow as pa
+from PIL import Image
 
 from pipeline import columns
 from pipeline.conditioning import control_images, controlnet, ip_adapter, lora
@@ -80,7 +81,20 @@ class Conditioning:
                                      "image this stage makes")
                 per_row.append(image)
             images.append(per_row)
-        return args | controlnet.call_args(pipe_takes, self.spec, images, batch["controlnet_scale"][rows[0]])
+        if self.pipeline_class in controlnet.GLOBAL_RNG:
+            self.seed_global_generator(batch["seed"][rows[0]])
+        masks = [Image.fromarray(batch["mask"][i]) for i in rows] if "mask" in batch else None
+        return args | controlnet.call_args(pipe_takes, self.spec, images, batch["controlnet_scale"][rows[0]], masks)
+
+    def seed_global_generator(self, seed: int) -> None:
+        """Seed torch's global generator from the call's first row, for a pipeline that draws the
+        control image's VAE latents from it: a row alone in its call (CPUs) is then reproducible;
+        in a batch, the draw is its call's first row's."""
+        import torch
+
+        from pipeline.stages.base import row_generator  # imported here: base imports this module
+
+        torch.manual_seed(row_generator(seed, self.position).initial_seed())
 
     def reference_args(self, batch: dict[str, list], i: int) -> dict:
         """The call's reference image: its rows share one (group_key)."""
