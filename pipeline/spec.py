@@ -276,6 +276,12 @@ class StageSpec(_Strict):
     controlnet_scale: Annotated[float, Field(ge=0, le=10)] = Field(
         default=1.0, description="how strongly the control image steers (diffusers' "
         "controlnet_conditioning_scale); a `controlnet_scale` manifest column overrides it per row")
+    control_mode: list[Annotated[int, Field(ge=0)]] = Field(
+        default=[], description="a ControlNet Union's (SDXL's ControlNetUnionModel) control type of each control "
+        "image, `control_image` first, as the Union model numbers them (xinsir/controlnet-union-sdxl-1.0: 0 openpose, "
+        "1 depth, 2 hed/pidi/scribble/ted, 3 canny/lineart/anime_lineart/mlsd, 4 normal, 5 segment; its ProMax adds "
+        "6 tile, 7 repaint): the one Union ControlNet reads as many control images as this lists. Required for a "
+        "Union, refused for other ControlNets")
     control_start: Annotated[float, Field(ge=0, le=1)] = Field(
         default=0.0, description="the share of the denoising steps after which the ControlNet starts to apply")
     control_end: Annotated[float, Field(ge=0, le=1)] = Field(
@@ -333,8 +339,9 @@ class StageSpec(_Strict):
 
     @property
     def control_models(self) -> int:
-        """How many control images a row needs: one per ControlNet, one for a T2I-Adapter."""
-        return len(self.controlnet) + (1 if self.t2i_adapter else 0)
+        """How many control images a row needs: one per ControlNet (a Union's: one per control_mode),
+        one for a T2I-Adapter."""
+        return max(len(self.controlnet), len(self.control_mode)) + (1 if self.t2i_adapter else 0)
 
     @property
     def draws_noise(self) -> bool:
@@ -352,10 +359,10 @@ class StageSpec(_Strict):
                                  "spread the pipeline over GPUs or offload it, not both")
         return self
 
-    @field_validator("controlnet", mode="before")
+    @field_validator("controlnet", "control_mode", mode="before")
     @classmethod
     def _one_or_more(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
+        return [value] if isinstance(value, (str, int)) else value
 
     @model_validator(mode="after")
     def _conditioning(self) -> "StageSpec":
@@ -369,6 +376,11 @@ class StageSpec(_Strict):
                              f"{', '.join(T2I_ADAPTER_KINDS)})")
         if self.t2i_adapter and self.controlnet:
             raise ValueError("t2i_adapter: a stage takes a ControlNet or a T2I-Adapter, not both")
+        if self.control_mode and (len(self.controlnet) > 1 or self.t2i_adapter):
+            raise ValueError("control_mode: applies to one ControlNet Union, alone in its stage")
+        twice = sorted({m for m in self.control_mode if self.control_mode.count(m) > 1})
+        if twice:
+            raise ValueError(f"control_mode: {twice} given more than once (one control image per type)")
         if self.t2i_adapter and {"control_start", "control_end"} & self.model_fields_set:
             raise ValueError("control_start, control_end: apply to ControlNets; a T2I-Adapter applies at every step")
         if self.ip_adapter and self.kind not in IP_ADAPTER_KINDS:

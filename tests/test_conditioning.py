@@ -28,6 +28,7 @@ from PIL import Image
 
 from pipeline import columns, storage
 from pipeline.access import policy
+from pipeline.conditioning import controlnet
 from pipeline.conditioning.control_images import canny
 from pipeline.errors import ManifestError, ModelError
 from pipeline.manifest import check as manifest_check
@@ -66,7 +67,8 @@ def square(side: int, lo: int, hi: int) -> bytes:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, environment):
     """Folders of the tiny conditioning models: LoRAs that fit tiny-sd (two) and one that does not,
-    a ControlNet and an IP-Adapter for tiny-sd, the tiny SDXL pipeline and a ControlNet for it, and
+    a ControlNet and an IP-Adapter for tiny-sd, the tiny SDXL pipeline, a ControlNet and a
+    ControlNet Union for it, and
     a T2I-Adapter for the shapes model (tiny-sd's first down block has no attention, after which
     diffusers adds an adapter's first feature at the next size)."""
     root = tmp_path_factory.mktemp("conditioning")
@@ -76,6 +78,7 @@ def models(tmp_path_factory, environment):
     return {"sd": sd, "lora": lora_for(sd, root / "lora-a"), "lora_b": lora_for(sd, root / "lora-b", seed=1),
             "misfit": misfit_lora(root / "misfit"), "controlnet": controlnet_for(sd, root / "controlnet"),
             "sdxl": xl, "sdxl_controlnet": controlnet_for(xl, root / "sdxl-controlnet"),
+            "sdxl_union": controlnet_for(xl, root / "sdxl-union", union=True),
             "ip_adapter": ip_adapter_for(sd, root / "ip-adapter"),
             "t2i_adapter": t2i_adapter_for(build_builtin("shapes-t2i"), root / "t2i-adapter")}
 
@@ -331,6 +334,63 @@ def test_controlnets_of_each_family_and_kind(family, kind, models, dit_models, t
     assert json.loads(values(out, columns.STAGE_PARAMS)[0])[0]["pipeline"] == pipeline
     base = images(run(StageSpec(kind=kind, model=str(model), **FAST), rows[3:4], tmp_path))
     assert (got[3] == base[0]) is zero_is_base
+
+
+@pytest.mark.parametrize("kind", ["text_to_image", "image_to_image", "inpainting"])
+def test_an_sdxl_controlnet_union_reads_a_control_image_per_control_mode(kind, models, tmp_path):
+    """A ControlNetUnionModel folder runs SDXL's Union pipelines: `control_mode` names the type of
+    `control_image` and `control_image_2`; each image and each type steers, and the record says
+    which types."""
+    union = models["sdxl_union"]
+    inputs = {"image_to_image": {"image": picture()}, "inpainting": {"image": picture(), "mask": square(32, 8, 24)},
+              "text_to_image": {}}[kind]
+    a, b = square(32, 4, 12), square(32, 16, 30)
+    rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": c, "control_image_2": b, **inputs}
+            for i, c in enumerate((a, b, a))]
+    spec = StageSpec(kind=kind, model=str(models["sdxl"]), controlnet=str(union), control_mode=[1, 3], **FAST)
+    out = run(spec, rows, tmp_path)
+    got = images(out)
+    assert got[0] != got[1] and got[0] == got[2]
+    (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
+    assert record["pipeline"] == {"text_to_image": "StableDiffusionXLControlNetUnionPipeline",
+                                  "image_to_image": "StableDiffusionXLControlNetUnionImg2ImgPipeline",
+                                  "inpainting": "StableDiffusionXLControlNetUnionInpaintPipeline"}[kind]
+    assert record["controlnet"]["control_mode"] == [1, 3]
+    other_types = run(spec.model_copy(update={"control_mode": [0, 5]}), rows[:1], tmp_path)
+    assert images(other_types) != got[:1]
+
+
+def test_control_mode_rules(models, tmp_path):
+    """Refused naming the field: a Union without control_mode, control_mode on another ControlNet,
+    a type the Union lacks, a type twice, several ControlNets with a Union's types."""
+    union, plain = str(models["sdxl_union"]), str(models["sdxl_controlnet"])
+    manifest = write_manifest(str(tmp_path / "m.parquet"), prompt_rows())
+    cases = (({"controlnet": union}, "control_mode: .* is a ControlNet Union: give the control type"),
+             ({"controlnet": plain, "control_mode": 1}, "control_mode: applies to a ControlNet Union "
+                                                          r"\(ControlNetUnionModel\); .* is a ControlNetModel"),
+             ({"controlnet": union, "control_mode": [1, 6]}, r"control_mode: \[6\] are not control types of .* "
+                                                               r"\(it has 6: 0 to 5\)"))
+    for extra, message in cases:
+        stage = {"kind": "text_to_image", "model": str(models["sdxl"]), **extra}
+        spec = parse_spec({"manifest": manifest, "output": str(tmp_path / "out"), "stages": [stage]})
+        with pytest.raises(ModelError, match=message):
+            check_sources(spec)
+    with pytest.raises(ValueError, match=r"control_mode: \[3\] given more than once"):
+        StageSpec(kind="text_to_image", model=TINY, controlnet=union, control_mode=[3, 3])
+    with pytest.raises(ValueError, match="control_mode: applies to one ControlNet Union, alone in its stage"):
+        StageSpec(kind="text_to_image", model=TINY, controlnet=[union, union], control_mode=[3])
+    assert StageSpec(kind="text_to_image", model=TINY, controlnet=union, control_mode=[0, 5]).control_models == 2
+
+
+def test_a_union_saved_under_controlnetmodels_name_is_known_by_its_weights(models, tmp_path):
+    """xinsir's published SDXL Union names ControlNetModel in its config.json: its control-type
+    embedding in the weights makes it a Union all the same."""
+    folder = tmp_path / "xinsir-layout"
+    shutil.copytree(models["sdxl_union"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "_class_name": "ControlNetModel"}))
+    assert controlnet.model_class(folder) == "ControlNetUnionModel"
+    assert controlnet.model_class(models["sdxl_controlnet"]) == "ControlNetModel"
 
 
 def test_controlnet_on_a_stage_kind_without_one_is_refused():

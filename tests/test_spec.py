@@ -157,7 +157,7 @@ def test_defaults_of_every_field():
                     "safety_checker": "off", "compile": False, "attention_backend": None, "cache": None,
                     "true_cfg_scale": None,
                     "max_sequence_length": None, "loras": [], "controlnet": [], "controlnet_scale": 1.0,
-                    "control_start": 0.0, "control_end": 1.0, "control": None, "t2i_adapter": None,
+                    "control_mode": [], "control_start": 0.0, "control_end": 1.0, "control": None, "t2i_adapter": None,
                     "ip_adapter": None, "ip_adapter_weight_name": None, "ip_adapter_scale": 1.0}],
         "flows": None,
         "format": {"image": "png", "quality": 95, "rows_per_shard": 1000, "publish_every_minutes": 4.0,

@@ -11,6 +11,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
+    ControlNetUnionModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -60,14 +61,21 @@ def misfit_lora(dest: Path) -> Path:
     return save_lora(unet, dest)
 
 
-def controlnet_for(model_folder: str | Path, dest: Path, seed: int = 0, spread: float = 0.2) -> Path:
+def controlnet_for(model_folder: str | Path, dest: Path, seed: int = 0, spread: float = 0.2,
+                   union: bool = False) -> Path:
     """A ControlNet made from the pipeline's UNet (as diffusers' training starts one), with its
     zero-initialised output layers filled at random (normal, ``spread``) so that the control image
-    shows; its
-    conditioning encoder downsamples as much as the pipeline's VAE (4x for the tiny ones)."""
+    shows; its conditioning encoder downsamples as much as the pipeline's VAE (4x for the tiny
+    ones). ``union``: a ControlNetUnionModel of the same shape (six control types, as xinsir's),
+    whose control-type transformer is as wide as the first block."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(Path(model_folder) / "unet")
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 32))
+    if union:
+        width = unet.config.block_out_channels[0]
+        controlnet = ControlNetUnionModel.from_config({**controlnet.config, "num_control_type": 6,
+                                                       "num_trans_channel": width, "num_trans_head": 2,
+                                                       "num_proj_channel": width})
     with torch.no_grad():
         for param in controlnet.parameters():
             if not param.any():

@@ -27,6 +27,14 @@ PIPELINES: dict[str, dict[str, str]] = {
     "flux": {"text_to_image": "FluxControlNetPipeline", "image_to_image": "FluxControlNetImg2ImgPipeline",
              "inpainting": "FluxControlNetInpaintPipeline"},
 }
+# A ControlNet Union: one model, several control images each of a control type (`control_mode`).
+UNION = "ControlNetUnionModel"
+# family -> stage kind -> the diffusers pipeline that runs it with a ControlNet Union.
+UNION_PIPELINES: dict[str, dict[str, str]] = {
+    "sdxl": {"text_to_image": "StableDiffusionXLControlNetUnionPipeline",
+             "image_to_image": "StableDiffusionXLControlNetUnionImg2ImgPipeline",
+             "inpainting": "StableDiffusionXLControlNetUnionInpaintPipeline"},
+}
 # family -> stage kind -> the diffusers pipeline that runs it with a T2I-Adapter.
 ADAPTER_PIPELINES: dict[str, dict[str, str]] = {
     "sd": {"text_to_image": "StableDiffusionAdapterPipeline"},
@@ -35,7 +43,7 @@ ADAPTER_PIPELINES: dict[str, dict[str, str]] = {
 # A saved ControlNet pipeline's class -> the class its family is detected by.
 SAVED = {cls: {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
                "flux": "FluxPipeline"}[family]
-         for family, kinds in PIPELINES.items() for cls in kinds.values()}
+         for table in (PIPELINES, UNION_PIPELINES) for family, kinds in table.items() for cls in kinds.values()}
 
 
 def base_index(model_index: dict) -> dict:
@@ -49,13 +57,42 @@ def holds_controlnet(model_index: dict) -> bool:
     return isinstance(value, list) and len(value) == 2 and value[0] is not None
 
 
-def pipeline_class(family: str, stage: StageSpec, model_index: dict, plain: str) -> str:
-    """The pipeline class a stage runs: ``plain`` (its family's) unless it has a ControlNet or a
-    T2I-Adapter."""
+def _config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def model_class(folder: Path) -> str:
+    """The diffusers class to load a checked folder with: its config.json's, except a ControlNet
+    Union saved under ControlNetModel's name (xinsir's published SDXL Union), known by its weights'
+    control-type embedding (read from the safetensors headers alone)."""
+    from safetensors import safe_open
+
+    name = _config(folder)["_class_name"]
+    if name == "ControlNetModel":
+        for file in folder.glob("*.safetensors"):
+            with safe_open(file, "pt") as weights:
+                if "task_embedding" in weights.keys():
+                    return UNION
+    return name
+
+
+def controlnet_classes(stage: StageSpec, model_index: dict, storage_spec: StorageSpec | None) -> list[str]:
+    """The diffusers class of each ControlNet the stage runs with: its own (from their
+    config.json), else the one a saved ControlNet pipeline holds."""
+    if stage.controlnet:
+        return [model_class(locate(source, storage_spec)) for source in stage.controlnet]
+    return [model_index["controlnet"][1]] if holds_controlnet(model_index) else []
+
+
+def pipeline_class(family: str, stage: StageSpec, model_index: dict, plain: str,
+                   storage_spec: StorageSpec | None) -> str:
+    """The pipeline class a stage runs: ``plain`` (its family's) unless it has a ControlNet (a
+    ControlNet Union has pipelines of its own) or a T2I-Adapter."""
     if stage.t2i_adapter:
         field, table = "t2i_adapter", ADAPTER_PIPELINES
     elif stage.controlnet or holds_controlnet(model_index):
-        field, table = "controlnet", PIPELINES
+        union = UNION in controlnet_classes(stage, model_index, storage_spec)
+        field, table = ("controlnet", UNION_PIPELINES) if union else ("controlnet", PIPELINES)
     else:
         return plain
     found = table.get(family, {}).get(stage.kind)
@@ -107,11 +144,30 @@ def _sources(stage: StageSpec) -> list[tuple[str, str]]:
                                                              if stage.t2i_adapter else [])
 
 
-def check(stage: StageSpec, storage_spec: StorageSpec | None) -> None:
-    """On the driver: each ControlNet or T2I-Adapter can be fetched and is a folder of its kind
-    (exit 2 if not)."""
+def check(stage: StageSpec, model_index: dict, storage_spec: StorageSpec | None) -> None:
+    """On the driver: each ControlNet or T2I-Adapter can be fetched and is a folder of its kind,
+    and `control_mode` is set for a ControlNet Union alone, with types it has (exit 2 if not)."""
     for field, source in _sources(stage):
         locate(source, storage_spec, field)
+    classes = controlnet_classes(stage, model_index, storage_spec)
+    what = stage.controlnet[0] if stage.controlnet else f"the model's own ControlNet ({stage.model})"
+    if UNION not in classes:
+        if stage.control_mode:
+            raise ModelError(f"control_mode: applies to a ControlNet Union ({UNION}); {what} is a "
+                             f"{', '.join(classes) or 'stage without a ControlNet'}")
+        return
+    if len(classes) > 1:
+        raise ModelError(f"controlnet: a ControlNet Union runs alone in a stage (it reads several control images "
+                         f"itself); this stage has {len(classes)} ControlNets")
+    if not stage.control_mode:
+        raise ModelError(f"control_mode: {what} is a ControlNet Union: give the control type of each control "
+                         "image (control_image, control_image_2, ...)")
+    if stage.controlnet:  # a saved Union pipeline's own types are checked by diffusers as it runs
+        types = _config(locate(stage.controlnet[0], storage_spec)).get("num_control_type", 6)
+        bad = [mode for mode in stage.control_mode if mode >= types]
+        if bad:
+            raise ModelError(f"control_mode: {bad} are not control types of {what} (it has {types}: 0 to "
+                             f"{types - 1})")
 
 
 def load(stage: StageSpec, storage_spec: StorageSpec | None, dtype) -> dict:
@@ -122,7 +178,7 @@ def load(stage: StageSpec, storage_spec: StorageSpec | None, dtype) -> dict:
     models = []
     for field, source in _sources(stage):
         folder = locate(source, storage_spec, field)
-        name = json.loads((folder / "config.json").read_text())["_class_name"]
+        name = model_class(folder)
         models.append(getattr(diffusers, name).from_pretrained(folder, torch_dtype=dtype, use_safetensors=True,
                                                                local_files_only=True))
     if not models:
@@ -145,11 +201,14 @@ def call_args(takes: set[str], stage: StageSpec, controls: list[list], scale: fl
     # The text-to-image pipelines take the control image as `image`; the others, whose `image` is
     # the picture to change, as `control_image`.
     name = "control_image" if "control_image" in takes else "image"
+    start_end = {"control_guidance_start": stage.control_start, "control_guidance_end": stage.control_end}
+    if stage.control_mode:  # a ControlNet Union: per control image, the rows' images, and its type
+        return {name: controls, "control_mode": list(stage.control_mode), "controlnet_conditioning_scale": scale,
+                **start_end}
     several = len(controls) > 1
     # Several ControlNets take a list per row, with one image per ControlNet (diffusers transposes it).
     args = {name: [list(row) for row in zip(*controls)] if several else controls[0],
-            "controlnet_conditioning_scale": [scale] * len(controls) if several else scale,
-            "control_guidance_start": stage.control_start, "control_guidance_end": stage.control_end}
+            "controlnet_conditioning_scale": [scale] * len(controls) if several else scale, **start_end}
     if "control_mask" in takes:
         # SD3's inpainting ControlNet repaints from noise: it sees the control image with the row's
         # mask blanked out (white: repaint), and takes no `image` or `strength`.

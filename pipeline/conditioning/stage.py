@@ -20,7 +20,7 @@ class Conditioning:
         self.spec = spec
         self.storage = storage
         self.position = position
-        self.pipeline_class = controlnet.pipeline_class(family, spec, model_index, plain_class)
+        self.pipeline_class = controlnet.pipeline_class(family, spec, model_index, plain_class, storage)
         self.controlled = self.pipeline_class != plain_class
         self.adapters: lora.Adapters | None = None
 
@@ -119,4 +119,6 @@ class Conditioning:
                                  "scale": batch["controlnet_scale"][i], "start": self.spec.control_start,
                                  "end": self.spec.control_end,
                                  "control_image": self.spec.control.kind if self.spec.control else "manifest"}
+            if self.spec.control_mode:
+                out["controlnet"]["control_mode"] = self.spec.control_mode
         return out
