@@ -234,6 +234,10 @@ _PRIOR_DECODER = {"renames": {"num_inference_steps": ("num_inference_steps", "pr
 MAPPED: dict[str, Family] = {f.name: f for f in (
     Family("flux2", "FLUX.2 [dev]", {}, None, 1024, multiple=16, guidance=_guidance, references=True),
     Family("flux2-klein", "FLUX.2 [klein]", {}, None, 1024, multiple=16, guidance=_guidance, references=True),
+    # FLUX.1 Canny/Depth [dev]: the transformer reads the control image's latents beside the noisy
+    # ones (in_channels doubled), with no ControlNet (pipeline/conditioning/controlnet.py).
+    Family("flux-control", "FLUX.1 Control", {}, None, 1024, _encode_flux, _flux_args, _flux_guidance,
+           multiple=16),
     Family("flux-kontext", "FLUX.1 Kontext", {}, None, 1024, args=_kontext_args, multiple=16,
            guidance=_flux_guidance),
     Family("qwenimage", "Qwen-Image", {}, None, 1328, multiple=16, **_TRUE_CFG),
@@ -335,9 +339,10 @@ def check_family(source: str, model_index: dict, stage) -> Family:
     if stage.safety_checker == "filter" and not has_component(model_index, "safety_checker"):
         raise ModelError(f"safety_checker: filter runs the safety checker a model ships, and {source} "
                          f"({model_index.get('_class_name')}) ships none; leave safety_checker off")
+    from pipeline.conditioning.controlnet import model_control_problem
     from pipeline.stages import speed
 
-    problem = speed.check(stage, model_index)
+    problem = model_control_problem(family.pipelines[kind], stage) or speed.check(stage, model_index)
     if problem:
         raise ModelError(f"{problem} (model {source})")
     return family
@@ -345,12 +350,17 @@ def check_family(source: str, model_index: dict, stage) -> Family:
 
 def _refused(class_name: str) -> str | None:
     """Why a pipeline that the mappings give cannot run as a plain stage, or None: one that needs an
-    input no stage gives it (a control image, a control net)."""
+    input no stage gives it (a control image, a control net), except those whose model reads the
+    row's control image itself (FLUX.1 Control)."""
     import inspect
 
     import diffusers
 
+    from pipeline.conditioning.controlnet import MODEL_CONTROL
+
     signature = inspect.signature(getattr(diffusers, class_name).__init__).parameters
+    if class_name in MODEL_CONTROL:
+        return None
     if "controlnet" in signature or "control_image" in _call_parameters(class_name):
         return "needs a control image; a stage's `controlnet:` runs ControlNets with the families written out"
     return None

@@ -4,7 +4,8 @@ switched, the `lora` column picks per row, a misfit is refused on the driver, so
 and a stand-in Hub), ControlNets on SD 1.x, SDXL, SD3 and FLUX.1 for each kind diffusers has a
 pipeline of (the control image steers: two control images, two images; the same one, the same
 image; scale 0 hides it; a missing or wrong-sized one is an error row naming the column; a saved
-ControlNet pipeline as the model), IP-Adapters on SD 1.x (the reference image
+ControlNet pipeline as the model), an SDXL ControlNet Union (a control image per `control_mode`),
+a FLUX.1 Control model (its transformer reads the control image), IP-Adapters on SD 1.x (the reference image
 steers; scale 0 is the base model byte for byte), T2I-Adapters on SD 1.x (the shapes model), and
 Canny control images made on CPU."""
 
@@ -41,6 +42,7 @@ from tests.helpers import write_manifest
 from tests.hub_server import HubServer, Repo
 from tests.tiny_conditioning import (
     controlnet_for,
+    flux_control,
     ip_adapter_for,
     lora_for,
     misfit_lora,
@@ -391,6 +393,42 @@ def test_a_union_saved_under_controlnetmodels_name_is_known_by_its_weights(model
     (folder / "config.json").write_text(json.dumps({**config, "_class_name": "ControlNetModel"}))
     assert controlnet.model_class(folder) == "ControlNetUnionModel"
     assert controlnet.model_class(models["sdxl_controlnet"]) == "ControlNetModel"
+
+
+@pytest.fixture(scope="module")
+def flux_control_model(tmp_path_factory):
+    return saved(flux_control)(tmp_path_factory.mktemp("flux-control"))
+
+
+@pytest.mark.parametrize("kind", ["text_to_image", "image_to_image", "inpainting"])
+def test_a_flux_control_model_reads_the_control_image(kind, flux_control_model, tmp_path):
+    """A saved FluxControlPipeline as the model (FLUX.1 Canny/Depth: no ControlNet, the transformer
+    reads the control image): two control images give two images, the same one the same image; a
+    missing or wrong-sized one is an error row naming the column."""
+    inputs = {"image_to_image": {"image": picture()}, "inpainting": {"image": picture(), "mask": square(32, 8, 24)},
+              "text_to_image": {}}[kind]
+    a, b = square(32, 4, 12), square(32, 16, 30)
+    rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": c, **inputs}
+            for i, c in enumerate((a, b, a, None, square(16, 4, 12)))]
+    out = run(StageSpec(kind=kind, model=str(flux_control_model), **FAST), rows, tmp_path)
+    assert values(out, "status") == ["ok"] * 3 + ["error"] * 2
+    got = values(out, columns.PIXELS)
+    assert got[0] != got[1] and got[0] == got[2]
+    pipeline = {"text_to_image": "FluxControlPipeline", "image_to_image": "FluxControlImg2ImgPipeline",
+                "inpainting": "FluxControlInpaintPipeline"}[kind]
+    assert values(out, "error")[3:] == [f"{kind}: ValueError: control_image: missing (this stage's {pipeline} takes a "
+                                        "control image)",
+                                        "control_image: size 16x16 differs from the 32x32 image the stage makes"]
+    (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
+    assert record["pipeline"] == pipeline and record["flux_control"] == {"control_image": "manifest"}
+
+
+def test_a_flux_control_model_refuses_controlnet_settings(flux_control_model, tmp_path):
+    manifest = write_manifest(str(tmp_path / "m.parquet"), prompt_rows())
+    stage = {"kind": "text_to_image", "model": str(flux_control_model), "controlnet_scale": 0.5, "control_end": 0.8}
+    with pytest.raises(ModelError, match="control_end, controlnet_scale: FluxControlPipeline reads the control image "
+                                         "in its transformer, with no ControlNet"):
+        check_sources(parse_spec({"manifest": manifest, "output": str(tmp_path / "out"), "stages": [stage]}))
 
 
 def test_controlnet_on_a_stage_kind_without_one_is_refused():

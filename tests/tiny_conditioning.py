@@ -1,7 +1,8 @@
 """Tiny random-weight conditioning models in the real diffusers formats, built offline: LoRA
 adapters (peft layers saved with diffusers' save_lora_weights), ControlNets, IP-Adapters and
 T2I-Adapters shaped for the built-in tiny SD 1.x pipeline (builtin:tiny-sd) and the tiny SDXL one
-(tests/tiny_pipelines.py), and ControlNets shaped for the tiny SD3 and FLUX.1 transformers."""
+(tests/tiny_pipelines.py), ControlNets shaped for the tiny SD3 and FLUX.1 transformers, and a
+FLUX.1 Control pipeline."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from diffusers import (
     AutoencoderKL,
     ControlNetModel,
     ControlNetUnionModel,
+    FluxControlPipeline,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -26,7 +28,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from tests.tiny_pipelines import sd3
+from tests.tiny_pipelines import _flow_vae, _flux_parts, _flux_transformer, sd3
 
 # The attention projections most LoRAs train.
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -107,6 +109,13 @@ def sd3_for_controlnets() -> StableDiffusion3Pipeline:
     pipe = sd3()
     two = SD3Transformer2DModel.from_config({**pipe.transformer.config, "num_layers": 2})
     return StableDiffusion3Pipeline(**{**pipe.components, "transformer": two})
+
+
+def flux_control() -> FluxControlPipeline:
+    """A FLUX.1 Control (Canny/Depth [dev]) shaped pipeline: the tiny FLUX.1-dev of
+    tests/tiny_pipelines.py with a transformer that reads the control image's packed latents beside
+    the noisy ones (4 + 4 channels in, 4 out)."""
+    return FluxControlPipeline(vae=_flow_vae(1), transformer=_flux_transformer(8, 4, guidance=True), **_flux_parts())
 
 
 def ip_adapter_for(model_folder: str | Path, dest: Path, seed: int = 0) -> Path:

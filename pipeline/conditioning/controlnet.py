@@ -35,6 +35,9 @@ UNION_PIPELINES: dict[str, dict[str, str]] = {
              "image_to_image": "StableDiffusionXLControlNetUnionImg2ImgPipeline",
              "inpainting": "StableDiffusionXLControlNetUnionInpaintPipeline"},
 }
+# The pipelines whose model reads the control image itself, with no ControlNet: FLUX.1 Control
+# (Canny/Depth [dev]) packs the control image's latents beside the noisy ones into its transformer.
+MODEL_CONTROL = {"FluxControlPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline"}
 # family -> stage kind -> the diffusers pipeline that runs it with a T2I-Adapter.
 ADAPTER_PIPELINES: dict[str, dict[str, str]] = {
     "sd": {"text_to_image": "StableDiffusionAdapterPipeline"},
@@ -100,6 +103,16 @@ def pipeline_class(family: str, stage: StageSpec, model_index: dict, plain: str,
         raise ModelError(f"{field}: shardgen runs them on {', '.join(sorted(table))} (not {family}) for "
                          f"{stage.kind}")
     return found
+
+
+def model_control_problem(plain: str, stage: StageSpec) -> str | None:
+    """Why ``stage`` cannot run ``plain``, a pipeline whose model reads the control image itself,
+    or None: it has no ControlNet for a scale or a share of the steps to apply to."""
+    given = sorted({"controlnet_scale", "control_start", "control_end"} & stage.model_fields_set)
+    if plain in MODEL_CONTROL and given:
+        return (f"{', '.join(given)}: {plain} reads the control image in its transformer, with no ControlNet to "
+                "scale or to apply to a share of the steps; leave them unset")
+    return None
 
 
 # The field naming a conditioning model -> a word its diffusers class name holds.

@@ -21,7 +21,9 @@ class Conditioning:
         self.storage = storage
         self.position = position
         self.pipeline_class = controlnet.pipeline_class(family, spec, model_index, plain_class, storage)
-        self.controlled = self.pipeline_class != plain_class
+        # FLUX.1 Control reads the control image in its transformer, with no ControlNet.
+        self.model_control = self.pipeline_class in controlnet.MODEL_CONTROL
+        self.controlled = self.pipeline_class != plain_class or self.model_control
         self.adapters: lora.Adapters | None = None
 
     def components(self, dtype) -> dict:
@@ -74,13 +76,15 @@ class Conditioning:
             for i in rows:
                 data = batch[control_images.internal(k)][i]
                 if data is None:
-                    raise ValueError(f"{name}: missing (this stage has a ControlNet)")
+                    raise ValueError(f"{name}: missing (this stage's {self.pipeline_class} takes a control image)")
                 image = control_images.unpack(data)
                 if image.size != (width, height):
                     raise ValueError(f"{name}: size {image.width}x{image.height} differs from the {width}x{height} "
                                      "image this stage makes")
                 per_row.append(image)
             images.append(per_row)
+        if self.model_control:
+            return args | {"control_image": images[0]}
         if self.pipeline_class in controlnet.GLOBAL_RNG:
             self.seed_global_generator(batch["seed"][rows[0]])
         masks = [Image.fromarray(batch["mask"][i]) for i in rows] if "mask" in batch else None
@@ -114,6 +118,8 @@ class Conditioning:
         if self.spec.t2i_adapter:
             out["t2i_adapter"] = {"model": self.spec.t2i_adapter, "scale": batch["controlnet_scale"][i],
                                   "control_image": self.spec.control.kind if self.spec.control else "manifest"}
+        elif self.model_control:
+            out["flux_control"] = {"control_image": "manifest"}
         elif self.controlled:
             out["controlnet"] = {"models": self.spec.controlnet or ["(the model's own)"],
                                  "scale": batch["controlnet_scale"][i], "start": self.spec.control_start,
