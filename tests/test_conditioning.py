@@ -21,9 +21,12 @@ import pytest
 from diffusers import (
     ControlNetModel,
     FluxControlNetModel,
+    HunyuanDiT2DControlNetModel,
+    QwenImageControlNetModel,
     SD3ControlNetModel,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
+    ZImageControlNetModel,
 )
 from PIL import Image
 
@@ -43,6 +46,7 @@ from tests.hub_server import HubServer, Repo
 from tests.tiny_conditioning import (
     controlnet_for,
     flux_control,
+    hunyuan_dit_for_controlnets,
     ip_adapter_for,
     lora_for,
     misfit_lora,
@@ -50,6 +54,7 @@ from tests.tiny_conditioning import (
     t2i_adapter_for,
     transformer_controlnet_for,
 )
+from tests.tiny_families import FAMILY_BUILDERS
 from tests.tiny_pipelines import BUILDERS, saved, sdxl
 
 FAST = {"steps": 2, "cpus_per_actor": 0.5, "width": 32, "height": 32}
@@ -289,6 +294,11 @@ FAMILY_CASES = {
     ("flux", "text_to_image"): ("FluxControlNetPipeline", False),
     ("flux", "image_to_image"): ("FluxControlNetImg2ImgPipeline", False),
     ("flux", "inpainting"): ("FluxControlNetInpaintPipeline", False),
+    ("qwen-image", "text_to_image"): ("QwenImageControlNetPipeline", False),
+    ("qwen-image", "inpainting"): ("QwenImageControlNetInpaintPipeline", False),
+    ("hunyuan-dit", "text_to_image"): ("HunyuanDiTControlNetPipeline", True),
+    ("z-image", "text_to_image"): ("ZImageControlNetPipeline", True),
+    ("z-image", "inpainting"): ("ZImageControlNetInpaintPipeline", False),
 }
 
 
@@ -307,6 +317,33 @@ def dit_models(tmp_path_factory):
                                                           num_single_layers=1)}
 
 
+@pytest.fixture(scope="module")
+def more_dit_models(tmp_path_factory):
+    """The tiny Qwen-Image, HunyuanDiT (four blocks: see hunyuan_dit_for_controlnets) and Z-Image
+    pipelines and ControlNets for them: Qwen-Image's for text and for inpainting (the masked
+    image's latents and the mask, packed 2x2: four extra channels), HunyuanDiT's, Z-Image's for
+    text (the control latents' 16 channels) and for inpainting (the control's, the mask's and the
+    masked image's: 33, as Z-Image-Turbo-Fun-Controlnet-Union-2.0's)."""
+    root = tmp_path_factory.mktemp("more-dit-controlnets")
+    qwen = FAMILY_BUILDERS["qwen-image"](root / "qwen-image")
+    hunyuan = saved(hunyuan_dit_for_controlnets)(root / "hunyuan-dit")
+    z_image = FAMILY_BUILDERS["z-image"](root / "z-image")
+    z_control = {"control_layers_places": [0], "control_refiner_layers_places": [0], "n_refiner_layers": 1}
+    return {"qwen-image": qwen, "hunyuan-dit": hunyuan, "z-image": z_image,
+            "z-image_text_to_image": transformer_controlnet_for(z_image, root / "z-cn", ZImageControlNetModel,
+                                                                control_in_dim=16, **z_control),
+            "z-image_inpainting": transformer_controlnet_for(z_image, root / "z-inpaint-cn", ZImageControlNetModel,
+                                                             control_in_dim=33, **z_control),
+            "qwen-image_text_to_image": transformer_controlnet_for(qwen, root / "qwen-cn", QwenImageControlNetModel,
+                                                                   num_layers=1),
+            "qwen-image_inpainting": transformer_controlnet_for(qwen, root / "qwen-inpaint-cn",
+                                                                QwenImageControlNetModel, num_layers=1,
+                                                                extra_condition_channels=4),
+            "hunyuan-dit_text_to_image": transformer_controlnet_for(hunyuan, root / "hunyuan-cn",
+                                                                    HunyuanDiT2DControlNetModel,
+                                                                    transformer_num_layers=4)}
+
+
 def picture(seed: int = 0) -> bytes:
     """A 32x32 RGB picture (smooth noise) to change or repaint."""
     buf = io.BytesIO()
@@ -316,14 +353,17 @@ def picture(seed: int = 0) -> bytes:
 
 
 @pytest.mark.parametrize("family,kind", sorted(FAMILY_CASES))
-def test_controlnets_of_each_family_and_kind(family, kind, models, dit_models, tmp_path):
+def test_controlnets_of_each_family_and_kind(family, kind, request, tmp_path):
     """Same prompt and seed: two control images give two images, the same one the same image; at a
     controlnet_scale of 0 the control image does not show, and the image is the plain pipeline's
     where diffusers makes that exact."""
     pipeline, zero_is_base = FAMILY_CASES[(family, kind)]
-    model, controlnet = {"sd": (TINY, models["controlnet"]), "sdxl": (models["sdxl"], models["sdxl_controlnet"]),
-                         "sd3": (dit_models["sd3"], dit_models.get(f"sd3_{kind}")),
-                         "flux": (dit_models["flux"], dit_models["flux_controlnet"])}[family]
+    if family in ("sd", "sdxl"):
+        built = request.getfixturevalue("models")
+        model, controlnet = (TINY, built["controlnet"]) if family == "sd" else (built["sdxl"], built["sdxl_controlnet"])
+    else:  # only the family's fixture is built
+        built = request.getfixturevalue("dit_models" if family in ("sd3", "flux") else "more_dit_models")
+        model, controlnet = built[family], built.get(f"{family}_{kind}") or built[f"{family}_controlnet"]
     inputs = {"image_to_image": {"image": picture()}, "inpainting": {"image": picture(), "mask": square(32, 8, 24)},
               "text_to_image": {}}[kind]
     a, b = square(32, 4, 12), square(32, 16, 30)
@@ -336,6 +376,16 @@ def test_controlnets_of_each_family_and_kind(family, kind, models, dit_models, t
     assert json.loads(values(out, columns.STAGE_PARAMS)[0])[0]["pipeline"] == pipeline
     base = images(run(StageSpec(kind=kind, model=str(model), **FAST), rows[3:4], tmp_path))
     assert (got[3] == base[0]) is zero_is_base
+
+
+def test_a_control_setting_the_controlnet_pipeline_lacks_is_refused_on_the_driver(more_dit_models, tmp_path):
+    """HunyuanDiT's ControlNet pipeline applies at every step: control_end is refused, naming it."""
+    manifest = write_manifest(str(tmp_path / "m.parquet"), prompt_rows())
+    stage = {"kind": "text_to_image", "model": str(more_dit_models["hunyuan-dit"]), "control_end": 0.5,
+             "controlnet": str(more_dit_models["hunyuan-dit_text_to_image"])}
+    with pytest.raises(ModelError, match="control_end: HunyuanDiTControlNetPipeline takes no control_guidance_end; "
+                                         "leave it unset"):
+        check_sources(parse_spec({"manifest": manifest, "output": str(tmp_path / "out"), "stages": [stage]}))
 
 
 @pytest.mark.parametrize("kind", ["text_to_image", "image_to_image", "inpainting"])
@@ -426,8 +476,8 @@ def test_a_flux_control_model_reads_the_control_image(kind, flux_control_model, 
 def test_a_flux_control_model_refuses_controlnet_settings(flux_control_model, tmp_path):
     manifest = write_manifest(str(tmp_path / "m.parquet"), prompt_rows())
     stage = {"kind": "text_to_image", "model": str(flux_control_model), "controlnet_scale": 0.5, "control_end": 0.8}
-    with pytest.raises(ModelError, match="control_end, controlnet_scale: FluxControlPipeline reads the control image "
-                                         "in its transformer, with no ControlNet"):
+    with pytest.raises(ModelError, match="control_end, controlnet_scale: FluxControlPipeline takes no "
+                                         "control_guidance_end, controlnet_conditioning_scale; leave them unset"):
         check_sources(parse_spec({"manifest": manifest, "output": str(tmp_path / "out"), "stages": [stage]}))
 
 

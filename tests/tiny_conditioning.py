@@ -14,6 +14,8 @@ from diffusers import (
     ControlNetModel,
     ControlNetUnionModel,
     FluxControlPipeline,
+    HunyuanDiT2DModel,
+    HunyuanDiTPipeline,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -28,6 +30,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from tests.tiny_families_more import hunyuan_dit
 from tests.tiny_pipelines import _flow_vae, _flux_parts, _flux_transformer, sd3
 
 # The attention projections most LoRAs train.
@@ -109,6 +112,15 @@ def sd3_for_controlnets() -> StableDiffusion3Pipeline:
     pipe = sd3()
     two = SD3Transformer2DModel.from_config({**pipe.transformer.config, "num_layers": 2})
     return StableDiffusion3Pipeline(**{**pipe.components, "transformer": two})
+
+
+def hunyuan_dit_for_controlnets() -> HunyuanDiTPipeline:
+    """The tiny HunyuanDiT of tests/tiny_families_more.py with four blocks: its ControlNet adds to
+    the skips of the blocks past the middle, one for every block of its own (layers // 2 - 1), so
+    with two blocks there would be none."""
+    pipe = hunyuan_dit()
+    four = HunyuanDiT2DModel.from_config({**pipe.transformer.config, "num_layers": 4}).eval()
+    return HunyuanDiTPipeline(**{**pipe.components, "transformer": four})
 
 
 def flux_control() -> FluxControlPipeline:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.conditioning import controlnet, ip_adapter, lora
+from pipeline.errors import ModelError
 from pipeline.spec import StageSpec, StorageSpec
 
 
@@ -18,5 +19,8 @@ def check_stage(stage: StageSpec, family, model_index: dict, storage_spec: Stora
     controlnet.check(stage, model_index, storage_spec)
     pipeline_class = controlnet.pipeline_class(family.name, stage, model_index, family.pipelines[stage.kind],
                                                storage_spec)
+    problem = controlnet.settings_problem(pipeline_class, stage) if stage.controlnet else None
+    if problem:
+        raise ModelError(problem)
     ip_adapter.check(stage, family.name, pipeline_class, storage_spec)
     lora.check(stage, pipeline_class, folder, storage_spec)

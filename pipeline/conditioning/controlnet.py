@@ -26,6 +26,9 @@ PIPELINES: dict[str, dict[str, str]] = {
             "inpainting": "StableDiffusion3ControlNetInpaintingPipeline"},
     "flux": {"text_to_image": "FluxControlNetPipeline", "image_to_image": "FluxControlNetImg2ImgPipeline",
              "inpainting": "FluxControlNetInpaintPipeline"},
+    "qwenimage": {"text_to_image": "QwenImageControlNetPipeline", "inpainting": "QwenImageControlNetInpaintPipeline"},
+    "z-image": {"text_to_image": "ZImageControlNetPipeline", "inpainting": "ZImageControlNetInpaintPipeline"},
+    "hunyuan": {"text_to_image": "HunyuanDiTControlNetPipeline"},
 }
 # A ControlNet Union: one model, several control images each of a control type (`control_mode`).
 UNION = "ControlNetUnionModel"
@@ -45,7 +48,8 @@ ADAPTER_PIPELINES: dict[str, dict[str, str]] = {
 }
 # A saved ControlNet pipeline's class -> the class its family is detected by.
 SAVED = {cls: {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
-               "flux": "FluxPipeline"}[family]
+               "flux": "FluxPipeline", "qwenimage": "QwenImagePipeline", "z-image": "ZImagePipeline",
+               "hunyuan": "HunyuanDiTPipeline"}[family]
          for table in (PIPELINES, UNION_PIPELINES) for family, kinds in table.items() for cls in kinds.values()}
 
 
@@ -105,14 +109,31 @@ def pipeline_class(family: str, stage: StageSpec, model_index: dict, plain: str,
     return found
 
 
-def model_control_problem(plain: str, stage: StageSpec) -> str | None:
-    """Why ``stage`` cannot run ``plain``, a pipeline whose model reads the control image itself,
-    or None: it has no ControlNet for a scale or a share of the steps to apply to."""
-    given = sorted({"controlnet_scale", "control_start", "control_end"} & stage.model_fields_set)
-    if plain in MODEL_CONTROL and given:
-        return (f"{', '.join(given)}: {plain} reads the control image in its transformer, with no ControlNet to "
-                "scale or to apply to a share of the steps; leave them unset")
+# A stage's control setting -> the pipeline argument it is.
+SETTINGS = {"controlnet_scale": "controlnet_conditioning_scale", "control_start": "control_guidance_start",
+            "control_end": "control_guidance_end"}
+
+
+def settings_problem(pipeline: str, stage: StageSpec) -> str | None:
+    """Why ``stage`` cannot run ``pipeline`` with the control settings it sets, or None: a setting
+    whose argument the pipeline lacks (FLUX.1 Control has no ControlNet to scale; Z-Image's and
+    HunyuanDiT's ControlNet pipelines apply at every step)."""
+    import inspect
+
+    import diffusers
+
+    takes = inspect.signature(getattr(diffusers, pipeline).__call__).parameters
+    lacking = sorted(name for name in SETTINGS.keys() & stage.model_fields_set if SETTINGS[name] not in takes)
+    if lacking:
+        return (f"{', '.join(lacking)}: {pipeline} takes no {', '.join(SETTINGS[n] for n in lacking)}; leave "
+                f"{'them' if len(lacking) > 1 else 'it'} unset")
     return None
+
+
+def model_control_problem(plain: str, stage: StageSpec) -> str | None:
+    """For a pipeline whose model reads the control image itself (FLUX.1 Control), the settings it
+    cannot take (settings_problem); None for any other."""
+    return settings_problem(plain, stage) if plain in MODEL_CONTROL else None
 
 
 # The field naming a conditioning model -> a word its diffusers class name holds.
@@ -203,7 +224,8 @@ def load(stage: StageSpec, storage_spec: StorageSpec | None, dtype) -> dict:
 
 # The pipelines that encode the control image with the VAE drawing from torch's global generator
 # (latent_dist.sample() without the call's generators): shardgen seeds it per call (stage.py).
-GLOBAL_RNG = {"StableDiffusion3ControlNetPipeline", "StableDiffusion3ControlNetInpaintingPipeline"}
+GLOBAL_RNG = {"StableDiffusion3ControlNetPipeline", "StableDiffusion3ControlNetInpaintingPipeline",
+              "QwenImageControlNetInpaintPipeline", "HunyuanDiTControlNetPipeline"}
 
 
 def call_args(takes: set[str], stage: StageSpec, controls: list[list], scale: float, masks: list | None) -> dict:
@@ -223,7 +245,8 @@ def call_args(takes: set[str], stage: StageSpec, controls: list[list], scale: fl
     args = {name: [list(row) for row in zip(*controls)] if several else controls[0],
             "controlnet_conditioning_scale": [scale] * len(controls) if several else scale, **start_end}
     if "control_mask" in takes:
-        # SD3's inpainting ControlNet repaints from noise: it sees the control image with the row's
-        # mask blanked out (white: repaint), and takes no `image` or `strength`.
+        # SD3's and Qwen-Image's inpainting ControlNets repaint from noise: they see the control
+        # image with the row's mask blanked out (white: repaint), and take no `image` or `strength`.
         args["control_mask"] = masks
-    return args
+    # Only what the pipeline takes: the driver refused a setting it lacks (settings_problem).
+    return {name: value for name, value in args.items() if name in takes}
