@@ -234,6 +234,31 @@ def test_two_controlnets_read_control_image_and_control_image_2(models, tmp_path
     assert values(missing, "error") == ["control_image_2: missing"]
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl-image_to_image", "flux"])
+def test_two_controlnets_in_calls_of_several_rows(family, request, tmp_path):
+    """Three rows with two ControlNets, in calls of several rows: each row gets its own pair of
+    control images. SD 1.x's text-to-image pipeline reads them per row and FLUX.1's per ControlNet,
+    in one call; SDXL's take one image per ControlNet, so rows are grouped by their control images."""
+    if family == "flux":
+        built = request.getfixturevalue("dit_models")
+        model, controlnet, kind, inputs = built["flux"], built["flux_controlnet"], "text_to_image", {}
+    else:
+        built = request.getfixturevalue("models")
+        model, controlnet = (TINY, built["controlnet"]) if family == "sd" else (built["sdxl"], built["sdxl_controlnet"])
+        kind, inputs = ("text_to_image", {}) if family == "sd" else ("image_to_image", {"image": picture()})
+    spec = StageSpec(kind=kind, model=str(model), controlnet=[str(controlnet)] * 2, batch_invariant=False,
+                     batch_size=3, **FAST)
+    a, b = square(32, 4, 12), square(32, 16, 30)
+    rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": a, "control_image_2": c, **inputs}
+            for i, c in enumerate((a, b, a))]
+    stage = stage_class(kind)(spec, StorageSpec())
+    calls, generate = [], stage.generate
+    stage.generate = lambda batch, rows: calls.append(len(rows)) or generate(batch, rows)
+    got = images(run(spec, rows, tmp_path, stage))
+    assert calls == ([2, 1] if family.startswith("sdxl") else [3])
+    assert got[0] == got[2] != got[1]
+
+
 def test_a_per_row_controlnet_scale_of_zero_ignores_the_control_image(models, tmp_path):
     spec = t2i(TINY, controlnet=str(models["controlnet"]))
     rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": c, "controlnet_scale": s}
@@ -378,14 +403,19 @@ def test_controlnets_of_each_family_and_kind(family, kind, request, tmp_path):
     assert (got[3] == base[0]) is zero_is_base
 
 
-def test_a_control_setting_the_controlnet_pipeline_lacks_is_refused_on_the_driver(more_dit_models, tmp_path):
-    """HunyuanDiT's ControlNet pipeline applies at every step: control_end is refused, naming it."""
+def test_what_a_controlnet_pipeline_lacks_is_refused_on_the_driver(more_dit_models, tmp_path):
+    """HunyuanDiT's ControlNet pipeline applies at every step: control_end is refused, naming it;
+    Qwen-Image's takes one ControlNet."""
     manifest = write_manifest(str(tmp_path / "m.parquet"), prompt_rows())
-    stage = {"kind": "text_to_image", "model": str(more_dit_models["hunyuan-dit"]), "control_end": 0.5,
-             "controlnet": str(more_dit_models["hunyuan-dit_text_to_image"])}
-    with pytest.raises(ModelError, match="control_end: HunyuanDiTControlNetPipeline takes no control_guidance_end; "
-                                         "leave it unset"):
-        check_sources(parse_spec({"manifest": manifest, "output": str(tmp_path / "out"), "stages": [stage]}))
+    cases = (("hunyuan-dit", {"control_end": 0.5}, "control_end: HunyuanDiTControlNetPipeline takes no "
+                                                   "control_guidance_end; leave it unset"),
+             ("qwen-image", {"controlnet": [str(more_dit_models["qwen-image_text_to_image"])] * 2},
+              "controlnet: QwenImageControlNetPipeline takes one ControlNet; this stage has 2"))
+    for family, extra, message in cases:
+        stage = {"kind": "text_to_image", "model": str(more_dit_models[family]),
+                 "controlnet": str(more_dit_models[f"{family}_text_to_image"]), **extra}
+        with pytest.raises(ModelError, match=message):
+            check_sources(parse_spec({"manifest": manifest, "output": str(tmp_path / "out"), "stages": [stage]}))
 
 
 @pytest.mark.parametrize("kind", ["text_to_image", "image_to_image", "inpainting"])

@@ -19,7 +19,8 @@ def check_stage(stage: StageSpec, family, model_index: dict, storage_spec: Stora
     controlnet.check(stage, model_index, storage_spec)
     pipeline_class = controlnet.pipeline_class(family.name, stage, model_index, family.pipelines[stage.kind],
                                                storage_spec)
-    problem = controlnet.settings_problem(pipeline_class, stage) if stage.controlnet else None
+    problem = (controlnet.settings_problem(pipeline_class, stage) or controlnet.several_problem(pipeline_class, stage)
+               if stage.controlnet else None)
     if problem:
         raise ModelError(problem)
     ip_adapter.check(stage, family.name, pipeline_class, storage_spec)

@@ -222,15 +222,40 @@ def load(stage: StageSpec, storage_spec: StorageSpec | None, dtype) -> dict:
     return {"controlnet": models[0] if len(models) == 1 else models}
 
 
+# How a pipeline takes several ControlNets' images (diffusers differs): SD 1.x's text-to-image one
+# nested per row (it transposes them); these only one image per ControlNet, which every row of the
+# call then shares (rows are grouped by their control images: shares_controls); the others one list
+# of the rows' images per ControlNet.
+PER_ROW = {"StableDiffusionControlNetPipeline"}
+ONE_PER_CONTROLNET = {"StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionControlNetInpaintPipeline",
+                      "StableDiffusionXLControlNetPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
+                      "StableDiffusionXLControlNetInpaintPipeline"}
+# The pipelines that take one ControlNet: diffusers builds no multi-ControlNet from a list for them.
+SINGLE = {"QwenImageControlNetPipeline", "QwenImageControlNetInpaintPipeline", "ZImageControlNetPipeline",
+          "ZImageControlNetInpaintPipeline"}
+
+
+def shares_controls(pipeline: str, stage: StageSpec) -> bool:
+    """Whether the rows of one call must share their control images."""
+    return pipeline in ONE_PER_CONTROLNET and len(stage.controlnet) > 1
+
+
+def several_problem(pipeline: str, stage: StageSpec) -> str | None:
+    if pipeline in SINGLE and len(stage.controlnet) > 1:
+        return f"controlnet: {pipeline} takes one ControlNet; this stage has {len(stage.controlnet)}"
+    return None
+
+
 # The pipelines that encode the control image with the VAE drawing from torch's global generator
 # (latent_dist.sample() without the call's generators): shardgen seeds it per call (stage.py).
 GLOBAL_RNG = {"StableDiffusion3ControlNetPipeline", "StableDiffusion3ControlNetInpaintingPipeline",
               "QwenImageControlNetInpaintPipeline", "HunyuanDiTControlNetPipeline"}
 
 
-def call_args(takes: set[str], stage: StageSpec, controls: list[list], scale: float, masks: list | None) -> dict:
-    """The pipeline arguments for one call: ``controls`` holds per ControlNet the rows' images;
-    ``masks`` the rows' masks on an inpainting stage."""
+def call_args(pipeline: str, takes: set[str], stage: StageSpec, controls: list[list], scale: float,
+              masks: list | None) -> dict:
+    """The arguments of ``pipeline`` for one call: ``controls`` holds per ControlNet the rows'
+    images; ``masks`` the rows' masks on an inpainting stage."""
     if stage.t2i_adapter:  # diffusers' adapter pipelines take the control image as `image`
         return {"image": controls[0], "adapter_conditioning_scale": scale}
     # The text-to-image pipelines take the control image as `image`; the others, whose `image` is
@@ -241,8 +266,15 @@ def call_args(takes: set[str], stage: StageSpec, controls: list[list], scale: fl
         return {name: controls, "control_mode": list(stage.control_mode), "controlnet_conditioning_scale": scale,
                 **start_end}
     several = len(controls) > 1
-    # Several ControlNets take a list per row, with one image per ControlNet (diffusers transposes it).
-    args = {name: [list(row) for row in zip(*controls)] if several else controls[0],
+    if not several:
+        images = controls[0]
+    elif pipeline in PER_ROW:
+        images = [list(row) for row in zip(*controls)]
+    elif pipeline in ONE_PER_CONTROLNET:
+        images = [per_row[0] for per_row in controls]
+    else:
+        images = controls
+    args = {name: images,
             "controlnet_conditioning_scale": [scale] * len(controls) if several else scale, **start_end}
     if "control_mask" in takes:
         # SD3's and Qwen-Image's inpainting ControlNets repaint from noise: they see the control

@@ -56,9 +56,12 @@ class Conditioning:
 
     def group_key(self, batch: dict[str, list], i: int) -> tuple:
         """What rows must share to share a call: their adapter set, ControlNet scale and reference
-        image (diffusers gives every row of a call the call's reference images)."""
+        image (diffusers gives every row of a call the call's reference images), and with several
+        ControlNets on some pipelines their control images (controlnet.shares_controls)."""
+        shared = tuple(batch[control_images.internal(k)][i] for k in range(self.controls)) \
+            if controlnet.shares_controls(self.pipeline_class, self.spec) else ()
         return (batch[columns.LORA][i], batch["controlnet_scale"][i] if self.controlled else None,
-                batch[columns.REFERENCE_IMAGE][i] if self.spec.ip_adapter else None)
+                batch[columns.REFERENCE_IMAGE][i] if self.spec.ip_adapter else None, *shared)
 
     def call_args(self, pipe_takes: set[str], batch: dict[str, list], rows: list[int], width: int,
                   height: int) -> dict:
@@ -88,7 +91,8 @@ class Conditioning:
         if self.pipeline_class in controlnet.GLOBAL_RNG:
             self.seed_global_generator(batch["seed"][rows[0]])
         masks = [Image.fromarray(batch["mask"][i]) for i in rows] if "mask" in batch else None
-        return args | controlnet.call_args(pipe_takes, self.spec, images, batch["controlnet_scale"][rows[0]], masks)
+        return args | controlnet.call_args(self.pipeline_class, pipe_takes, self.spec, images,
+                                           batch["controlnet_scale"][rows[0]], masks)
 
     def seed_global_generator(self, seed: int) -> None:
         """Seed torch's global generator from the call's first row, for a pipeline that draws the
