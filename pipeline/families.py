@@ -342,7 +342,7 @@ def check_family(source: str, model_index: dict, stage) -> Family:
     from pipeline.conditioning.controlnet import model_control_problem
     from pipeline.stages import speed
 
-    problem = model_control_problem(family.pipelines[kind], stage) or speed.check(stage, model_index)
+    problem = model_control_problem(family.pipelines[kind], stage, model_index) or speed.check(stage, model_index)
     if problem:
         raise ModelError(f"{problem} (model {source})")
     return family

@@ -287,8 +287,8 @@ class StageSpec(_Strict):
     control_end: Annotated[float, Field(ge=0, le=1)] = Field(
         default=1.0, description="the share of the denoising steps after which the ControlNet stops applying")
     control: ControlSpec | None = Field(
-        default=None, description="compute the (first) ControlNet's or the T2I-Adapter's control image from the "
-        "row's `image` instead of reading a `control_image` column")
+        default=None, description="compute the (first) ControlNet's, the T2I-Adapter's or a FLUX.1 Control model's "
+        "control image from the row's `image` instead of reading a `control_image` column")
     t2i_adapter: str | None = Field(
         default=None, description="a T2I-Adapter model (a T2IAdapter folder, a source as for `model`), instead of "
         "a ControlNet: it reads the row's `control_image` (or one made by `control`); `controlnet_scale` is its "
@@ -368,9 +368,6 @@ class StageSpec(_Strict):
     def _conditioning(self) -> "StageSpec":
         if self.controlnet and self.kind not in CONTROLNET_KINDS:
             raise ValueError(f"controlnet: {self.kind} stages take no ControlNet (only {', '.join(CONTROLNET_KINDS)})")
-        if self.control and not (self.controlnet or self.t2i_adapter):
-            raise ValueError("control: makes a control image for a ControlNet or T2I-Adapter; set `controlnet` or "
-                             "`t2i_adapter` too")
         if self.t2i_adapter and self.kind not in T2I_ADAPTER_KINDS:
             raise ValueError(f"t2i_adapter: {self.kind} stages take no T2I-Adapter (only "
                              f"{', '.join(T2I_ADAPTER_KINDS)})")

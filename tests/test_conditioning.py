@@ -503,6 +503,17 @@ def test_a_flux_control_model_reads_the_control_image(kind, flux_control_model, 
     assert record["pipeline"] == pipeline and record["flux_control"] == {"control_image": "manifest"}
 
 
+def test_a_flux_control_model_takes_canny_made_from_the_rows_image(flux_control_model, tmp_path):
+    spec = StageSpec(kind="image_to_image", model=str(flux_control_model), control={"from": "image", "kind": "canny"},
+                     **FAST)
+    rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "image": im}
+            for i, im in enumerate((square(32, 4, 12), square(32, 14, 28), square(32, 4, 12)))]
+    out = run(spec, rows, tmp_path)
+    got = images(out)
+    assert got[0] == got[2] != got[1]
+    assert json.loads(values(out, columns.STAGE_PARAMS)[0])[0]["flux_control"] == {"control_image": "canny"}
+
+
 def test_a_flux_control_model_refuses_controlnet_settings(flux_control_model, tmp_path):
     manifest = write_manifest(str(tmp_path / "m.parquet"), prompt_rows())
     stage = {"kind": "text_to_image", "model": str(flux_control_model), "controlnet_scale": 0.5, "control_end": 0.8}
@@ -511,11 +522,15 @@ def test_a_flux_control_model_refuses_controlnet_settings(flux_control_model, tm
         check_sources(parse_spec({"manifest": manifest, "output": str(tmp_path / "out"), "stages": [stage]}))
 
 
-def test_controlnet_on_a_stage_kind_without_one_is_refused():
+def test_controlnet_on_a_stage_kind_without_one_is_refused(tmp_path):
     with pytest.raises(ValueError, match="controlnet: super_resolution stages take no ControlNet"):
         StageSpec(kind="super_resolution", model=TINY, controlnet="./cn")
-    with pytest.raises(ValueError, match="control: makes a control image for a ControlNet"):
-        StageSpec(kind="image_to_image", model=TINY, control={"kind": "canny"})
+    # Whether anything reads a computed control image depends on the model: refused on the driver.
+    manifest = write_manifest(str(tmp_path / "m.parquet"), prompt_rows())
+    stage = {"kind": "text_to_image", "model": TINY, "control": {"kind": "canny"}}
+    with pytest.raises(ModelError, match="control: makes a control image for a ControlNet, a T2I-Adapter or a "
+                                         "FLUX.1 Control model"):
+        check_sources(parse_spec({"manifest": manifest, "output": str(tmp_path / "out"), "stages": [stage]}))
 
 
 # -- IP-Adapter -------------------------------------------------------------------------------------

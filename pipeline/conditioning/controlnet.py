@@ -130,10 +130,15 @@ def settings_problem(pipeline: str, stage: StageSpec) -> str | None:
     return None
 
 
-def model_control_problem(plain: str, stage: StageSpec) -> str | None:
+def model_control_problem(plain: str, stage: StageSpec, model_index: dict) -> str | None:
     """For a pipeline whose model reads the control image itself (FLUX.1 Control), the settings it
-    cannot take (settings_problem); None for any other."""
-    return settings_problem(plain, stage) if plain in MODEL_CONTROL else None
+    cannot take (settings_problem); for any other, a `control` with nothing to read its image."""
+    if plain in MODEL_CONTROL:
+        return settings_problem(plain, stage)
+    if stage.control and not (stage.controlnet or stage.t2i_adapter or holds_controlnet(model_index)):
+        return ("control: makes a control image for a ControlNet, a T2I-Adapter or a FLUX.1 Control model; set "
+                "`controlnet` or `t2i_adapter` too")
+    return None
 
 
 # The field naming a conditioning model -> a word its diffusers class name holds.

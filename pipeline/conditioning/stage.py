@@ -123,7 +123,7 @@ class Conditioning:
             out["t2i_adapter"] = {"model": self.spec.t2i_adapter, "scale": batch["controlnet_scale"][i],
                                   "control_image": self.spec.control.kind if self.spec.control else "manifest"}
         elif self.model_control:
-            out["flux_control"] = {"control_image": "manifest"}
+            out["flux_control"] = {"control_image": self.spec.control.kind if self.spec.control else "manifest"}
         elif self.controlled:
             out["controlnet"] = {"models": self.spec.controlnet or ["(the model's own)"],
                                  "scale": batch["controlnet_scale"][i], "start": self.spec.control_start,
