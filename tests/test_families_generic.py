@@ -288,7 +288,7 @@ def test_mapping_gives_the_class_of_the_kind(cls, kind, family, pipeline):
 @pytest.mark.parametrize("cls, kind, reason", [
     ("QwenImageEditPipeline", "text_to_image", "(it serves image_to_image, inpainting)"),
     ("CogView4ControlPipeline", "text_to_image", "needs a control image"),
-    ("QwenImageControlNetPipeline", "text_to_image", "needs a control image"),
+    ("StableDiffusionControlNetPAGPipeline", "text_to_image", "needs a control image"),
     ("WanPipeline", "text_to_image", "(no family shardgen knows)"),
 ])
 def test_outside_what_a_stage_can_run_is_refused(cls, kind, reason):
