@@ -314,6 +314,7 @@ def test_sdxl_controlnet_lora_and_ip_adapter(models, tmp_path):
 FAMILY_CASES = {
     ("sd", "inpainting"): ("StableDiffusionControlNetInpaintPipeline", True),
     ("sdxl", "image_to_image"): ("StableDiffusionXLControlNetImg2ImgPipeline", True),
+    ("sdxl", "inpainting"): ("StableDiffusionXLControlNetInpaintPipeline", True),
     ("sd3", "text_to_image"): ("StableDiffusion3ControlNetPipeline", True),
     ("sd3", "inpainting"): ("StableDiffusion3ControlNetInpaintingPipeline", False),
     ("flux", "text_to_image"): ("FluxControlNetPipeline", False),
