@@ -31,6 +31,13 @@ class StorageError(ShardgenError):
     exit_code = 1
 
 
+class NoProgressError(ShardgenError):
+    """Ray Data stopped the job after its no-progress timeout: nothing moved (a stage whose actors
+    fit on no node, a cluster waiting for capacity that never came)."""
+
+    exit_code = 1
+
+
 # Exit codes, documented in docs/reference.md ("Exit codes").
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -19,13 +19,14 @@ from ray.data._internal.logical.interfaces import LogicalPlan
 from ray.data._internal.logical.operators.map_operator import StreamingRepartition
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
+from ray.data.exceptions import ExecutionTimeoutError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import access, manifest, progress, route, storage
 from pipeline.cluster import check_address, connect, ensure_ray
 from pipeline.done_ids import DoneIds
 from pipeline.encode import encode_batch, seconds_per_image
-from pipeline.errors import ShardgenError, SpecError
+from pipeline.errors import NoProgressError, ShardgenError, SpecError
 from pipeline.kinds import KINDS
 from pipeline.output_schema import FILTERED, status_counts
 from pipeline.prepare import prepare_batch
@@ -316,6 +317,16 @@ def build(spec: JobSpec, rows: int, done: DoneIds, counter) -> ray.data.Dataset:
     return ds
 
 
+def _no_progress(err: ExecutionTimeoutError) -> str:
+    """Ray Data's no-progress give-up in a user's words, with the steps it names as waiting."""
+    waiting = [line.strip(" -") for line in str(err).splitlines() if line.startswith("  - ")]
+    timeout = ray.data.DataContext.get_current().execution_no_progress_timeout_s
+    return (f"the job made no progress for {timeout:g} s and Ray Data stopped it (waiting: {'; '.join(waiting)}). "
+            "A stage's actors may fit on no node of the cluster (cpus_per_actor, gpus_per_actor), or the "
+            "capacity it waited for never came; RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S sets the wait (-1: "
+            "forever). The rows finished before are published: run the job again to resume it")
+
+
 @dataclass
 class Executed:
     """What a run did: each write task's report and each stage actor's figures."""
@@ -351,6 +362,9 @@ def execute(spec: JobSpec, rows: int, run_id: str, done: pa.Array, totals: dict[
         # The rows the publisher holds are done work: publish them, so a resume skips them.
         ray.get(publisher.finish.remote(), timeout=PUBLISH_ON_INTERRUPT_S)
         raise
+    except ExecutionTimeoutError as err:
+        ray.get(publisher.finish.remote(), timeout=PUBLISH_ON_INTERRUPT_S)
+        raise NoProgressError(_no_progress(err)) from err
     except ray.exceptions.RayTaskError as err:
         # A task's own error (a shard write that ran out of storage retries) reaches the user as
         # itself, not inside Ray's worker traceback.

@@ -29,7 +29,7 @@ import psutil  # isort: skip - the copy Ray ships (ray/thirdparty_files), import
 from pipeline.cluster import retry_local_start
 from pipeline.job import run_job
 from pipeline.spec import parse_spec
-from tests.helpers import run_in_process
+from tests.helpers import by_id, run_in_process
 
 STAGE_ACTOR = "MapWorker(MapBatches(TextToImageStage))"
 DEADLINE_S = 240  # generous: a condition that is not met by then is a failure, not a wait
@@ -51,8 +51,7 @@ def spec(manifest: str, output: str, **stage):
 def reference(manifest: str, output: str, **stage) -> dict[str, str]:
     """{id: image_sha256} of the rows of ``spec(manifest, output, **stage)`` made without Ray and
     without faults: the same steps called in this process."""
-    table = run_in_process(spec(manifest, output, **stage))
-    return dict(zip(table.column("id").to_pylist(), table.column("image_sha256").to_pylist()))
+    return by_id(run_in_process(spec(manifest, output, **stage)), "image_sha256")
 
 
 def title(proc: psutil.Process) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import yaml
@@ -49,6 +50,14 @@ def read_output(uri: str) -> pa.Table:
     """The output's rows (pyarrow skips dot-files: see data_files for every file in data/)."""
     fs, path = storage.arrow_filesystem(uri)
     return pq.read_table(f"{path}/{layout.DATA}", filesystem=fs)
+
+
+def by_id(table: pa.Table, column: str) -> dict:
+    """{id: the row's value of ``column``} of an output's rows (an image column gives its bytes)."""
+    values = table.column(column)
+    if pa.types.is_struct(values.type):
+        values = pc.struct_field(values, "bytes")
+    return dict(zip(table.column("id").to_pylist(), values.to_pylist()))
 
 
 def data_files(uri: str) -> list[str]:

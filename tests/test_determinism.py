@@ -10,14 +10,10 @@ import pytest
 from PIL import Image
 
 from pipeline.job import run_job
-from tests.helpers import prompts_manifest, read_output, run_in_process, small_spec, write_manifest
+from tests.helpers import by_id, prompts_manifest, read_output, run_in_process, small_spec, write_manifest
 
 ROWS = 6
 REFERENCE = "one row a call, in this process"
-
-
-def images_by_id(output: str) -> dict[str, bytes]:
-    return {r["id"]: r["image"]["bytes"] for r in read_output(output).to_pylist()}
 
 
 def manifest_rows() -> list[dict]:
@@ -51,10 +47,10 @@ def run(manifest, tmp_path_factory, ray_local):
             # Half a CPU per actor lets two actors and the CPU steps share this 2-CPU test cluster.
             spec = small_spec(source, str(folder / name), model="builtin:tiny-sd", cpus_per_actor=0.5, **stage)
             if name == REFERENCE:
-                done[name] = {r["id"]: r["image"]["bytes"] for r in run_in_process(spec).to_pylist()}
+                done[name] = by_id(run_in_process(spec), "image")
             else:
                 run_job(spec, log=lambda _: None)
-                done[name] = images_by_id(str(folder / name))
+                done[name] = by_id(read_output(str(folder / name)), "image")
         return done[name]
 
     return _run

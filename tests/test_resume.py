@@ -23,6 +23,7 @@ from pipeline.stats import Stats
 from tests.helpers import (
     REPO,
     assert_finished_exactly_once,
+    by_id,
     prompts_manifest,
     read_output,
     subprocess_env,
@@ -50,8 +51,7 @@ def shard_digests(output: Path) -> dict[str, str]:
 
 
 def images_by_id(output: Path) -> dict[str, str]:
-    table = read_output(str(output))
-    return dict(zip(table.column("id").to_pylist(), table.column("image_sha256").to_pylist()))
+    return by_id(read_output(str(output)), "image_sha256")
 
 
 def assert_every_id_once(output: Path, rows: int) -> None:
