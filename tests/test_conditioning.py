@@ -14,18 +14,21 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from pathlib import Path
 
+import diffusers
 import numpy as np
 import pyarrow as pa
 import pytest
 from diffusers import (
-    ControlNetModel,
+    DiffusionPipeline,
     FluxControlNetModel,
+    FluxControlNetPipeline,
     HunyuanDiT2DControlNetModel,
     QwenImageControlNetModel,
     SD3ControlNetModel,
     StableDiffusionControlNetPipeline,
-    StableDiffusionPipeline,
+    StableDiffusionXLControlNetUnionPipeline,
     ZImageControlNetModel,
 )
 from PIL import Image
@@ -280,15 +283,26 @@ def test_missing_or_wrong_sized_control_images_are_error_rows_naming_the_column(
         "control_image: not a readable image (UnidentifiedImageError: no known image format)"]
 
 
-def test_a_saved_controlnet_pipeline_named_as_the_model_runs_with_its_controlnet(models, tmp_path):
-    base = StableDiffusionPipeline.from_pretrained(models["sd"])
-    saved = tmp_path / "sd-controlnet"
-    StableDiffusionControlNetPipeline(**base.components, controlnet=ControlNetModel.from_pretrained(
-        models["controlnet"])).save_pretrained(saved, safe_serialization=True)
-    rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": square(32, 4, 12 + 8 * i)}
-            for i in range(2)]
-    by_model = images(run(t2i(saved), rows, tmp_path))
-    by_field = images(run(t2i(TINY, controlnet=str(models["controlnet"])), rows, tmp_path))
+@pytest.mark.parametrize("family", ["sd", "sdxl-union", "flux"])
+def test_a_saved_controlnet_pipeline_named_as_the_model_runs_with_its_controlnet(family, request, tmp_path):
+    """The saved pipeline gives the images its ControlNet gives named by the stage's `controlnet`
+    (a Union's with its control_mode)."""
+    built = request.getfixturevalue("dit_models" if family == "flux" else "models")
+    if family == "sd":
+        base, net, pipeline_class, extra = built["sd"], built["controlnet"], StableDiffusionControlNetPipeline, {}
+    elif family == "flux":
+        base, net, pipeline_class, extra = built["flux"], built["flux_controlnet"], FluxControlNetPipeline, {}
+    else:
+        base, net, pipeline_class = built["sdxl"], built["sdxl_union"], StableDiffusionXLControlNetUnionPipeline
+        extra = {"control_mode": [1, 3]}
+    folder = tmp_path / "saved"
+    net_model = getattr(diffusers, controlnet.model_class(Path(net))).from_pretrained(net)
+    pipeline_class(**DiffusionPipeline.from_pretrained(base).components, controlnet=net_model).save_pretrained(
+        folder, safe_serialization=True)
+    rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": square(32, 4, 12 + 8 * i),
+             "control_image_2": square(32, 16, 30)} for i in range(2)]
+    by_model = images(run(t2i(folder, **extra), rows, tmp_path))
+    by_field = images(run(t2i(base, controlnet=str(net), **extra), rows, tmp_path))
     assert by_model == by_field and by_model[0] != by_model[1]
 
 
