@@ -277,11 +277,12 @@ class StageSpec(_Strict):
         default=1.0, description="how strongly the control image steers (diffusers' "
         "controlnet_conditioning_scale); a `controlnet_scale` manifest column overrides it per row")
     control_mode: list[Annotated[int, Field(ge=0)]] = Field(
-        default=[], description="a ControlNet Union's (SDXL's ControlNetUnionModel) control type of each control "
-        "image, `control_image` first, as the Union model numbers them (xinsir/controlnet-union-sdxl-1.0: 0 openpose, "
+        default=[], description="a ControlNet Union's control type of each control image, `control_image` first, "
+        "as the Union model numbers them (SDXL's ControlNetUnionModel, xinsir/controlnet-union-sdxl-1.0: 0 openpose, "
         "1 depth, 2 hed/pidi/scribble/ted, 3 canny/lineart/anime_lineart/mlsd, 4 normal, 5 segment; its ProMax adds "
-        "6 tile, 7 repaint): the one Union ControlNet reads as many control images as this lists. Required for a "
-        "Union, refused for other ControlNets")
+        "6 tile, 7 repaint): the one SDXL Union reads as many control images as this lists; a FLUX.1 Union "
+        "ControlNet (FluxControlNetModel with num_mode) reads one, of one type. Required for a Union, refused for "
+        "other ControlNets")
     control_start: Annotated[float, Field(ge=0, le=1)] = Field(
         default=0.0, description="the share of the denoising steps after which the ControlNet starts to apply")
     control_end: Annotated[float, Field(ge=0, le=1)] = Field(

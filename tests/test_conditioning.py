@@ -346,7 +346,7 @@ FAMILY_CASES = {
 def dit_models(tmp_path_factory):
     """The tiny SD3 (two blocks: see sd3_for_controlnets) and FLUX.1 pipelines and ControlNets for
     them: SD3's for text, SD3's for inpainting (the masked image's latents and the mask: one extra
-    channel, as Alimama's), FLUX.1's."""
+    channel, as Alimama's), FLUX.1's, and a FLUX.1 Union ControlNet of four control types."""
     root = tmp_path_factory.mktemp("dit-controlnets")
     sd3, flux = saved(sd3_for_controlnets)(root / "sd3"), saved(BUILDERS["flux"])(root / "flux")
     return {"sd3": sd3, "flux": flux,
@@ -354,7 +354,9 @@ def dit_models(tmp_path_factory):
             "sd3_inpainting": transformer_controlnet_for(sd3, root / "sd3-inpaint-cn", SD3ControlNetModel,
                                                          num_layers=1, extra_conditioning_channels=1),
             "flux_controlnet": transformer_controlnet_for(flux, root / "flux-cn", FluxControlNetModel, num_layers=1,
-                                                          num_single_layers=1)}
+                                                          num_single_layers=1),
+            "flux_union": transformer_controlnet_for(flux, root / "flux-union", FluxControlNetModel, num_layers=1,
+                                                     num_single_layers=1, num_mode=4)}
 
 
 @pytest.fixture(scope="module")
@@ -457,6 +459,29 @@ def test_an_sdxl_controlnet_union_reads_a_control_image_per_control_mode(kind, m
     assert images(other_types) != got[:1]
 
 
+def test_a_flux_union_controlnet_reads_the_type_of_its_control_image(dit_models, tmp_path):
+    """A FluxControlNetModel with num_mode (InstantX's FLUX.1 Union): `control_mode` gives the type
+    of its one control image; the image and the type each steer."""
+    flux, union = str(dit_models["flux"]), str(dit_models["flux_union"])
+    a, b = square(32, 4, 12), square(32, 16, 30)
+    rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": c} for i, c in enumerate((a, b, a))]
+    spec = t2i(flux, controlnet=union, control_mode=2)
+    out = run(spec, rows, tmp_path)
+    got = images(out)
+    assert got[0] != got[1] and got[0] == got[2]
+    (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
+    assert record["pipeline"] == "FluxControlNetPipeline" and record["controlnet"]["control_mode"] == [2]
+    assert images(run(spec.model_copy(update={"control_mode": [0]}), rows[:1], tmp_path)) != got[:1]
+    manifest = write_manifest(str(tmp_path / "m.parquet"), prompt_rows())
+    for extra, message in (({}, "is a ControlNet Union: give the control type"),
+                           ({"control_mode": 4}, r"control_mode: \[4\] are not control types of .* \(it has 4: "
+                                                 r"0 to 3\)"),
+                           ({"control_mode": [0, 1]}, "is a FLUX.1 Union ControlNet, which reads one control image")):
+        stage = {"kind": "text_to_image", "model": flux, "controlnet": union, **extra}
+        with pytest.raises(ModelError, match=message):
+            check_sources(parse_spec({"manifest": manifest, "output": str(tmp_path / "out"), "stages": [stage]}))
+
+
 def test_control_mode_rules(models, tmp_path):
     """Refused naming the field: a Union without control_mode, control_mode on another ControlNet,
     a type the Union lacks, a type twice, several ControlNets with a Union's types."""
@@ -464,7 +489,8 @@ def test_control_mode_rules(models, tmp_path):
     manifest = write_manifest(str(tmp_path / "m.parquet"), prompt_rows())
     cases = (({"controlnet": union}, "control_mode: .* is a ControlNet Union: give the control type"),
              ({"controlnet": plain, "control_mode": 1}, "control_mode: applies to a ControlNet Union "
-                                                          r"\(ControlNetUnionModel\); .* is a ControlNetModel"),
+                                                          r"\(ControlNetUnionModel, or a FluxControlNetModel with "
+                                                          r"num_mode\); .* is a ControlNetModel"),
              ({"controlnet": union, "control_mode": [1, 6]}, r"control_mode: \[6\] are not control types of .* "
                                                                r"\(it has 6: 0 to 5\)"))
     for extra, message in cases:

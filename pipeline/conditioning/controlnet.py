@@ -41,6 +41,7 @@ UNION_PIPELINES: dict[str, dict[str, str]] = {
 # The pipelines whose model reads the control image itself, with no ControlNet: FLUX.1 Control
 # (Canny/Depth [dev]) packs the control image's latents beside the noisy ones into its transformer.
 MODEL_CONTROL = {"FluxControlPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline"}
+UNION_CLASSES = {name for kinds in UNION_PIPELINES.values() for name in kinds.values()}
 # family -> stage kind -> the diffusers pipeline that runs it with a T2I-Adapter.
 ADAPTER_PIPELINES: dict[str, dict[str, str]] = {
     "sd": {"text_to_image": "StableDiffusionAdapterPipeline"},
@@ -183,30 +184,43 @@ def _sources(stage: StageSpec) -> list[tuple[str, str]]:
                                                              if stage.t2i_adapter else [])
 
 
+def _types(folder: Path) -> int | None:
+    """How many control types the ControlNet in ``folder`` tells apart: a ControlNet Union's (SDXL's
+    ControlNetUnionModel; a FluxControlNetModel with num_mode, as InstantX's FLUX.1 Union); None for
+    another ControlNet."""
+    if model_class(folder) == UNION:
+        return _config(folder).get("num_control_type", 6)
+    return _config(folder).get("num_mode")
+
+
 def check(stage: StageSpec, model_index: dict, storage_spec: StorageSpec | None) -> None:
     """On the driver: each ControlNet or T2I-Adapter can be fetched and is a folder of its kind,
     and `control_mode` is set for a ControlNet Union alone, with types it has (exit 2 if not)."""
     for field, source in _sources(stage):
         locate(source, storage_spec, field)
     classes = controlnet_classes(stage, model_index, storage_spec)
+    # Per ControlNet, its number of control types; a saved Union pipeline's are checked by diffusers as it runs.
+    types = [_types(locate(source, storage_spec)) for source in stage.controlnet] if stage.controlnet else \
+        [0 if name == UNION else None for name in classes]
     what = stage.controlnet[0] if stage.controlnet else f"the model's own ControlNet ({stage.model})"
-    if UNION not in classes:
+    if all(count is None for count in types):
         if stage.control_mode:
-            raise ModelError(f"control_mode: applies to a ControlNet Union ({UNION}); {what} is a "
-                             f"{', '.join(classes) or 'stage without a ControlNet'}")
+            raise ModelError(f"control_mode: applies to a ControlNet Union ({UNION}, or a FluxControlNetModel with "
+                             f"num_mode); {what} is a {', '.join(classes) or 'stage without a ControlNet'}")
         return
-    if len(classes) > 1:
+    if len(types) > 1:
         raise ModelError(f"controlnet: a ControlNet Union runs alone in a stage (it reads several control images "
                          f"itself); this stage has {len(classes)} ControlNets")
     if not stage.control_mode:
         raise ModelError(f"control_mode: {what} is a ControlNet Union: give the control type of each control "
                          "image (control_image, control_image_2, ...)")
-    if stage.controlnet:  # a saved Union pipeline's own types are checked by diffusers as it runs
-        types = _config(locate(stage.controlnet[0], storage_spec)).get("num_control_type", 6)
-        bad = [mode for mode in stage.control_mode if mode >= types]
-        if bad:
-            raise ModelError(f"control_mode: {bad} are not control types of {what} (it has {types}: 0 to "
-                             f"{types - 1})")
+    bad = [mode for mode in stage.control_mode if types[0] and mode >= types[0]]
+    if bad:
+        raise ModelError(f"control_mode: {bad} are not control types of {what} (it has {types[0]}: 0 to "
+                         f"{types[0] - 1})")
+    if classes[0] != UNION and len(stage.control_mode) > 1:
+        raise ModelError(f"control_mode: {what} is a FLUX.1 Union ControlNet, which reads one control image: give "
+                         f"one type, not {len(stage.control_mode)}")
 
 
 def load(stage: StageSpec, storage_spec: StorageSpec | None, dtype) -> dict:
@@ -267,7 +281,7 @@ def call_args(pipeline: str, takes: set[str], stage: StageSpec, controls: list[l
     # the picture to change, as `control_image`.
     name = "control_image" if "control_image" in takes else "image"
     start_end = {"control_guidance_start": stage.control_start, "control_guidance_end": stage.control_end}
-    if stage.control_mode:  # a ControlNet Union: per control image, the rows' images, and its type
+    if pipeline in UNION_CLASSES:  # an SDXL ControlNet Union: per control image, the rows' images, and its type
         return {name: controls, "control_mode": list(stage.control_mode), "controlnet_conditioning_scale": scale,
                 **start_end}
     several = len(controls) > 1
@@ -281,6 +295,8 @@ def call_args(pipeline: str, takes: set[str], stage: StageSpec, controls: list[l
         images = controls
     args = {name: images,
             "controlnet_conditioning_scale": [scale] * len(controls) if several else scale, **start_end}
+    if stage.control_mode:  # a FLUX.1 Union ControlNet: the type of its one control image
+        args["control_mode"] = stage.control_mode[0]
     if "control_mask" in takes:
         # SD3's and Qwen-Image's inpainting ControlNets repaint from noise: they see the control
         # image with the row's mask blanked out (white: repaint), and take no `image` or `strength`.
