@@ -1,9 +1,12 @@
 """ControlNets and T2I-Adapters of a stage: the diffusers pipeline class each family and kind runs
 with one, the models (a folder of config.json and safetensors weights, from any model source;
-checked on the driver like a model folder), and their call arguments.
+checked on the driver like a model folder), and their call arguments, in the form each pipeline
+takes them.
 
 A saved ``...ControlNetPipeline`` named as the model counts as its base family with the
-ControlNet it holds; a stage's own `controlnet` replaces that one.
+ControlNet it holds; a stage's own `controlnet` replaces that one. A ControlNet Union (SDXL's
+ControlNetUnionModel, a FLUX.1 ControlNet with num_mode) reads the stage's `control_mode`. FLUX.1
+Control models read the control image with no ControlNet (MODEL_CONTROL).
 """
 
 from __future__ import annotations
@@ -38,10 +41,10 @@ UNION_PIPELINES: dict[str, dict[str, str]] = {
              "image_to_image": "StableDiffusionXLControlNetUnionImg2ImgPipeline",
              "inpainting": "StableDiffusionXLControlNetUnionInpaintPipeline"},
 }
+UNION_CLASSES = {name for kinds in UNION_PIPELINES.values() for name in kinds.values()}
 # The pipelines whose model reads the control image itself, with no ControlNet: FLUX.1 Control
 # (Canny/Depth [dev]) packs the control image's latents beside the noisy ones into its transformer.
 MODEL_CONTROL = {"FluxControlPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline"}
-UNION_CLASSES = {name for kinds in UNION_PIPELINES.values() for name in kinds.values()}
 # family -> stage kind -> the diffusers pipeline that runs it with a T2I-Adapter.
 ADAPTER_PIPELINES: dict[str, dict[str, str]] = {
     "sd": {"text_to_image": "StableDiffusionAdapterPipeline"},
@@ -260,6 +263,7 @@ def shares_controls(pipeline: str, stage: StageSpec) -> bool:
 
 
 def several_problem(pipeline: str, stage: StageSpec) -> str | None:
+    """Why ``stage`` cannot run ``pipeline`` with its ControlNets, or None."""
     if pipeline in SINGLE and len(stage.controlnet) > 1:
         return f"controlnet: {pipeline} takes one ControlNet; this stage has {len(stage.controlnet)}"
     return None
