@@ -5,9 +5,9 @@ and a stand-in Hub), ControlNets on SD 1.x, SDXL, SD3 and FLUX.1 for each kind d
 pipeline of (the control image steers: two control images, two images; the same one, the same
 image; scale 0 hides it; a missing or wrong-sized one is an error row naming the column; a saved
 ControlNet pipeline as the model), an SDXL ControlNet Union (a control image per `control_mode`),
-a FLUX.1 Control model (its transformer reads the control image), IP-Adapters on SD 1.x (the reference image
-steers; scale 0 is the base model byte for byte), T2I-Adapters on SD 1.x (the shapes model), and
-Canny control images made on CPU."""
+a FLUX.1 Control model (its transformer reads the control image), IP-Adapters on SD 1.x, SDXL,
+FLUX.1 and SD3 (the reference image steers; scale 0 is the base model byte for byte),
+T2I-Adapters on SD 1.x (the shapes model), and Canny control images made on CPU."""
 
 from __future__ import annotations
 
@@ -49,11 +49,13 @@ from tests.hub_server import HubServer, Repo
 from tests.tiny_conditioning import (
     controlnet_for,
     flux_control,
+    flux_ip_adapter_for,
     hunyuan_dit_for_controlnets,
     ip_adapter_for,
     lora_for,
     misfit_lora,
     sd3_for_controlnets,
+    sd3_ip_adapter_for,
     t2i_adapter_for,
     transformer_controlnet_for,
 )
@@ -598,6 +600,57 @@ def test_the_reference_image_steers_the_image_and_scale_zero_is_the_base_model(m
     assert images(run(zero, rows[:2], tmp_path)) == [base_images[0]] * 2
     missing = run(spec, [{"id": "r", "prompt": PROMPTS[0], "reference_image": None}], tmp_path)
     assert values(missing, "error") == ["reference_image: missing"]
+
+
+@pytest.fixture(scope="module")
+def dit_ip_adapters(dit_models, tmp_path_factory):
+    """IP-Adapters for the tiny FLUX.1 (XLabs' format) and SD3 (InstantX's) of dit_models."""
+    root = tmp_path_factory.mktemp("dit-ip-adapters")
+    return {"flux": flux_ip_adapter_for(dit_models["flux"], root / "flux"),
+            "sd3": sd3_ip_adapter_for(dit_models["sd3"], root / "sd3")}
+
+
+@pytest.mark.parametrize("family,kind", [("flux", "text_to_image"), ("sd3", "text_to_image"),
+                                         ("flux", "inpainting"), ("sd3", "image_to_image")])
+def test_flux_and_sd3_ip_adapters_follow_the_reference_image(family, kind, dit_models, dit_ip_adapters, tmp_path):
+    """FLUX.1's IP-Adapter (a CLIP encoder) and SD3's (a SigLIP encoder), same prompt and seed: two
+    reference images give two images, the same one the same image; at scale 0 the base model's
+    image byte for byte."""
+    inputs = {"image_to_image": {"image": picture()}, "inpainting": {"image": picture(), "mask": square(32, 8, 24)},
+              "text_to_image": {}}[kind]
+    model, adapter = str(dit_models[family]), str(dit_ip_adapters[family])
+    a, b = noise_png(0), noise_png(1)
+    rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 7, "reference_image": r, **inputs}
+            for i, r in enumerate((a, b, a))]
+
+    def stage(**extra):
+        return StageSpec(kind=kind, model=model, **FAST, **extra)
+
+    out = run(stage(ip_adapter=adapter, ip_adapter_scale=1.0, batch_size=3), rows, tmp_path)
+    got = images(out)
+    base = images(run(stage(), rows[:1], tmp_path))
+    assert got[0] == got[2] != got[1] and got[0] != base[0]
+    (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
+    assert record["ip_adapter"] == {"model": adapter, "weight_name": None, "scale": 1.0}
+    assert images(run(stage(ip_adapter=adapter, ip_adapter_scale=0.0), rows[:2], tmp_path)) == base * 2
+
+
+def test_an_ip_adapter_of_another_family_or_without_its_image_processor_is_refused(models, dit_models,
+                                                                                  dit_ip_adapters, tmp_path):
+    no_processor = tmp_path / "no-processor"
+    shutil.copytree(dit_ip_adapters["sd3"], no_processor)
+    (no_processor / "image_encoder" / "preprocessor_config.json").unlink()
+    cases = ((TINY, dit_ip_adapters["flux"], "is not an IP-Adapter's weights of this family's format"),
+             (dit_models["sd3"], models["ip_adapter"], "has no image_encoder/ holding a SiglipVisionModel"),
+             (dit_models["sd3"], no_processor, "SiglipVisionModel in safetensors with its preprocessor_config.json"),
+             (dit_models["flux"], dit_ip_adapters["sd3"], "has no image_encoder/ holding a "
+                                                          "CLIPVisionModelWithProjection"))
+    for model, source, message in cases:
+        stage = {"kind": "text_to_image", "model": str(model), "ip_adapter": str(source)}
+        spec = parse_spec({"manifest": str(tmp_path / "m.parquet"), "output": str(tmp_path / "out"),
+                           "stages": [stage]})
+        with pytest.raises(ModelError, match=message):
+            check_sources(spec)
 
 
 def test_an_ip_adapter_folder_is_checked_on_the_driver(models, tmp_path):

@@ -1,8 +1,8 @@
 """Tiny random-weight conditioning models in the real diffusers formats, built offline: LoRA
 adapters (peft layers saved with diffusers' save_lora_weights), ControlNets, IP-Adapters and
 T2I-Adapters shaped for the built-in tiny SD 1.x pipeline (builtin:tiny-sd) and the tiny SDXL one
-(tests/tiny_pipelines.py), ControlNets shaped for the tiny SD3 and FLUX.1 transformers, and a
-FLUX.1 Control pipeline."""
+(tests/tiny_pipelines.py), ControlNets and IP-Adapters shaped for the tiny SD3 and FLUX.1
+transformers, and a FLUX.1 Control pipeline."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from diffusers import (
     ControlNetModel,
     ControlNetUnionModel,
     FluxControlPipeline,
+    FluxTransformer2DModel,
     HunyuanDiT2DModel,
     HunyuanDiTPipeline,
     SD3Transformer2DModel,
@@ -22,13 +23,20 @@ from diffusers import (
     T2IAdapter,
     UNet2DConditionModel,
 )
-from diffusers.models.attention_processor import IPAdapterAttnProcessor
-from diffusers.models.embeddings import ImageProjection
+from diffusers.models.attention_processor import IPAdapterAttnProcessor, SD3IPAdapterJointAttnProcessor2_0
+from diffusers.models.embeddings import ImageProjection, IPAdapterTimeImageProjection
+from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
 from tests.tiny_families_more import hunyuan_dit
 from tests.tiny_pipelines import _flow_vae, _flux_parts, _flux_transformer, sd3
@@ -154,12 +162,69 @@ def ip_adapter_for(model_folder: str | Path, dest: Path, seed: int = 0) -> Path:
     tensors |= {"image_proj.proj.weight": layers["image_embeds.weight"], "image_proj.proj.bias":
                 layers["image_embeds.bias"], "image_proj.norm.weight": layers["norm.weight"],
                 "image_proj.norm.bias": layers["norm.bias"]}
-    dest.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, dest / "ip-adapter.safetensors")
+    _save(tensors, dest / "ip-adapter.safetensors")
+    _clip_encoder(width, dest)
+    return dest
+
+
+def _clip_encoder(width: int, dest: Path) -> None:
+    """A tiny CLIP vision encoder whose image embeddings are ``width`` wide, in ``dest``/image_encoder/."""
     encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=32, projection_dim=width, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
         image_size=32, patch_size=4))
     encoder.save_pretrained(dest / "image_encoder", safe_serialization=True)
+
+
+def _save(tensors: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+
+
+def flux_ip_adapter_for(model_folder: str | Path, dest: Path, seed: int = 0) -> Path:
+    """A FLUX.1 IP-Adapter for the pipeline saved at ``model_folder``, keyed as XLabs' published
+    ip_adapter.safetensors (``ip_adapter_proj_model.*``, the image projection; for each double-stream
+    block, ``double_blocks.N.processor.ip_adapter_double_stream_{k,v}_proj.*``) beside a tiny CLIP
+    vision encoder in ``dest``/image_encoder/."""
+    torch.manual_seed(seed)
+    config = FluxTransformer2DModel.load_config(Path(model_folder) / "transformer")
+    text, embeds = config["joint_attention_dim"], 16
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    projection = ImageProjection(cross_attention_dim=text, image_embed_dim=embeds, num_image_text_embeds=4)
+    tensors = {f"ip_adapter_proj_model.{k.replace('image_embeds', 'proj')}": v
+               for k, v in projection.state_dict().items()}
+    for block in range(config["num_layers"]):
+        layers = FluxIPAdapterAttnProcessor(hidden_size=inner, cross_attention_dim=text).state_dict()
+        for ours, theirs in (("to_k_ip", "k"), ("to_v_ip", "v")):
+            for part in ("weight", "bias"):
+                tensors[f"double_blocks.{block}.processor.ip_adapter_double_stream_{theirs}_proj.{part}"] = \
+                    layers[f"{ours}.0.{part}"]
+    _save(tensors, dest / "ip_adapter.safetensors")
+    _clip_encoder(embeds, dest)
+    return dest
+
+
+def sd3_ip_adapter_for(model_folder: str | Path, dest: Path, seed: int = 0) -> Path:
+    """An SD3 IP-Adapter for the pipeline saved at ``model_folder``, keyed as InstantX's SD3.5-Large
+    one in diffusers' format (``image_proj.*``: the timestep-aware resampler, four blocks of 64-wide
+    heads as diffusers' loader assumes; ``ip_adapter.N.*``: each transformer block's extra key and
+    value projections) beside a tiny SigLIP vision encoder and its image processor in
+    ``dest``/image_encoder/."""
+    torch.manual_seed(seed)
+    config = SD3Transformer2DModel.load_config(Path(model_folder) / "transformer")
+    head, inner, hidden, embeds = config["attention_head_dim"], \
+        config["attention_head_dim"] * config["num_attention_heads"], 64, 32
+    resampler = IPAdapterTimeImageProjection(embed_dim=embeds, output_dim=inner, hidden_dim=hidden, heads=1,
+                                             num_queries=4, timestep_in_dim=32)
+    tensors = {f"image_proj.{k}": v for k, v in resampler.state_dict().items()}
+    for block in range(config["num_layers"]):
+        layers = SD3IPAdapterJointAttnProcessor2_0(hidden_size=inner, ip_hidden_states_dim=inner, head_dim=head,
+                                                   timesteps_emb_dim=hidden)
+        tensors |= {f"ip_adapter.{block}.{k}": v for k, v in layers.state_dict().items()}
+    _save(tensors, dest / "ip-adapter.safetensors")
+    encoder = SiglipVisionModel(SiglipVisionConfig(hidden_size=embeds, intermediate_size=37, num_hidden_layers=2,
+                                                   num_attention_heads=4, image_size=32, patch_size=4))
+    encoder.save_pretrained(dest / "image_encoder", safe_serialization=True)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(dest / "image_encoder")
     return dest
 
 

@@ -20,6 +20,7 @@ class Conditioning:
         self.spec = spec
         self.storage = storage
         self.position = position
+        self.family = family
         self.pipeline_class = controlnet.pipeline_class(family, spec, model_index, plain_class, storage)
         # FLUX.1 Control reads the control image in its transformer, with no ControlNet.
         self.model_control = self.pipeline_class in controlnet.MODEL_CONTROL
@@ -34,7 +35,7 @@ class Conditioning:
         """Load time, step 2: the IP-Adapter, then the LoRA adapters, fused where the stage has one
         fixed set."""
         if self.spec.ip_adapter:
-            ip_adapter.attach(pipe, self.spec, self.storage)
+            ip_adapter.attach(pipe, self.spec, self.storage, self.family)
         self.adapters = lora.Adapters(pipe, self.spec, self.storage) if self.spec.loras else None
 
     @property
