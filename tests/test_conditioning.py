@@ -610,21 +610,23 @@ def dit_ip_adapters(dit_models, tmp_path_factory):
             "sd3": sd3_ip_adapter_for(dit_models["sd3"], root / "sd3")}
 
 
-@pytest.mark.parametrize("family,kind", [("flux", "text_to_image"), ("sd3", "text_to_image"),
-                                         ("flux", "inpainting"), ("sd3", "image_to_image")])
-def test_flux_and_sd3_ip_adapters_follow_the_reference_image(family, kind, dit_models, dit_ip_adapters, tmp_path):
-    """FLUX.1's IP-Adapter (a CLIP encoder) and SD3's (a SigLIP encoder), same prompt and seed: two
-    reference images give two images, the same one the same image; at scale 0 the base model's
-    image byte for byte."""
+@pytest.mark.parametrize("family,kind,settings", [
+    ("flux", "text_to_image", {}), ("flux", "text_to_image", {"true_cfg_scale": 2.0}), ("flux", "inpainting", {}),
+    ("sd3", "text_to_image", {}), ("sd3", "image_to_image", {})])
+def test_flux_and_sd3_ip_adapters_follow_the_reference_image(family, kind, settings, dit_models, dit_ip_adapters,
+                                                              tmp_path):
+    """FLUX.1's IP-Adapter (a CLIP encoder; with true CFG too, whose negative pass sees diffusers'
+    black reference) and SD3's (a SigLIP encoder), same prompt and seed: two reference images give
+    two images, the same one the same image; at scale 0 the base model's image byte for byte."""
     inputs = {"image_to_image": {"image": picture()}, "inpainting": {"image": picture(), "mask": square(32, 8, 24)},
               "text_to_image": {}}[kind]
     model, adapter = str(dit_models[family]), str(dit_ip_adapters[family])
     a, b = noise_png(0), noise_png(1)
-    rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 7, "reference_image": r, **inputs}
-            for i, r in enumerate((a, b, a))]
+    rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "negative_prompt": "blurry", "seed": 7, "reference_image": r,
+             **inputs} for i, r in enumerate((a, b, a))]
 
     def stage(**extra):
-        return StageSpec(kind=kind, model=model, **FAST, **extra)
+        return StageSpec(kind=kind, model=model, **FAST, **settings, **extra)
 
     out = run(stage(ip_adapter=adapter, ip_adapter_scale=1.0, batch_size=3), rows, tmp_path)
     got = images(out)
