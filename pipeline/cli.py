@@ -127,7 +127,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     from pipeline import bench
 
-    bench.main(args.rows, args.json, args.steps, quick=args.quick)
+    bench.main(args.rows, args.json, args.steps, quick=args.quick, rounds=args.rounds)
     return 0
 
 
@@ -262,6 +262,8 @@ def parser() -> argparse.ArgumentParser:
                            help="steady throughput against a plain diffusers loop (prints figures)")
     bench.add_argument("--rows", type=int, default=96)
     bench.add_argument("--steps", type=int, default=20, help="denoising steps per image")
+    bench.add_argument("--rounds", type=int, default=2, help="rounds per pair, the rows cut into as many parts: "
+                       "the plain loop and shardgen back to back on each part, the pair's ratio the median")
     bench.add_argument("--json", help="also write the figures to this file")
     bench.add_argument("--gpu", action="store_true",
                        help="SD 1.5 and SDXL architectures (random weights): plain loop, compiled loop, shardgen")

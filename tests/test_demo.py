@@ -24,6 +24,7 @@ from PIL import Image
 from pipeline import bench
 from pipeline.cli import main
 from pipeline.demo import caption, inpaint_request
+from pipeline.errors import SpecError
 from pipeline.models.resolve import COMPLETE_MARKER, TRAINED_DIR, builtin_names
 from pipeline.training import data, measure
 from pipeline.training.classifier import NAME as CLASSIFIER_NAME
@@ -172,13 +173,13 @@ def test_bench_quick_runs_its_first_pair_and_reports_it(tmp_path, ray_local, cap
     """`shardgen bench --quick`: the CPU default against its plain loop, the figures in the shape
     the full bench prints (the figures are not asserted: speed is no test's business)."""
     figures = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--rows", "10", "--steps", "2", "--json", str(figures)]) == 0
+    assert main(["bench", "--quick", "--rows", "16", "--steps", "2", "--json", str(figures)]) == 0
     printed = capsys.readouterr().out
     results = json.loads(figures.read_text())
     assert [r["name"] for r in results] == ["plain diffusers loop, 1 thread(s), one row per call", bench.PAIRS[0][0]]
     for result in results:
         assert set(result) == {"name", "rows", "steady_images_per_s", "wall_s"}
-        assert result["rows"] == 10 and result["steady_images_per_s"] > 0 and result["wall_s"] > 0
+        assert result["rows"] == 16 and result["steady_images_per_s"] > 0 and result["wall_s"] > 0
         assert result["name"] in printed
     assert re.findall(r"^ratio (.*):\s+\d+\.\d\d$", printed, re.MULTILINE) == [bench.PAIRS[0][3]]
 
@@ -188,4 +189,24 @@ def test_bench_compares_the_three_modes_docs_performance_names():
     assert [(extra, loop) for _, extra, loop, _ in bench.PAIRS] == [
         ({}, {"threads": 1, "per_row": True}),
         ({"batch_invariant": False}, {"threads": 1, "per_row": False}),
-        ({"actors": 2, "cpus_per_actor": 0.75}, {"threads": 2, "per_row": False})]
+        ({"actors": 2, "cpus_per_actor": 0.75, "batch_invariant": False}, {"threads": 2, "per_row": False})]
+
+
+def test_the_bench_counts_a_pools_steady_state_from_each_actors_first_batch():
+    """Two actors, batches of 8 rows ending in pairs (0.0, 0.1), (1.0, 1.1), (2.0, 2.1): from the
+    second batch out (0.1) to the last (2.1), 32 rows in 2 s; one actor counts from its first."""
+    times = [t for end in (0.0, 0.1, 1.0, 1.1, 2.0, 2.1) for t in [end] * 8]
+    assert bench.steady_rate(times, actors=2) == pytest.approx(32 / 2.0)
+    assert bench.steady_rate([t for end in (0.0, 1.0, 2.0) for t in [end] * 8], actors=1) == pytest.approx(16 / 2.0)
+
+
+def test_a_pairs_ratio_is_the_median_of_its_rounds_and_too_few_rows_a_round_are_refused():
+    def result(rate):
+        return bench.Result("x", 32, rate, 1.0)
+
+    pair = bench.Pair(plain=[result(2.0), result(1.0), result(1.0)], mine=[result(1.0), result(1.1), result(0.9)])
+    assert pair.ratios == pytest.approx([0.5, 1.1, 0.9])
+    assert bench.Pair.overall(pair.mine) == bench.Result("x", 96, 1.0, 3.0)
+    refused = r"--rows 24 in 2 round\(s\) is 12 rows a round; a steady rate needs at least 16"
+    with pytest.raises(SpecError, match=refused):
+        bench.main(24, None, rounds=2)
