@@ -31,7 +31,7 @@ from pipeline.job import run_job
 from pipeline.models.resolve import resolve
 from pipeline.prepare import derive_seed
 from pipeline.spec import JobSpec, StageSpec, parse_spec
-from pipeline.stages.base import row_generator
+from pipeline.stages.generators import row_generator
 
 
 @dataclass

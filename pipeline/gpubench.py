@@ -36,7 +36,8 @@ from pipeline.demo import sample_prompts
 from pipeline.gpu_sampler import GpuSampler
 from pipeline.models import reference
 from pipeline.prepare import derive_seed
-from pipeline.stages.base import row_generator, to_uint8
+from pipeline.stages.base import to_uint8
+from pipeline.stages.generators import row_generator
 
 
 @dataclass(frozen=True)

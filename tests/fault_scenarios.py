@@ -65,8 +65,7 @@ def ray_workers(running: str) -> list[psutil.Process]:
     """Workers of this Ray running ``running``: Ray titles a worker "ray::TASK" while it runs a
     task ("ray::MapBatches(prepare_batch)", or fused steps joined by "->", of which ``running`` may
     be a run: "ray::ReadParquet->MapBatches(prepare_batch)->...") and "ray::ACTOR.METHOD" while an actor runs METHOD."""
-    return [p for p in psutil.Process().children(recursive=True)
-            if title(p).startswith("ray::") and f"->{running}->" in f"->{title(p).removeprefix('ray::')}->"]
+    return [p for p in psutil.Process().children(recursive=True) if runs(title(p), running)]
 
 
 def stage_actors(method: str) -> list[psutil.Process]:
@@ -100,11 +99,22 @@ class Job(threading.Thread):
             self.error = f"{type(err).__name__}: {err}"
 
 
-def kill(proc: psutil.Process) -> dict:
-    seen = {"pid": proc.pid, "title": title(proc)}
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    return seen
+def runs(proc_title: str, running: str) -> bool:
+    """Whether a worker titled ``proc_title`` runs ``running`` (see ray_workers)."""
+    return proc_title.startswith("ray::") and f"->{running}->" in f"->{proc_title.removeprefix('ray::')}->"
+
+
+def kill_while(what: str, running: str, job: threading.Thread, also=lambda: True) -> dict:
+    """SIGKILL a worker of this Ray while it runs ``running`` (once ``also()`` holds). Its title is
+    read again just before the kill: a CPU task can end between the search and the kill (on a busy
+    machine it did, and the kill hit an idle worker), and then another is waited for."""
+    while True:
+        proc = wait_for(what, lambda: also() and ray_workers(running), job)[0]
+        seen = {"pid": proc.pid, "title": title(proc)}
+        if runs(seen["title"], running):
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            return seen
 
 
 def worker_sigkill(manifest: str, output: str) -> dict:
@@ -116,14 +126,13 @@ def worker_sigkill(manifest: str, output: str) -> dict:
         job = Job(spec(manifest, output, **STAGE_OPTIONS["worker_sigkill"]))
         job.start()
         killed = {
-            "prepare": kill(wait_for("a prepare task", lambda: ray_workers("MapBatches(prepare_batch)"), job)[0]),
-            "loading": kill(wait_for("a stage actor loading", lambda: stage_actors("__init__"), job)[0]),
-            "batch": kill(wait_for("a stage actor in a batch after a shard",
-                                   lambda: shards(output) and stage_actors("submit"), job)[0]),
+            "prepare": kill_while("a prepare task", "MapBatches(prepare_batch)", job),
+            "loading": kill_while("a stage actor loading", f"{STAGE_ACTOR}.__init__", job),
+            "batch": kill_while("a stage actor in a batch after a shard", f"{STAGE_ACTOR}.submit", job,
+                                also=lambda: shards(output)),
         }
         shards_at_kill = len(shards(output))
-        killed["write"] = kill(wait_for("a write task", lambda: ray_workers("MapBatches(encode_batch)->Write"),
-                                        job)[0])
+        killed["write"] = kill_while("a write task", "MapBatches(encode_batch)->Write", job)
         job.join()
         return {"stats": job.stats, "error": job.error, "killed": killed, "shards_at_kill": shards_at_kill}
     finally:

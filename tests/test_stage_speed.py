@@ -19,7 +19,8 @@ from pipeline.models.resolve import resolve
 from pipeline.prepare import prepare_batch
 from pipeline.spec import LimitsSpec, StageSpec, StorageSpec
 from pipeline.stages import speed
-from pipeline.stages.base import row_generator, to_uint8
+from pipeline.stages.base import to_uint8
+from pipeline.stages.generators import row_generator
 from pipeline.stages.text_to_image import TextToImageStage
 from pipeline.tables import raw_images, values
 

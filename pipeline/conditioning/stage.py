@@ -101,7 +101,7 @@ class Conditioning:
         in a batch, the draw is its call's first row's."""
         import torch
 
-        from pipeline.stages.base import row_generator  # imported here: base imports this module
+        from pipeline.stages.generators import row_generator
 
         torch.manual_seed(row_generator(seed, self.position).initial_seed())
 

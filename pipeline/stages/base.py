@@ -48,6 +48,7 @@ from pipeline.models.resolve import cache_root, resolve
 from pipeline.output_schema import FILTERED
 from pipeline.spec import AUTO_MAX_BATCH, AUTO_START_BATCH, StageSpec, StorageSpec
 from pipeline.stages import speed
+from pipeline.stages.generators import row_generator
 from pipeline.stages.metrics import ActorClock, ActorMetrics
 from pipeline.tables import raw_images, values, with_column, with_pixels
 
@@ -78,13 +79,6 @@ def register_wuerstchen_module() -> None:
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """A diffusers float image in [0, 1] to uint8, rounded as diffusers' own PIL conversion does."""
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-
-
-def row_generator(seed: int, position: int = 0) -> torch.Generator:
-    """A CPU generator per row and stage: a row's noise depends on its seed and the stage's place
-    in the chain alone, on any device and in any batch."""
-    mixed = (int(seed) + position * 0x9E3779B97F4A7C15) % (1 << 63)
-    return torch.Generator("cpu").manual_seed(mixed)
 
 
 def _fingerprint(folder: Path, spec: StageSpec, encoder: str) -> str:
