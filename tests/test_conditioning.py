@@ -261,7 +261,10 @@ def test_two_controlnets_in_calls_of_several_rows(family, request, tmp_path):
     stage.generate = lambda batch, rows: calls.append(len(rows)) or generate(batch, rows)
     got = images(run(spec, rows, tmp_path, stage))
     assert calls == ([2, 1] if family.startswith("sdxl") else [3])
-    assert got[0] == got[2] != got[1]
+    # Rows 0 and 2 are one row twice: in one call on a CPU they agree up to rounding (a batch's
+    # rows may take different kernel paths); row 1's other control image makes another picture.
+    same = np.abs(np.frombuffer(got[0], np.uint8).astype(int) - np.frombuffer(got[2], np.uint8).astype(int)).max()
+    assert same <= 2 and got[1] != got[0]
 
 
 def test_a_per_row_controlnet_scale_of_zero_ignores_the_control_image(models, tmp_path):
