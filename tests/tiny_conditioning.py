@@ -89,6 +89,12 @@ def controlnet_for(model_folder: str | Path, dest: Path, seed: int = 0, spread: 
         controlnet = ControlNetUnionModel.from_config({**controlnet.config, "num_control_type": 6,
                                                        "num_trans_channel": width, "num_trans_head": 2,
                                                        "num_proj_channel": width})
+    return _save_filled(controlnet, dest, spread)
+
+
+def _save_filled(controlnet, dest: Path, spread: float) -> Path:
+    """Fill the ControlNet's zero-initialised layers at random (else it adds nothing: no test
+    could see it steer) and save it."""
     with torch.no_grad():
         for param in controlnet.parameters():
             if not param.any():
@@ -104,13 +110,7 @@ def transformer_controlnet_for(model_folder: str | Path, dest: Path, controlnet_
     conditioning channels), its zero-initialised layers filled at random as in controlnet_for."""
     torch.manual_seed(seed)
     shape = dict(controlnet_class.load_config(Path(model_folder) / "transformer"))
-    controlnet = controlnet_class.from_config({**shape, **config})
-    with torch.no_grad():
-        for param in controlnet.parameters():
-            if not param.any():
-                param.normal_(0, spread)
-    controlnet.save_pretrained(dest, safe_serialization=True)
-    return dest
+    return _save_filled(controlnet_class.from_config({**shape, **config}), dest, spread)
 
 
 def sd3_for_controlnets() -> StableDiffusion3Pipeline:
