@@ -85,8 +85,9 @@ def models(tmp_path_factory, environment):
     diffusers adds an adapter's first feature at the next size)."""
     root = tmp_path_factory.mktemp("conditioning")
     sd = build_builtin("tiny-sd")
-    xl = root / "sdxl"
-    sdxl().save_pretrained(xl, safe_serialization=True)
+    # Seeded (saved): unseeded weights would follow whatever ran before in the worker, and a rare draw
+    # makes a ControlNet's effect round away.
+    xl = saved(sdxl)(root / "sdxl")
     return {"sd": sd, "lora": lora_for(sd, root / "lora-a"), "lora_b": lora_for(sd, root / "lora-b", seed=1),
             "misfit": misfit_lora(root / "misfit"), "controlnet": controlnet_for(sd, root / "controlnet"),
             "sdxl": xl, "sdxl_controlnet": controlnet_for(xl, root / "sdxl-controlnet"),
@@ -110,6 +111,11 @@ def prompt_rows(**extra) -> list[dict]:
 def images(table: pa.Table) -> list[bytes]:
     assert values(table, "status") == ["ok"] * table.num_rows, values(table, "error")
     return values(table, columns.PIXELS)
+
+
+def gap(a: bytes, b: bytes) -> int:
+    """The largest difference of two images' pixels, in levels of 255."""
+    return int(np.abs(np.frombuffer(a, np.uint8).astype(int) - np.frombuffer(b, np.uint8).astype(int)).max())
 
 
 def t2i(model, **extra) -> StageSpec:
@@ -144,14 +150,13 @@ def test_fused_adapters_equal_switched_ones_and_the_lora_column_picks_per_row(mo
     both = [{"source": str(models["lora"]), "scale": 0.7}, {"source": str(models["lora_b"]), "scale": 0.4}]
     fused_stage = stage_class("text_to_image")(t2i(TINY, loras=both), StorageSpec())
     assert fused_stage.conditioning.adapters.fused
-    fused = [np.frombuffer(b, np.uint8).astype(int) for b in images(run(fused_stage.spec, prompt_rows(), tmp_path,
-                                                                        fused_stage))]
+    fused = images(run(fused_stage.spec, prompt_rows(), tmp_path, fused_stage))
     named = t2i(TINY, loras=[{**both[0], "name": "a"}, {**both[1], "name": "b"}], batch_size=3)
     out = run(named, prompt_rows(lora=["a,b", None, "b, a"]), tmp_path)
-    got = [np.frombuffer(b, np.uint8).astype(int) for b in images(out)]
+    got = images(out)
     # Fusing adds the adapters into the weights: the same sums in another order, so a pixel may
     # round one step apart.
-    assert np.abs(got[0] - fused[0]).max() <= 1 and np.abs(got[2] - fused[2]).max() <= 1
+    assert gap(got[0], fused[0]) <= 1 and gap(got[2], fused[2]) <= 1
     assert images(out)[1] == base_images[1]
     records = [json.loads(p)[0]["loras"] for p in values(out, columns.STAGE_PARAMS)]
     assert [[a["name"] for a in r] for r in records] == [["a", "b"], [], ["a", "b"]]
@@ -263,8 +268,7 @@ def test_two_controlnets_in_calls_of_several_rows(family, request, tmp_path):
     assert calls == ([2, 1] if family.startswith("sdxl") else [3])
     # Rows 0 and 2 are one row twice: in one call on a CPU they agree up to rounding (a batch's
     # rows may take different kernel paths); row 1's other control image makes another picture.
-    same = np.abs(np.frombuffer(got[0], np.uint8).astype(int) - np.frombuffer(got[2], np.uint8).astype(int)).max()
-    assert same <= 2 and got[1] != got[0]
+    assert gap(got[0], got[2]) <= 2 < gap(got[0], got[1])
 
 
 def test_a_per_row_controlnet_scale_of_zero_ignores_the_control_image(models, tmp_path):
@@ -454,7 +458,7 @@ def test_an_sdxl_controlnet_union_reads_a_control_image_per_control_mode(kind, m
     spec = StageSpec(kind=kind, model=str(models["sdxl"]), controlnet=str(union), control_mode=[1, 3], **FAST)
     out = run(spec, rows, tmp_path)
     got = images(out)
-    assert got[0] != got[1] and got[0] == got[2]
+    assert gap(got[0], got[1]) > 2 and got[0] == got[2]
     (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
     assert record["pipeline"] == {"text_to_image": "StableDiffusionXLControlNetUnionPipeline",
                                   "image_to_image": "StableDiffusionXLControlNetUnionImg2ImgPipeline",
