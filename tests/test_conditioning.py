@@ -138,7 +138,7 @@ def test_lora_scale_zero_is_the_base_model_byte_for_byte(models, base_images, tm
 def test_lora_changes_the_images_and_the_record_names_it(models, base_images, tmp_path):
     spec = t2i(TINY, loras=[{"source": str(models["lora"].parent), "scale": 0.8}])
     out = run(spec, prompt_rows(), tmp_path)
-    assert all(a != b for a, b in zip(images(out), base_images))
+    assert all(gap(a, b) > 2 for a, b in zip(images(out), base_images))
     (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
     assert record["loras"] == [{"source": str(models["lora"].parent), "name": "lora0", "weight_name": None,
                                 "revision": None, "scale": 0.8}]
@@ -224,7 +224,7 @@ def test_the_control_image_steers_the_image(models, tmp_path):
     out = run(spec, [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": c}
                      for i, c in enumerate((a, b, a))], tmp_path)
     got = images(out)
-    assert got[0] != got[1] and got[0] == got[2]
+    assert gap(got[0], got[1]) > 2 and got[0] == got[2]
     (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
     assert record["pipeline"] == "StableDiffusionControlNetPipeline"
     assert record["controlnet"] == {"models": [str(models["controlnet"])], "scale": 1.0, "start": 0.0, "end": 1.0,
@@ -238,7 +238,7 @@ def test_two_controlnets_read_control_image_and_control_image_2(models, tmp_path
             for i, c in enumerate((a, b, a))]
     out = run(spec, rows, tmp_path)
     got = images(out)
-    assert got[0] == got[2] != got[1]
+    assert got[0] == got[2] and gap(got[0], got[1]) > 2
     assert json.loads(values(out, columns.STAGE_PARAMS)[0])[0]["controlnet"]["models"] == spec.controlnet
     missing = run(spec, [{k: v for k, v in rows[0].items() if k != "control_image_2"}], tmp_path)
     assert values(missing, "error") == ["control_image_2: missing"]
@@ -276,7 +276,7 @@ def test_a_per_row_controlnet_scale_of_zero_ignores_the_control_image(models, tm
     rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": c, "controlnet_scale": s}
             for i, (c, s) in enumerate(((square(32, 4, 12), 0.0), (square(32, 16, 30), 0.0), (square(32, 4, 12), 1.0)))]
     got = images(run(spec, rows, tmp_path))
-    assert got[0] == got[1] != got[2]
+    assert got[0] == got[1] and gap(got[0], got[2]) > 2
 
 
 def test_missing_or_wrong_sized_control_images_are_error_rows_naming_the_column(models, tmp_path):
@@ -312,7 +312,7 @@ def test_a_saved_controlnet_pipeline_named_as_the_model_runs_with_its_controlnet
              "control_image_2": square(32, 16, 30)} for i in range(2)]
     by_model = images(run(t2i(folder, **extra), rows, tmp_path))
     by_field = images(run(t2i(base, controlnet=str(net), **extra), rows, tmp_path))
-    assert by_model == by_field and by_model[0] != by_model[1]
+    assert by_model == by_field and gap(by_model[0], by_model[1]) > 2
 
 
 def test_sdxl_controlnet_lora_and_ip_adapter(models, tmp_path):
@@ -325,7 +325,7 @@ def test_sdxl_controlnet_lora_and_ip_adapter(models, tmp_path):
             for i, (c, r) in enumerate(((a, noise_png(0)), (b, noise_png(0)), (a, noise_png(1))))]
     out = run(spec, rows, tmp_path)
     got = images(out)
-    assert got[0] != got[1] and got[0] != got[2]
+    assert gap(got[0], got[1]) > 2 and gap(got[0], got[2]) > 2
     (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
     assert record["pipeline"] == "StableDiffusionXLControlNetPipeline" and record["ip_adapter"]["scale"] == 1.0
 
@@ -422,7 +422,7 @@ def test_controlnets_of_each_family_and_kind(family, kind, request, tmp_path):
             for i, (c, s) in enumerate(((a, 1.0), (b, 1.0), (a, 1.0), (a, 0.0), (b, 0.0)))]
     out = run(StageSpec(kind=kind, model=str(model), controlnet=str(controlnet), **FAST), rows, tmp_path)
     got = images(out)
-    assert got[0] != got[1] and got[0] == got[2]
+    assert gap(got[0], got[1]) > 2 and got[0] == got[2]
     assert got[3] == got[4]
     assert json.loads(values(out, columns.STAGE_PARAMS)[0])[0]["pipeline"] == pipeline
     base = images(run(StageSpec(kind=kind, model=str(model), **FAST), rows[3:4], tmp_path))
@@ -465,7 +465,7 @@ def test_an_sdxl_controlnet_union_reads_a_control_image_per_control_mode(kind, m
                                   "inpainting": "StableDiffusionXLControlNetUnionInpaintPipeline"}[kind]
     assert record["controlnet"]["control_mode"] == [1, 3]
     other_types = run(spec.model_copy(update={"control_mode": [0, 5]}), rows[:1], tmp_path)
-    assert images(other_types) != got[:1]
+    assert gap(images(other_types)[0], got[0]) > 2
 
 
 def test_a_flux_union_controlnet_reads_the_type_of_its_control_image(dit_models, tmp_path):
@@ -477,10 +477,14 @@ def test_a_flux_union_controlnet_reads_the_type_of_its_control_image(dit_models,
     spec = t2i(flux, controlnet=union, control_mode=2)
     out = run(spec, rows, tmp_path)
     got = images(out)
-    assert got[0] != got[1] and got[0] == got[2]
+    assert gap(got[0], got[1]) > 2 and got[0] == got[2]
     (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
     assert record["pipeline"] == "FluxControlNetPipeline" and record["controlnet"]["control_mode"] == [2]
-    assert images(run(spec.model_copy(update={"control_mode": [0]}), rows[:1], tmp_path)) != got[:1]
+    # The type is one token before the prompt's 512 in the ControlNet's attention: in random weights
+    # it moves the picture by a level or so of 255 (seeded weights: the same every run), so this
+    # says only that it moves it.
+    other_type = images(run(spec.model_copy(update={"control_mode": [0]}), rows[:1], tmp_path))
+    assert other_type[0] != got[0]
     manifest = write_manifest(str(tmp_path / "m.parquet"), prompt_rows())
     for extra, message in (({}, "is a ControlNet Union: give the control type"),
                            ({"control_mode": 4}, r"control_mode: \[4\] are not control types of .* \(it has 4: "
@@ -543,7 +547,7 @@ def test_a_flux_control_model_reads_the_control_image(kind, flux_control_model, 
     out = run(StageSpec(kind=kind, model=str(flux_control_model), **FAST), rows, tmp_path)
     assert values(out, "status") == ["ok"] * 3 + ["error"] * 2
     got = values(out, columns.PIXELS)
-    assert got[0] != got[1] and got[0] == got[2]
+    assert gap(got[0], got[1]) > 2 and got[0] == got[2]
     pipeline = {"text_to_image": "FluxControlPipeline", "image_to_image": "FluxControlImg2ImgPipeline",
                 "inpainting": "FluxControlInpaintPipeline"}[kind]
     assert values(out, "error")[3:] == [f"{kind}: ValueError: control_image: missing (this stage's {pipeline} takes a "
@@ -560,7 +564,7 @@ def test_a_flux_control_model_takes_canny_made_from_the_rows_image(flux_control_
             for i, im in enumerate((square(32, 4, 12), square(32, 14, 28), square(32, 4, 12)))]
     out = run(spec, rows, tmp_path)
     got = images(out)
-    assert got[0] == got[2] != got[1]
+    assert got[0] == got[2] and gap(got[0], got[1]) > 2
     assert json.loads(values(out, columns.STAGE_PARAMS)[0])[0]["flux_control"] == {"control_image": "canny"}
 
 
@@ -600,7 +604,7 @@ def test_the_reference_image_steers_the_image_and_scale_zero_is_the_base_model(m
     spec = t2i(TINY, ip_adapter=str(models["ip_adapter"]), ip_adapter_scale=1.0, batch_size=3)
     out = run(spec, rows, tmp_path)
     got = images(out)
-    assert got[0] == got[2] != got[1] and got[0] != base_images[0]
+    assert got[0] == got[2] and gap(got[0], got[1]) > 2 and gap(got[0], base_images[0]) > 2
     (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
     assert record["ip_adapter"] == {"model": str(models["ip_adapter"]), "weight_name": None, "scale": 1.0}
     zero = t2i(TINY, ip_adapter=str(models["ip_adapter"]), ip_adapter_scale=0.0)
@@ -638,7 +642,7 @@ def test_flux_and_sd3_ip_adapters_follow_the_reference_image(family, kind, setti
     out = run(stage(ip_adapter=adapter, ip_adapter_scale=1.0, batch_size=3), rows, tmp_path)
     got = images(out)
     base = images(run(stage(), rows[:1], tmp_path))
-    assert got[0] == got[2] != got[1] and got[0] != base[0]
+    assert got[0] == got[2] and gap(got[0], got[1]) > 2 and gap(got[0], base[0]) > 2
     (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
     assert record["ip_adapter"] == {"model": adapter, "weight_name": None, "scale": 1.0}
     assert images(run(stage(ip_adapter=adapter, ip_adapter_scale=0.0), rows[:2], tmp_path)) == base * 2
@@ -694,7 +698,7 @@ def test_a_t2i_adapter_follows_the_control_image(models, tmp_path):
     rows = [{"id": f"r{i}", "prompt": PROMPTS[0], "seed": 3, "control_image": c} for i, c in enumerate((a, b, a))]
     out = run(spec, rows, tmp_path)
     got = images(out)
-    assert got[0] == got[2] != got[1]
+    assert got[0] == got[2] and gap(got[0], got[1]) > 2
     (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
     assert record["pipeline"] == "StableDiffusionAdapterPipeline"
     assert record["t2i_adapter"] == {"model": str(models["t2i_adapter"]), "scale": 1.0, "control_image": "manifest"}
@@ -732,7 +736,7 @@ def test_control_from_the_rows_image_on_image_to_image(models, tmp_path):
             for i, im in enumerate((square(32, 4, 12), square(32, 14, 28), square(32, 4, 12)))]
     out = run(spec, rows, tmp_path)
     got = images(out)
-    assert got[0] == got[2] != got[1]
+    assert got[0] == got[2] and gap(got[0], got[1]) > 2
     (record,) = json.loads(values(out, columns.STAGE_PARAMS)[0])
     assert record["pipeline"] == "StableDiffusionControlNetImg2ImgPipeline"
     assert record["controlnet"]["control_image"] == "canny"

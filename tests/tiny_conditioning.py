@@ -208,6 +208,9 @@ def flux_ip_adapter_for(model_folder: str | Path, dest: Path, seed: int = 0) -> 
     return dest
 
 
+IP_KEY_GAIN = 4.0
+
+
 def sd3_ip_adapter_for(model_folder: str | Path, dest: Path, seed: int = 0) -> Path:
     """An SD3 IP-Adapter for the pipeline saved at ``model_folder``, keyed as InstantX's SD3.5-Large
     one in diffusers' format (``image_proj.*``: the timestep-aware resampler, four blocks of 64-wide
@@ -224,6 +227,9 @@ def sd3_ip_adapter_for(model_folder: str | Path, dest: Path, seed: int = 0) -> P
     for block in range(config["num_layers"]):
         layers = SD3IPAdapterJointAttnProcessor2_0(hidden_size=inner, ip_hidden_states_dim=inner, head_dim=head,
                                                    timesteps_emb_dim=hidden)
+        # The reference's four tokens share one softmax with every image token: with unit key norms
+        # they drew so little attention that two references steered the picture 1 level of 255 apart.
+        layers.norm_ip_k.weight.data.fill_(IP_KEY_GAIN)
         tensors |= {f"ip_adapter.{block}.{k}": v for k, v in layers.state_dict().items()}
     _save(tensors, dest / "ip-adapter.safetensors")
     encoder = SiglipVisionModel(SiglipVisionConfig(hidden_size=embeds, intermediate_size=37, num_hidden_layers=2,
