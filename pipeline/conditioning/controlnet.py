@@ -187,11 +187,11 @@ def _sources(stage: StageSpec) -> list[tuple[str, str]]:
                                                              if stage.t2i_adapter else [])
 
 
-def _types(folder: Path) -> int | None:
-    """How many control types the ControlNet in ``folder`` tells apart: a ControlNet Union's (SDXL's
-    ControlNetUnionModel; a FluxControlNetModel with num_mode, as InstantX's FLUX.1 Union); None for
-    another ControlNet."""
-    if model_class(folder) == UNION:
+def _types(folder: Path, name: str) -> int | None:
+    """How many control types the ControlNet in ``folder`` (of diffusers class ``name``) tells apart:
+    a ControlNet Union's (SDXL's ControlNetUnionModel; a FluxControlNetModel with num_mode, as
+    InstantX's FLUX.1 Union); None for another ControlNet."""
+    if name == UNION:
         return _config(folder).get("num_control_type", 6)
     return _config(folder).get("num_mode")
 
@@ -199,12 +199,12 @@ def _types(folder: Path) -> int | None:
 def check(stage: StageSpec, model_index: dict, storage_spec: StorageSpec | None) -> None:
     """On the driver: each ControlNet or T2I-Adapter can be fetched and is a folder of its kind,
     and `control_mode` is set for a ControlNet Union alone, with types it has (exit 2 if not)."""
-    for field, source in _sources(stage):
-        locate(source, storage_spec, field)
-    classes = controlnet_classes(stage, model_index, storage_spec)
+    folders = {source: locate(source, storage_spec, field) for field, source in _sources(stage)}
+    classes = [model_class(folders[source]) for source in stage.controlnet] or \
+        controlnet_classes(stage, model_index, storage_spec)
     # Per ControlNet, its number of control types; a saved Union pipeline's are checked by diffusers as it runs.
-    types = [_types(locate(source, storage_spec)) for source in stage.controlnet] if stage.controlnet else \
-        [0 if name == UNION else None for name in classes]
+    types = [_types(folders[source], name) for source, name in zip(stage.controlnet, classes)] if stage.controlnet \
+        else [0 if name == UNION else None for name in classes]
     what = stage.controlnet[0] if stage.controlnet else f"the model's own ControlNet ({stage.model})"
     if all(count is None for count in types):
         if stage.control_mode:
