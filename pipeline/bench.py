@@ -118,7 +118,7 @@ class Pair:
                       statistics.median(r.steady_images_per_s for r in rounds), sum(r.wall_s for r in rounds))
 
 
-def run(rows: int, folder: Path, steps: int = 20, pairs: int = len(PAIRS), rounds: int = 2) -> list[Pair]:
+def run(rows: int, folder: Path, steps: int = 20, pairs: int = len(PAIRS), rounds: int = 4) -> list[Pair]:
     """Each of the first ``pairs`` of PAIRS, in ``rounds`` rounds over as many parts of the rows."""
     from pipeline.plan import ensure_ray
 
@@ -153,7 +153,7 @@ def run(rows: int, folder: Path, steps: int = 20, pairs: int = len(PAIRS), round
     return measured
 
 
-def main(rows: int, out: str | None, steps: int = 20, quick: bool = False, rounds: int = 2) -> None:
+def main(rows: int, out: str | None, steps: int = 20, quick: bool = False, rounds: int = 4) -> None:
     """``quick``: the first pair only (the CPU default against its plain loop), in one round."""
     rounds = 1 if quick else rounds
     if rows // rounds < 2 * BATCH:

@@ -260,9 +260,9 @@ def parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", allow_abbrev=False,
                            help="steady throughput against a plain diffusers loop (prints figures)")
-    bench.add_argument("--rows", type=int, default=96)
+    bench.add_argument("--rows", type=int, default=192)
     bench.add_argument("--steps", type=int, default=20, help="denoising steps per image")
-    bench.add_argument("--rounds", type=int, default=2, help="rounds per pair, the rows cut into as many parts: "
+    bench.add_argument("--rounds", type=int, default=4, help="rounds per pair, the rows cut into as many parts: "
                        "the plain loop and shardgen back to back on each part, the pair's ratio the median")
     bench.add_argument("--json", help="also write the figures to this file")
     bench.add_argument("--gpu", action="store_true",
