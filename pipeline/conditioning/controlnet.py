@@ -92,6 +92,11 @@ def controlnet_classes(stage: StageSpec, model_index: dict, storage_spec: Storag
     config.json), else the one a saved ControlNet pipeline holds."""
     if stage.controlnet:
         return [model_class(locate(source, storage_spec)) for source in stage.controlnet]
+    return _held_classes(model_index)
+
+
+def _held_classes(model_index: dict) -> list[str]:
+    """The class of the ControlNet a saved ControlNet pipeline holds, or none."""
     return [model_index["controlnet"][1]] if holds_controlnet(model_index) else []
 
 
@@ -200,11 +205,14 @@ def check(stage: StageSpec, model_index: dict, storage_spec: StorageSpec | None)
     """On the driver: each ControlNet or T2I-Adapter can be fetched and is a folder of its kind,
     and `control_mode` is set for a ControlNet Union alone, with types it has (exit 2 if not)."""
     folders = {source: locate(source, storage_spec, field) for field, source in _sources(stage)}
-    classes = [model_class(folders[source]) for source in stage.controlnet] or \
-        controlnet_classes(stage, model_index, storage_spec)
-    # Per ControlNet, its number of control types; a saved Union pipeline's are checked by diffusers as it runs.
-    types = [_types(folders[source], name) for source, name in zip(stage.controlnet, classes)] if stage.controlnet \
-        else [0 if name == UNION else None for name in classes]
+    # Per ControlNet, its class and number of control types; a saved Union pipeline's types are
+    # checked by diffusers as it runs.
+    if stage.controlnet:
+        classes = [model_class(folders[source]) for source in stage.controlnet]
+        types = [_types(folders[source], name) for source, name in zip(stage.controlnet, classes)]
+    else:
+        classes = _held_classes(model_index)
+        types = [0 if name == UNION else None for name in classes]
     what = stage.controlnet[0] if stage.controlnet else f"the model's own ControlNet ({stage.model})"
     if all(count is None for count in types):
         if stage.control_mode:
